@@ -1,0 +1,32 @@
+# One command each on a fresh machine: `make test`, `make demo`. Both install into .venv first when missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull several GB of CUDA wheels on CPU machines.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests
+
+demo: $(STAMP)
+	$(BIN)/python -m megallama.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m megallama.bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check megallama tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from megallama.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""`megallama convert ...`: HF <-> Meta pth <-> Megatron. Docs: README.md#convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from megallama.cli.common import byte_progress, err, handle_errors, print_write_report
+
+app = typer.Typer(help="Convert between HF, Meta pth and Megatron checkpoints. Docs: README.md#convert",
+                  no_args_is_help=True, rich_markup_mode=None)
+
+DTYPE_HELP = "Output dtype: fp32, bf16 or fp16 (default: keep the source dtype)."
+
+
+def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
+    """The reference scripts' `--input_dir X --model_size 7B` reads X/7B/."""
+    if model_size:
+        return input_dir / model_size
+    return input_dir
+
+
+def _run(src: Path, dst: Path, *, src_format: str, dst_format: str, title: str, **kwargs) -> None:
+    from megallama.convert import convert, open_reader
+
+    with open_reader(src, src_format) as probe:  # size the progress bar without reading tensors
+        spec = probe.spec
+    from megallama.formats.base import TORCH_DTYPES
+
+    total = spec.num_parameters() * TORCH_DTYPES[spec.dtype].itemsize
+    with byte_progress(title, total) as on_tensor:
+        report = convert(src, dst, src_format=src_format, dst_format=dst_format, on_tensor=on_tensor, **kwargs)
+    print_write_report(title, report)
+    return report
+
+
+@app.command("hf2pth")
+@handle_errors
+def hf2pth(
+    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", "--base_model", "--base-model",
+                                   help="HF folder: config.json + *.safetensors or pytorch_model*.bin."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Meta pth folder to write."),
+    shards: int = typer.Option(1, "--shards", help="Number of consolidated.NN.pth model-parallel shards."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    output_type: str = typer.Option("pth", "--output-type", "--output_type", hidden=True),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+) -> None:
+    """HuggingFace LLaMA -> Meta consolidated.NN.pth + params.json.
+
+    Example: megallama convert hf2pth --input-dir llama-2-7b-hf --output-dir llama-2-7b
+    """
+    if output_type != "pth":
+        err.print(f"error: --output_type {output_type!r} is not supported: only 'pth'")
+        raise typer.Exit(2)
+    _run(input_dir, output_dir, src_format="hf", dst_format="meta", title="hf2pth", shards=shards, dtype=dtype,
+         force=force)
+
+
+@app.command("pth2hf")
+@handle_errors
+def pth2hf(
+    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", help="Meta pth folder."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="HF folder to write."),
+    model_size: str = typer.Option(None, "--model-size", "--model_size", help="Read INPUT_DIR/MODEL_SIZE/."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+) -> None:
+    """Meta consolidated.NN.pth -> HuggingFace safetensors + config.json.
+
+    Example: megallama convert pth2hf --input-dir llama-2-7b --output-dir llama-2-7b-hf
+    """
+    _run(_resolve_model_size(input_dir, model_size), output_dir, src_format="meta", dst_format="hf",
+         title="pth2hf", dtype=dtype, force=force)
+
+
+@app.command("pth2megatron")
+@handle_errors
+def pth2megatron(
+    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", help="Meta pth folder."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
+    tp: int = typer.Option(1, "--tp", "--tensor-size", "--tensor_size", help="Tensor-parallel size."),
+    pp: int = typer.Option(1, "--pp", "--pipeline-size", "--pipeline_size", help="Pipeline-parallel size."),
+    model_size: str = typer.Option(None, "--model-size", "--model_size", help="Read INPUT_DIR/MODEL_SIZE/."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
+                                     help="Pad the vocab to a multiple of this x TP (Megatron's default 128)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+) -> None:
+    """Meta pth -> Megatron torch-format checkpoint split for TP x PP (megatron-core GPTModel, local spec).
+
+    Example: megallama convert pth2megatron --input-dir llama-2-7b --output-dir llama-2-7b-tp2-pp2 --tp 2 --pp 2
+    """
+    _run(_resolve_model_size(input_dir, model_size), output_dir, src_format="meta", dst_format="megatron",
+         title="pth2megatron", tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by, force=force)
+    launch_flags = output_dir / "megatron_args.txt"
+    if launch_flags.exists():
+        err.print("Megatron-LM launch flags (also in megatron_args.txt):")
+        print(launch_flags.read_text().strip())
+
+
+@app.command("megatron2pth")
+@handle_errors
+def megatron2pth(
+    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", help="Megatron folder (pth2megatron or sft)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Meta pth folder to write."),
+    shards: int = typer.Option(1, "--shards", help="Number of consolidated.NN.pth model-parallel shards."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+) -> None:
+    """Megatron checkpoint (any TP x PP) -> Meta pth: merge TP, join PP, drop padding, undo fusion.
+
+    Example: megallama convert megatron2pth --input-dir runs/sft --output-dir llama-2-7b-sft
+    """
+    _run(input_dir, output_dir, src_format="megatron", dst_format="meta", title="megatron2pth", shards=shards,
+         dtype=dtype, force=force)

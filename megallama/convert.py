@@ -1,0 +1,73 @@
+"""Conversion = reader -> (transforms inside the writer) -> writer, staged into a temporary folder.
+
+N formats need N readers and N writers; `convert()` is the one function that wires any pair together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megallama.errors import InputError
+from megallama.formats.base import OnTensor, WriteReport, check_complete, folder_bytes, peak_rss_bytes, staged_output
+from megallama.formats.base import Timer
+from megallama.spec import check_parallel, normalize_dtype
+
+FORMATS = ("hf", "meta", "megatron")
+
+
+def open_reader(path: Path, fmt: str):
+    """Open a checkpoint folder of format `fmt` as a canonical Reader."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"input folder {path} does not exist")
+    if fmt == "hf":
+        from megallama.formats.hf import open_hf
+        return open_hf(path)
+    if fmt == "meta":
+        from megallama.formats.meta import open_meta
+        return open_meta(path)
+    if fmt == "megatron":
+        from megallama.formats.megatron import open_megatron
+        return open_megatron(path)
+    raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int = 1, pp: int = 1, shards: int = 1,
+            dtype: str | None = None, divisible_by: int = 128, force: bool = False,
+            on_tensor: OnTensor | None = None) -> WriteReport:
+    """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails."""
+    dtype = normalize_dtype(dtype)
+    dst = Path(dst)
+    if Path(src).resolve() == dst.resolve():
+        raise InputError("input and output folders are the same")
+    with Timer() as timer:
+        reader = open_reader(src, src_format)
+        try:
+            check_complete(reader)
+            if dst_format == "megatron":
+                check_parallel(reader.spec, tp=tp, pp=pp)
+            with staged_output(dst, force=force) as tmp:
+                report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
+                                divisible_by=divisible_by, on_tensor=on_tensor)
+        finally:
+            reader.close()
+    report.output = dst
+    report.seconds = timer.seconds
+    report.bytes_read = sum(p.stat().st_size for p in reader.source_files)
+    report.bytes_written = folder_bytes(dst)
+    report.peak_rss = peak_rss_bytes()
+    return report
+
+
+def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_by, on_tensor) -> WriteReport:
+    if fmt == "hf":
+        from megallama.formats.hf import write_hf
+        return write_hf(reader, out_dir, dtype=dtype, on_tensor=on_tensor)
+    if fmt == "meta":
+        from megallama.formats.meta import write_meta
+        return write_meta(reader, out_dir, shards=shards, dtype=dtype, on_tensor=on_tensor)
+    if fmt == "megatron":
+        from megallama.formats.megatron import write_megatron
+        return write_megatron(reader, out_dir, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
+                              on_tensor=on_tensor)
+    raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

@@ -1,0 +1,188 @@
+"""What every reader and writer shares: the Reader protocol, staged output, manifest, reports."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from megallama import __version__
+from megallama.errors import InputError
+from megallama.names import canonical_names, expected_shapes
+from megallama.spec import ModelSpec
+
+MANIFEST = "megallama.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OnTensor = Callable[[str, int], None]  # (name, nbytes) -> None; lets the CLI drive a progress bar
+
+
+class Reader(Protocol):
+    """A lazy, context-managed handle on a checkpoint, speaking canonical names (HF names, HF rotary order)."""
+
+    spec: ModelSpec
+    tokenizer_files: list[Path]  # files to copy along with the weights
+    source_files: list[Path]  # weight files, for the manifest's checksums
+
+    def names(self) -> list[str]: ...
+    def get(self, name: str) -> torch.Tensor: ...
+    def close(self) -> None: ...
+
+
+class DictReader:
+    """A Reader over an in-memory dict: the test double."""
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
+        self.spec, self._tensors = spec, tensors
+        self.tokenizer_files: list[Path] = []
+        self.source_files: list[Path] = []
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def check_complete(reader: Reader) -> None:
+    """Collect every missing, unexpected and mis-shaped tensor, then raise once."""
+    shapes = expected_shapes(reader.spec)
+    have = set(reader.names())
+    missing = [n for n in canonical_names(reader.spec) if n not in have]
+    extra = sorted(have - set(shapes))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    if problems:
+        raise InputError("checkpoint does not match its config: " + "; ".join(problems))
+
+
+def check_shape(name: str, tensor: torch.Tensor, spec: ModelSpec) -> None:
+    want = expected_shapes(spec).get(name)
+    if want is not None and tuple(tensor.shape) != want:
+        raise InputError(f"tensor {name} has shape {tuple(tensor.shape)} but the config implies {want}")
+
+
+def cast(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == TORCH_DTYPES[dtype] else t.to(TORCH_DTYPES[dtype])
+
+
+@contextlib.contextmanager
+def staged_output(dst: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `dst`; rename it into place only on success, remove it on failure."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        if not force:
+            raise InputError(f"output folder {dst} is not empty: pass --force to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+
+
+def sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def copy_tokenizer(files: list[Path], out_dir: Path) -> list[str]:
+    copied = []
+    for f in files:
+        shutil.copy2(f, out_dir / f.name)
+        copied.append(f.name)
+    return copied
+
+
+def write_manifest(out_dir: Path, *, spec: ModelSpec, fmt: str, sources: list[Path], **extra) -> None:
+    """megallama.json: spec, source checksums, tool version, and format-specific fields."""
+    manifest = {
+        "format": fmt,
+        "tool": "megallama",
+        "version": __version__,
+        "spec": spec.to_dict(),
+        "sources": {str(p): sha256(p) for p in sources},
+        **extra,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON: {e}") from None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class WriteReport:
+    """What a conversion did, for the CLI's summary line."""
+
+    output: Path
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss: int = 0
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return (self.bytes_read + self.bytes_written) / 1e9 / max(self.seconds, 1e-9)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def folder_bytes(folder: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob(pattern) if p.is_file())

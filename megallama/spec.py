@@ -1,0 +1,314 @@
+"""ModelSpec: the one description of a LLaMA model that every format reads into and writes out of.
+
+Read from HF `config.json` (transformers 4.x and 5.x spellings) or Meta `params.json`, never from a size table.
+No torch import here: the spec is plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from megallama.errors import InputError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
+# Meta's Llama 3.1 reference hard-codes these for `use_scaled_rope`; megatron-core hard-codes all but `factor`.
+LLAMA3_ROPE_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+# (hidden_size, ffn_hidden_size) -> (multiple_of, ffn_dim_multiplier) of the official releases (formats.md 1.2).
+OFFICIAL_FFN = {
+    (4096, 11008): (256, None), (5120, 13824): (256, None), (6656, 17920): (256, None),
+    (8192, 22016): (256, None), (8192, 28672): (4096, 1.3), (4096, 14336): (1024, 1.3),
+    (16384, 53248): (4096, 1.2), (2048, 8192): (256, 1.5), (3072, 8192): (256, 1.0),
+}
+
+
+def normalize_dtype(name: str | None) -> str | None:
+    """'bf16' / 'torch.bfloat16' / 'bfloat16' -> 'bfloat16'; None stays None."""
+    if name is None:
+        return None
+    key = str(name).replace("torch.", "").lower()
+    key = DTYPE_ALIASES.get(key, key)
+    if key not in DTYPES:
+        raise InputError(f"unsupported dtype {name!r}: expected one of fp32, bf16, fp16")
+    return key
+
+
+def meta_ffn_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FeedForward size formula (formats.md 2.4)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def meta_ffn_params(dim: int, ffn_hidden_size: int) -> tuple[int, float | None]:
+    """Choose (multiple_of, ffn_dim_multiplier) so that Meta's formula gives exactly `ffn_hidden_size`."""
+    candidates: list[tuple[int, float | None]] = []
+    if (dim, ffn_hidden_size) in OFFICIAL_FFN:
+        candidates.append(OFFICIAL_FFN[(dim, ffn_hidden_size)])
+    candidates += [(m, None) for m in (256, 1024, 4096, 128, 64, 32, 16, 8, 4, 2, 1)]
+    base = int(2 * (4 * dim) / 3)
+    candidates.append((ffn_hidden_size, ffn_hidden_size / base))
+    for multiple_of, mult in candidates:
+        if meta_ffn_size(dim, multiple_of, mult) == ffn_hidden_size:
+            return multiple_of, mult
+    raise InputError(f"cannot express ffn size {ffn_hidden_size} for dim {dim} with Meta's formula")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of a LLaMA-family model. Field comments give the HF / Meta names."""
+
+    hidden_size: int  # HF hidden_size / Meta dim
+    num_layers: int  # HF num_hidden_layers / Meta n_layers
+    num_heads: int  # HF num_attention_heads / Meta n_heads
+    num_kv_heads: int  # HF num_key_value_heads / Meta n_kv_heads (== num_heads when absent)
+    ffn_hidden_size: int  # HF intermediate_size / Meta: derived from multiple_of, ffn_dim_multiplier
+    vocab_size: int  # HF vocab_size / Meta vocab_size (-1 in LLaMA-1/2: taken from the tokenizer)
+    norm_eps: float = 1e-5  # HF rms_norm_eps / Meta norm_eps
+    rope_theta: float = 10000.0  # HF rope_theta (5.x: rope_parameters.rope_theta) / Meta rope_theta
+    rope_scaling: dict | None = None  # HF rope_scaling of type llama3 / Meta use_scaled_rope
+    tie_embeddings: bool = False  # HF tie_word_embeddings / Meta: none (output == tok_embeddings)
+    dtype: str = "float32"  # HF torch_dtype (5.x: dtype) / Meta: the tensors' dtype
+    max_position_embeddings: int = 4096  # HF max_position_embeddings / Meta max_seq_len (runtime)
+    bos_token_id: int | None = 1  # HF bos_token_id
+    eos_token_id: int | list | None = 2  # HF eos_token_id
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        elif (self.hidden_size // self.num_heads) % 2:
+            problems.append(f"head_dim {self.hidden_size // self.num_heads} must be even for rotary embeddings")
+        if self.vocab_size <= 0:
+            problems.append(f"vocab_size {self.vocab_size} must be positive (pass a tokenizer for vocab_size -1)")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "llama3":
+            problems.append(f"unsupported rope scaling type {self.rope_scaling.get('rope_type')!r}: "
+                            "only 'llama3' (Llama 3.1/3.2) is supported")
+        if problems:
+            raise InputError("; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = h * h * 2 + 2 * h * kv + 3 * h * f + 2 * h
+        return self.num_layers * per_layer + v * h * (1 if self.tie_embeddings else 2) + h
+
+    # ---------------------------------------------------------------- HF config.json
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> ModelSpec:
+        """Read a transformers 4.x (`rope_theta`, `rope_scaling`, `torch_dtype`) or 5.x (`rope_parameters`,
+        `dtype`) LlamaForCausalLM config."""
+        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if cfg.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
+            raise InputError(f"config.json describes {archs} / model_type {cfg.get('model_type')!r}; "
+                             "only LlamaForCausalLM is supported")
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                               "vocab_size") if k not in cfg]
+        if missing:
+            raise InputError(f"config.json is missing {', '.join(missing)}")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise InputError("config.json has attention_bias/mlp_bias: biased LLaMA variants are not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise InputError(f"config.json hidden_act {cfg['hidden_act']!r}: LLaMA uses silu")
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim")
+        if head_dim is not None and head_dim * heads != cfg["hidden_size"]:
+            raise InputError(f"config.json head_dim {head_dim} x {heads} heads != hidden_size {cfg['hidden_size']}")
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        scaling = cfg.get("rope_scaling") or (rope if rope else None)
+        scaling = _normalize_rope_scaling(scaling)
+        return cls(
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            ffn_hidden_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            dtype=normalize_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+        )
+
+    def to_hf_config(self) -> dict:
+        """A config.json that transformers 4.x and 5.x both load (both rope spellings are written)."""
+        rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope_parameters = {**self.rope_scaling, "rope_theta": self.rope_theta}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.ffn_hidden_size,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": rope_parameters,
+            "tie_word_embeddings": self.tie_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "pretraining_tp": 1,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.dtype,
+            "dtype": self.dtype,
+        }
+
+    # ---------------------------------------------------------------- Meta params.json
+    @classmethod
+    def from_meta_params(cls, params: dict, *, vocab_size: int | None = None, dtype: str = "float32",
+                         extra: dict | None = None) -> ModelSpec:
+        """Read params.json (optionally nested under "model"). `vocab_size` fills in Meta's -1.
+
+        `extra` holds fields params.json cannot express (max_position_embeddings, token ids, rope scaling factor)
+        as recorded by megallama's own manifest.
+        """
+        params = params.get("model", params)
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+        if missing:
+            raise InputError(f"params.json is missing {', '.join(missing)}")
+        dim = params["dim"]
+        ffn = meta_ffn_size(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
+        vocab = params.get("vocab_size", -1)
+        if vocab is None or vocab <= 0:
+            if vocab_size is None:
+                raise InputError("params.json has vocab_size -1 and no tokenizer.model to take it from")
+            vocab = vocab_size
+        extra = extra or {}
+        scaling = None
+        if params.get("use_scaled_rope"):
+            scaling = {"rope_type": "llama3", **LLAMA3_ROPE_DEFAULTS, **(extra.get("rope_scaling") or {})}
+        theta = float(params.get("rope_theta", 10000.0))
+        default_max = 131072 if scaling else (8192 if theta >= 500000 else 4096)
+        return cls(
+            hidden_size=dim,
+            num_layers=params["n_layers"],
+            num_heads=params["n_heads"],
+            num_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+            ffn_hidden_size=extra.get("ffn_hidden_size", ffn),
+            vocab_size=vocab,
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_embeddings=bool(extra.get("tie_embeddings", False)),
+            dtype=normalize_dtype(dtype),
+            max_position_embeddings=int(extra.get("max_position_embeddings", default_max)),
+            bos_token_id=extra.get("bos_token_id", 1),
+            eos_token_id=extra.get("eos_token_id", 2),
+        )
+
+    def to_meta_params(self) -> dict:
+        """params.json whose FFN formula reproduces `ffn_hidden_size` exactly (formats.md 2.4, 2.5)."""
+        multiple_of, mult = meta_ffn_params(self.hidden_size, self.ffn_hidden_size)
+        params: dict[str, Any] = {
+            "dim": self.hidden_size,
+            "n_layers": self.num_layers,
+            "n_heads": self.num_heads,
+            "n_kv_heads": self.num_kv_heads,
+            "vocab_size": self.vocab_size,
+            "multiple_of": multiple_of,
+            "norm_eps": self.norm_eps,
+        }
+        if mult is not None:
+            params["ffn_dim_multiplier"] = mult
+        # Llama-2's reference ModelArgs rejects unknown keys: emit theta/scaling only when they matter.
+        if self.rope_theta != 10000.0:
+            params["rope_theta"] = self.rope_theta
+        if self.rope_scaling:
+            params["use_scaled_rope"] = True
+        return params
+
+    def meta_extra(self) -> dict:
+        """What params.json cannot hold; stored in megallama.json so pth -> HF is exact."""
+        return {
+            "ffn_hidden_size": self.ffn_hidden_size,
+            "tie_embeddings": self.tie_embeddings,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+
+    # ---------------------------------------------------------------- manifest round trip
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelSpec:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _normalize_rope_scaling(scaling: dict | None) -> dict | None:
+    if not scaling:
+        return None
+    scaling = dict(scaling)
+    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("rope_theta", None)
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise InputError(f"unsupported rope scaling type {kind!r}: only 'llama3' (Llama 3.1/3.2) is supported")
+    out = {"rope_type": "llama3", **LLAMA3_ROPE_DEFAULTS}
+    for key in LLAMA3_ROPE_DEFAULTS:
+        if key in scaling:
+            out[key] = float(scaling[key]) if key != "original_max_position_embeddings" else int(scaling[key])
+    return out
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's padded vocab: the next multiple of divisible_by x tp (formats.md 3.8)."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def check_parallel(spec: ModelSpec, *, tp: int, pp: int) -> None:
+    """Refuse TP/PP sizes the model cannot be split into (formats.md P21, 3.9)."""
+    problems = []
+    if tp < 1 or pp < 1:
+        problems.append(f"TP and PP must be >= 1 (got TP={tp}, PP={pp})")
+    else:
+        if spec.num_heads % tp:
+            problems.append(f"TP={tp} does not divide the {spec.num_heads} attention heads")
+        if spec.num_kv_heads % tp:
+            problems.append(f"TP={tp} does not divide the {spec.num_kv_heads} KV heads "
+                            f"(choose a TP that divides {spec.num_kv_heads})")
+        if spec.ffn_hidden_size % tp:
+            problems.append(f"TP={tp} does not divide the FFN size {spec.ffn_hidden_size}")
+        if spec.num_layers % pp:
+            problems.append(f"PP={pp} does not divide the {spec.num_layers} layers")
+    if problems:
+        raise InputError("; ".join(problems))

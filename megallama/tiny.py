@@ -1,0 +1,107 @@
+"""Tiny LLaMA checkpoints and tokenizers built locally: for tests, `make demo`, `make bench` and `doctor`.
+
+Nothing is downloaded. Each preset mirrors one LLaMA generation's architecture at toy size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megallama.spec import ModelSpec
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+_BASE = dict(hidden_size=64, num_layers=4, num_heads=4, ffn_hidden_size=176, vocab_size=320)
+PRESETS: dict[str, ModelSpec] = {
+    # LLaMA-1: MHA, eps 1e-6, theta 10000, untied.
+    "llama1": ModelSpec(**_BASE, num_kv_heads=4, norm_eps=1e-6, max_position_embeddings=2048),
+    # Llama-2 70B style: GQA.
+    "llama2": ModelSpec(**_BASE, num_kv_heads=2, norm_eps=1e-5, max_position_embeddings=4096),
+    # Llama 3.1: GQA, theta 500000, llama3 rope scaling.
+    "llama3": ModelSpec(**_BASE, num_kv_heads=2, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                        max_position_embeddings=131072),
+    # Llama 3.2 1B/3B style: tied embeddings, rope scaling factor 32.
+    "tied": ModelSpec(**_BASE, num_kv_heads=2, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True,
+                      rope_scaling={**LLAMA3_SCALING, "factor": 32.0}, max_position_embeddings=131072),
+}
+
+
+def corpus_lines(limit: int = 4000) -> list[str]:
+    """Deterministic English-ish text from the Python standard library's docstrings (always installed)."""
+    import email
+    import json as json_mod
+    import pathlib
+    import textwrap
+
+    import argparse
+    import collections
+    import functools
+    import logging
+
+    lines: list[str] = []
+    for mod in (argparse, collections, functools, logging, email, json_mod, pathlib, textwrap):
+        for obj in [mod, *vars(mod).values()]:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str):
+                lines += [ln.strip() for ln in doc.splitlines() if len(ln.strip()) > 20]
+    seen, unique = set(), []
+    for ln in lines:
+        if ln not in seen:
+            seen.add(ln)
+            unique.append(ln)
+    return unique[:limit]
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 320, extra_lines: list[str] | None = None) -> Path:
+    """Train a SentencePiece BPE `tokenizer.model` (LLaMA-style: unk 0, bos 1, eos 2) on local text."""
+    import io
+
+    import sentencepiece as spm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = corpus_lines() + list(extra_lines or [])
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        hard_vocab_limit=True, minloglevel=2, add_dummy_prefix=True, remove_extra_whitespaces=False,
+    )
+    path = out_dir / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def make_hf_checkpoint(out_dir: Path, preset: str | ModelSpec = "llama2", *, dtype: str = "float32", seed: int = 0,
+                       tokenizer: bool = True, shard_bytes: str | None = None) -> Path:
+    """Write a random-weight LlamaForCausalLM with `save_pretrained` (safetensors) plus a tokenizer.model.
+
+    Weights use a larger init than HF's default and random norm scales, so a misplaced tensor changes logits.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = PRESETS[preset] if isinstance(preset, str) else preset
+    spec = spec.replace(dtype=dtype)
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    cfg = spec.to_hf_config()
+    cfg.pop("architectures"), cfg.pop("model_type"), cfg.pop("dtype"), cfg.pop("torch_dtype")
+    config = LlamaConfig(**cfg)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    if tokenizer:
+        train_tokenizer(out_dir, vocab_size=spec.vocab_size)
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}, indent=2))
+    return out_dir
