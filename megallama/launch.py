@@ -1,0 +1,51 @@
+"""The torchrun launcher behind every multi-rank command (doctor, verify, sft).
+
+One process per rank: `--nproc-per-node` defaults to TP x PP (x DP). Multi-node runs honour the usual
+NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT variables; extra torchrun arguments pass through after `--`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(target: list[str], *, nproc: int, extra: list[str] | None = None) -> list[str]:
+    """`python -m torch.distributed.run ... <target>`; `target` is e.g. ["-m", "megallama.smoke", "--tp", "2"]."""
+    nnodes = int(os.environ.get("NNODES", "1"))
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           f"--nproc-per-node={nproc}",
+           f"--nnodes={nnodes}",
+           f"--node-rank={os.environ.get('NODE_RANK', '0')}",
+           f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+           f"--master-port={os.environ.get('MASTER_PORT') or free_port()}"]
+    cmd += list(extra or [])
+    return cmd + list(target)
+
+
+def launch_env() -> dict[str, str]:
+    """Environment for the ranks: one OpenMP thread each on CPU (the ranks share the cores)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def run_torchrun(target: list[str], *, nproc: int, extra: list[str] | None = None,
+                 capture: bool = False) -> subprocess.CompletedProcess:
+    """Run `target` on `nproc` local ranks and wait. Output streams through unless `capture`."""
+    cmd = torchrun_command(target, nproc=nproc, extra=extra)
+    return subprocess.run(cmd, env=launch_env(), text=True, capture_output=capture)
+
+
+def is_torchrun_worker() -> bool:
+    return "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ

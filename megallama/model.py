@@ -1,0 +1,107 @@
+"""The one place a ModelSpec becomes a megatron-core GPTModel (local spec), shared by verify, sft and doctor."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megallama.errors import InputError
+from megallama.spec import LLAMA3_ROPE_DEFAULTS, ModelSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transformer_config(spec: ModelSpec, *, dtype: str = "float32", sequence_parallel: bool = False,
+                       recompute: str | None = None, **overrides):
+    """megatron-core TransformerConfig for a LLaMA model at the current TP x PP."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    params_dtype = TORCH_DTYPES[dtype]
+    kwargs = dict(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,  # SwiGLU: silu(first half of fc1) * second half
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        # Fused kernels need CUDA (and apex/TE); the unfused paths compute the same maths.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        use_cpu_initialization=not torch.cuda.is_available(),
+        rotary_interleaved=False,  # checkpoints hold q/k in HF half-split order (formats.md 2.2)
+    )
+    if recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        kwargs.update(recompute_granularity="selective")
+    elif recompute not in (None, "none"):
+        raise InputError(f"unknown activation recompute {recompute!r}: expected none, selective or full")
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def check_rope_supported(spec: ModelSpec) -> None:
+    """megatron-core makes only the llama3 `factor` configurable; the other three are hard-coded."""
+    if spec.rope_scaling:
+        fixed = {k: v for k, v in LLAMA3_ROPE_DEFAULTS.items() if k != "factor"}
+        wrong = {k: spec.rope_scaling[k] for k in fixed if float(spec.rope_scaling[k]) != float(fixed[k])}
+        if wrong:
+            raise InputError(f"rope scaling {wrong} differs from megatron-core's hard-coded llama3 values {fixed}")
+
+
+def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "float32", pre_process: bool | None = None,
+                    post_process: bool | None = None, max_seq_length: int | None = None, **config_overrides):
+    """A megatron-core GPTModel (local spec) for this process's pipeline stage, on this process's device.
+
+    Requires `megallama.runtime.init_distributed()` first. Pre/post-process default to this rank's stage.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megallama.runtime import device
+
+    check_rope_supported(spec)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    config = transformer_config(spec, dtype=dtype, **config_overrides)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=padded_vocab_size,
+        max_sequence_length=max_seq_length or spec.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(spec.rope_theta),
+        rope_scaling=spec.rope_scaling is not None,
+        rope_scaling_factor=float(spec.rope_scaling["factor"]) if spec.rope_scaling else 8.0,
+    )
+    return model.to(device())

@@ -1,0 +1,194 @@
+"""Distributed init, device selection, and the CPU compatibility layer for megatron-core.
+
+CPU compatibility layer (a workaround, applied only when CUDA is absent; on a GPU nothing here is patched)
+--------------------------------------------------------------------------------------------------------
+megatron-core 0.16 assumes CUDA in a handful of places that are pure plumbing, not maths. To run its real
+GPTModel, pipeline schedules, DDP and optimizer on CPU with the gloo backend, `apply_cpu_compat()` bridges:
+
+1. `torch.cuda.current_device()` -> "cpu": tensor_parallel/layers.py, p2p_communication.py and gpt_model.py pass
+   it as `device=` to tensor factories; "cpu" makes those allocate on the host.
+2. CUDA RNG state (`torch.cuda.get_rng_state/set_rng_state/manual_seed`, and megatron's own
+   `tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state`) -> a dedicated CPU `torch.Generator`.
+   `CudaRNGStatesTracker.add/fork` and `model_parallel_cuda_manual_seed` save, seed and swap "CUDA" states; a
+   separate generator keeps those swaps from disturbing the default CPU generator that data shuffling uses.
+3. `torch.cuda.synchronize`, `torch.cuda.Stream/Event/current_stream/stream` -> no-ops: CPU work is synchronous
+   (distributed_data_parallel.py creates a communication stream; p2p_communication.py synchronizes).
+4. Tensor factories called with `device="cuda"` (`torch.zeros/empty/ones/full/tensor/arange`) -> CPU:
+   pipeline_parallel/schedules.py allocates `total_num_tokens` with a literal `device="cuda"`, and
+   distributed/param_and_grad_buffer.py a warm-up tensor.
+5. `Tensor.cuda()` -> identity: optimizer.py / distrib_optimizer.py move state with `.cuda()`.
+
+Each CPU rank is given one intra-op thread (`torch.set_num_threads(1)`) when several ranks share a machine,
+otherwise the ranks fight over the cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+
+import warnings
+
+import torch
+
+# Known, harmless start-up noise from megatron-core on machines without apex/TE/CUDA.
+for _msg in ("Apex is not installed", "full scope is deprecated", "When using async grad allreduce",
+             "Transformer Engine", "TE is not installed", "torch.distributed.reduce_op"):
+    warnings.filterwarnings("ignore", message=f".*{_msg}.*")
+
+_APPLIED = False
+_CPU_CUDA_GENERATOR: torch.Generator | None = None
+_FACTORIES = ("zeros", "empty", "ones", "full", "tensor", "arange", "randn", "rand", "empty_strided")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local GPU under torchrun, else the CPU."""
+    if cuda_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def backend() -> str:
+    return "nccl" if cuda_available() else "gloo"
+
+
+def _is_cuda(dev) -> bool:
+    if dev is None:
+        return False
+    if isinstance(dev, int):
+        return True  # a bare index means a CUDA device to torch
+    return str(dev).startswith("cuda")
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream / Event on CPU, where every op is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args):
+        pass
+
+    def wait_event(self, *args):
+        pass
+
+    def record_event(self, *args):
+        return _NoOpStream()
+
+    def record(self, *args):
+        pass
+
+    def wait(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def apply_cpu_compat() -> None:
+    """Patch the CUDA assumptions listed in the module docstring. Idempotent; a no-op when CUDA is present."""
+    global _APPLIED, _CPU_CUDA_GENERATOR
+    if _APPLIED or cuda_available():
+        return
+    _APPLIED = True
+    gen = _CPU_CUDA_GENERATOR = torch.Generator()
+    gen.manual_seed(0)
+
+    # (1) device index
+    torch.cuda.current_device = lambda: "cpu"
+    # (2) "CUDA" RNG on a dedicated CPU generator
+    torch.cuda.get_rng_state = lambda device="cuda": gen.get_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": gen.set_state(new_state)
+    torch.cuda.manual_seed = lambda seed: gen.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: gen.manual_seed(int(seed))
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: gen.get_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: gen.set_state(new_state)
+    # (3) streams, events, synchronize
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.Stream = _NoOpStream
+    torch.cuda.Event = _NoOpStream
+    torch.cuda.current_stream = lambda device=None: _NoOpStream()
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+    # (4) literal device="cuda" factories
+    for name in _FACTORIES:
+        setattr(torch, name, _cpu_factory(getattr(torch, name)))
+    # (5) .cuda() on tensors
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> None:
+    """Start torch.distributed from torchrun's environment and megatron-core's model-parallel groups.
+
+    Works as a single process without torchrun too (world size 1). On CPU: gloo, one thread per rank,
+    and the compatibility layer; on GPU: NCCL, one device per local rank, nothing patched.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if cuda_available():
+        torch.cuda.set_device(device())
+    else:
+        apply_cpu_compat()
+        if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])) > 1:
+            torch.set_num_threads(1)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        from megallama.errors import InputError
+
+        raise InputError(f"world size {world} is not a multiple of TP x PP = {tp * pp}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
