@@ -20,13 +20,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
 
 demo: $(STAMP)
-	$(BIN)/python -m megallama.demo
+	$(BIN)/python demo/demo.py
 
 bench: $(STAMP)
-	$(BIN)/python -m megallama.bench
+	$(BIN)/python bench/bench.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check megallama tests
+	$(BIN)/ruff check megallama tests demo bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

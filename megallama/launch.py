@@ -31,10 +31,10 @@ def torchrun_command(target: list[str], *, nproc: int, extra: list[str] | None =
     return cmd + list(target)
 
 
-def launch_env() -> dict[str, str]:
-    """Environment for the ranks: one OpenMP thread each on CPU (the ranks share the cores)."""
+def launch_env(nproc: int = 1) -> dict[str, str]:
+    """Environment for the ranks: the cores shared out between the local ranks (at least one thread each)."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
@@ -44,7 +44,7 @@ def run_torchrun(target: list[str], *, nproc: int, extra: list[str] | None = Non
                  capture: bool = False) -> subprocess.CompletedProcess:
     """Run `target` on `nproc` local ranks and wait. Output streams through unless `capture`."""
     cmd = torchrun_command(target, nproc=nproc, extra=extra)
-    return subprocess.run(cmd, env=launch_env(), text=True, capture_output=capture)
+    return subprocess.run(cmd, env=launch_env(nproc), text=True, capture_output=capture)
 
 
 def is_torchrun_worker() -> bool:

@@ -18,7 +18,7 @@ GPTModel, pipeline schedules, DDP and optimizer on CPU with the gloo backend, `a
    distributed/param_and_grad_buffer.py a warm-up tensor.
 5. `Tensor.cuda()` -> identity: optimizer.py / distrib_optimizer.py move state with `.cuda()`.
 
-Each CPU rank is given one intra-op thread (`torch.set_num_threads(1)`) when several ranks share a machine,
+Each CPU rank gets cores / local ranks intra-op threads (one each when ranks outnumber cores),
 otherwise the ranks fight over the cores.
 """
 
@@ -161,8 +161,8 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: i
         torch.cuda.set_device(device())
     else:
         apply_cpu_compat()
-        if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])) > 1:
-            torch.set_num_threads(1)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()

@@ -74,7 +74,8 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 320, extra_lines: list[str]
 
 
 def make_hf_checkpoint(out_dir: Path, preset: str | ModelSpec = "llama2", *, dtype: str = "float32", seed: int = 0,
-                       tokenizer: bool = True, shard_bytes: str | None = None) -> Path:
+                       tokenizer: bool = True, shard_bytes: str | None = None,
+                       tokenizer_lines: list[str] | None = None) -> Path:
     """Write a random-weight LlamaForCausalLM with `save_pretrained` (safetensors) plus a tokenizer.model.
 
     Weights use a larger init than HF's default and random norm scales, so a misplaced tensor changes logits.
@@ -100,7 +101,7 @@ def make_hf_checkpoint(out_dir: Path, preset: str | ModelSpec = "llama2", *, dty
     kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
     if tokenizer:
-        train_tokenizer(out_dir, vocab_size=spec.vocab_size)
+        train_tokenizer(out_dir, vocab_size=spec.vocab_size, extra_lines=tokenizer_lines)
         (out_dir / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}, indent=2))

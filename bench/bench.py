@@ -1,0 +1,256 @@
+"""`make bench`: every figure is a ratio against an alternative measured side by side in the same run.
+
+1. Conversion of a 1B-shaped bf16 checkpoint (TinyLlama shape), HF -> pth -> Megatron TP=2: seconds and GB/s
+   against copying the same bytes with a plain file copy (the I/O floor); peak RSS against the largest output file.
+2. Conversion memory against the whole-model-in-RAM approach (transformers from_pretrained, split, torch.save).
+3. SFT throughput on CPU: `megallama sft` TP1 x PP1 against a plain transformers + torch.optim loop, same model,
+   data, batch and threads.
+4. Verify wall time for the tiny and the 1B-shaped model.
+
+Writes bench/results.json and prints a table. Work files go to bench/work/ (about 9 GB at peak, removed after).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+WORK = ROOT / "work"
+PY = sys.executable
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+
+
+# ----------------------------------------------------------------------------- measuring
+def measure(cmd: list[str], **kwargs) -> dict:
+    """Run `cmd`; wall seconds and the peak RSS of its process tree (ru_maxrss of the waited child)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, **kwargs)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise SystemExit(f"bench step failed ({rc}): {' '.join(cmd)}\n{output[-3000:]}")
+    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "output": output}
+
+
+def folder_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
+
+
+def largest_file(path: Path) -> int:
+    return max(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def megallama(*args: str) -> list[str]:
+    return [PY, "-m", "megallama", *args]
+
+
+# ----------------------------------------------------------------------------- inputs
+SPEC_1B = dict(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, ffn_hidden_size=5632,
+               vocab_size=32000, norm_eps=1e-5, dtype="bfloat16", max_position_embeddings=2048)
+
+
+def build_hf_1b(out: Path) -> Path:
+    """A TinyLlama-shaped random bf16 HF checkpoint (2.2 GB), written tensor by tensor with safetensors."""
+    from safetensors.torch import save_file
+
+    from megallama.names import expected_shapes
+    from megallama.spec import ModelSpec
+
+    spec = ModelSpec(**SPEC_1B)
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in expected_shapes(spec).items():
+        t = torch.randn(*shape, generator=gen, dtype=torch.float32).mul_(0.02 if len(shape) == 2 else 0.0)
+        tensors[name] = (t if len(shape) == 2 else t.add_(1.0)).to(torch.bfloat16)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(spec.to_hf_config(), indent=2))
+    return out
+
+
+NAIVE_SPLIT = r"""
+import sys, torch
+from pathlib import Path
+from transformers import LlamaForCausalLM
+src, dst, tp = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+model = LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+state = {k: v.clone() for k, v in model.state_dict().items()}  # the whole model in RAM
+for rank in range(tp):
+    shard = {}
+    for k, v in state.items():
+        if v.dim() == 1:
+            shard[k] = v.clone()
+        elif "o_proj" in k or "down_proj" in k:
+            shard[k] = torch.chunk(v, tp, 1)[rank].clone()
+        else:
+            shard[k] = torch.chunk(v, tp, 0)[rank].clone()
+    (dst / f"mp_rank_{rank:02d}").mkdir(parents=True, exist_ok=True)
+    torch.save({"model": shard}, dst / f"mp_rank_{rank:02d}" / "model_optim_rng.pt")
+"""
+
+PLAIN_TRAIN = r"""
+import json, sys, time, torch
+from transformers import LlamaForCausalLM
+src, data, steps, micro, accum = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rows = [json.loads(l) for l in open(data)]
+model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+seq = len(rows[0]["input_ids"])
+times, i = [], 0
+for step in range(steps):
+    t0 = time.perf_counter()
+    for _ in range(accum):
+        batch = torch.tensor([rows[(i + j) % len(rows)]["input_ids"] for j in range(micro)])
+        i += micro
+        out = model(input_ids=batch, labels=batch)
+        (out.loss / accum).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step(); opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t0)
+tokens = micro * accum * seq
+print(json.dumps({"tokens_per_s": [tokens / t for t in times[2:]]}))
+"""
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def bench_conversion() -> dict:
+    hf = build_hf_1b(WORK / "hf-1b")
+    pth, meg, naive = WORK / "pth-1b", WORK / "meg-1b-tp2", WORK / "naive-1b-tp2"
+    model_bytes = folder_bytes(hf, "*.safetensors")
+    floor = measure([PY, "-c", f"import shutil; shutil.copyfile({str(hf / 'model.safetensors')!r}, "
+                     f"{str(WORK / 'copy.bin')!r})"])
+    (WORK / "copy.bin").unlink()
+    hf2pth = measure(megallama("convert", "hf2pth", "--input-dir", str(hf), "--output-dir", str(pth), "--force"))
+    pth2meg = measure(megallama("convert", "pth2megatron", "--input-dir", str(pth), "--output-dir", str(meg),
+                                "--tp", "2", "--force"))
+    naive_run = measure([PY, "-c", NAIVE_SPLIT, str(hf), str(naive), "2"])
+    shutil.rmtree(naive, ignore_errors=True)
+
+    def step(run: dict, out: Path) -> dict:
+        moved = model_bytes + folder_bytes(out, "*.pt*")
+        return {"seconds": run["seconds"], "gb_per_s": moved / 1e9 / run["seconds"],
+                "floor_seconds": floor["seconds"] * 2,  # copy in + copy out of the same bytes
+                "x_floor": run["seconds"] / (floor["seconds"] * 2),
+                "peak_rss_gb": run["peak_rss"] / 1e9, "largest_output_gb": largest_file(out) / 1e9,
+                "rss_over_largest_output": run["peak_rss"] / largest_file(out)}
+
+    ours_peak = max(hf2pth["peak_rss"], pth2meg["peak_rss"])
+    return {
+        "model_gb": model_bytes / 1e9,
+        "copy_floor": {"seconds": floor["seconds"], "gb_per_s": 2 * model_bytes / 1e9 / floor["seconds"]},
+        "hf2pth": step(hf2pth, pth),
+        "pth2megatron_tp2": step(pth2meg, meg),
+        "memory_vs_whole_model": {"megallama_peak_rss_gb": ours_peak / 1e9,
+                                  "whole_model_peak_rss_gb": naive_run["peak_rss"] / 1e9,
+                                  "ratio": ours_peak / naive_run["peak_rss"],
+                                  "whole_model_seconds": naive_run["seconds"]},
+    }
+
+
+def bench_sft_throughput() -> dict:
+    from megallama.spec import ModelSpec
+    from megallama.tiny import make_hf_checkpoint
+
+    # baselines.md's CPU training anchor shape: hidden 256, 4 layers, 8 heads / 4 KV, vocab 8000.
+    spec = ModelSpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=688,
+                     vocab_size=8000, max_position_embeddings=1024)
+    hf = make_hf_checkpoint(WORK / "sft-hf", spec, tokenizer=False)
+    data = WORK / "sft-data.jsonl"
+    gen = torch.Generator().manual_seed(0)
+    seq, micro, accum, steps = 256, 8, 1, 12
+    with open(data, "w") as f:
+        for _ in range(micro * accum * steps):
+            ids = torch.randint(3, spec.vocab_size, (seq + 1,), generator=gen).tolist()
+            f.write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
+    pth, meg, out = WORK / "sft-pth", WORK / "sft-meg", WORK / "sft-out"
+    measure(megallama("convert", "hf2pth", "--input-dir", str(hf), "--output-dir", str(pth), "--force"))
+    measure(megallama("convert", "pth2megatron", "--input-dir", str(pth), "--output-dir", str(meg), "--force"))
+    shutil.rmtree(out, ignore_errors=True)
+    measure(megallama("sft", "--config", str(ROOT.parent / "configs/sft/tiny-cpu.yaml"), f"load={meg}",
+                      f"data.train={data}", "data.eval=null", "data.format=pretokenized", f"data.seq_length={seq}",
+                      f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * accum}",
+                      f"train.steps={steps}", "train.precision=fp32", "train.save_interval=0",
+                      "train.eval_interval=0", f"output={out}", "--tp", "1", "--pp", "1"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ours = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:]
+    plain = json.loads(measure([PY, "-c", PLAIN_TRAIN, str(hf), str(data), str(steps), str(micro),
+                                str(accum)])["output"].strip().splitlines()[-1])["tokens_per_s"]
+    return {"model": "hidden 256, 4 layers, 8/4 heads, vocab 8000, fp32", "seq_length": seq,
+            "global_batch": micro * accum, "threads": os.cpu_count(),
+            "megallama_tokens_per_s": statistics.median(ours), "plain_tokens_per_s": statistics.median(plain),
+            "ratio": statistics.median(ours) / statistics.median(plain)}
+
+
+def bench_verify() -> dict:
+    from megallama.tiny import make_hf_checkpoint
+
+    tiny = make_hf_checkpoint(WORK / "tiny-hf", "llama2")
+    tiny_pth, tiny_meg = WORK / "tiny-pth", WORK / "tiny-meg"
+    measure(megallama("convert", "hf2pth", "--input-dir", str(tiny), "--output-dir", str(tiny_pth), "--force"))
+    measure(megallama("convert", "pth2megatron", "--input-dir", str(tiny_pth), "--output-dir", str(tiny_meg),
+                      "--tp", "2", "--pp", "2", "--force"))
+    results = {}
+    for name, ref, meg in (("tiny_tp2_pp2", tiny, tiny_meg), ("1b_tp2", WORK / "hf-1b", WORK / "meg-1b-tp2")):
+        run = measure(megallama("verify", "layer-diff", "--reference", str(ref), "--megatron", str(meg),
+                                "--json", str(WORK / f"verify-{name}.json")))
+        report = json.loads((WORK / f"verify-{name}.json").read_text())
+        results[name] = {"seconds": run["seconds"], "peak_rss_gb": run["peak_rss"] / 1e9,
+                         "verdict": report["verdict"], "max_abs_logits_diff": report["max_abs_logits_diff"]}
+    return results
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    conv, sft, ver = results["conversion"], results["sft"], results["verify"]
+    table = Table(title=f"megallama bench ({results['machine']})", title_justify="left")
+    for col in ("measure", "megallama", "alternative", "ratio"):
+        table.add_column(col)
+    for step in ("hf2pth", "pth2megatron_tp2"):
+        s = conv[step]
+        table.add_row(f"{step} 1B bf16 ({conv['model_gb']:.2f} GB)", f"{s['seconds']:.1f} s, {s['gb_per_s']:.2f} GB/s",
+                      f"file copy in+out {s['floor_seconds']:.1f} s", f"{s['x_floor']:.1f}x floor")
+        table.add_row(f"{step} peak RSS", f"{s['peak_rss_gb']:.2f} GB", f"largest output {s['largest_output_gb']:.2f} GB",
+                      f"{s['rss_over_largest_output']:.2f}x")
+    m = conv["memory_vs_whole_model"]
+    table.add_row("conversion peak RSS vs whole model in RAM", f"{m['megallama_peak_rss_gb']:.2f} GB",
+                  f"{m['whole_model_peak_rss_gb']:.2f} GB", f"{m['ratio']:.2f}x")
+    table.add_row("SFT tokens/s (CPU, TP1xPP1)", f"{sft['megallama_tokens_per_s']:.0f}",
+                  f"transformers+AdamW {sft['plain_tokens_per_s']:.0f}", f"{sft['ratio']:.2f}x")
+    for name, v in ver.items():
+        table.add_row(f"verify {name}", f"{v['seconds']:.1f} s ({v['verdict']})",
+                      f"max |dlogits| {v['max_abs_logits_diff']:.2e}", "")
+    Console().print(table)
+
+
+def main() -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    try:
+        results = {"machine": machine, "date": time.strftime("%Y-%m-%d"),
+                   "conversion": bench_conversion(), "sft": bench_sft_throughput(), "verify": bench_verify()}
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
+    (ROOT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"wrote {ROOT / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
