@@ -1,0 +1,1 @@
+"""Supervised fine-tuning on megatron-core: data, training loop, checkpoints."""
