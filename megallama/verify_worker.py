@@ -1,0 +1,161 @@
+"""verify layer-diff, Megatron side: one copy per rank under torchrun (launched by `megallama.verify`).
+
+Each rank builds the project's GPTModel for its TP x PP slot, loads its own rank file strictly, and runs one
+forward through megatron-core's pipeline schedule (forward_only) with hooks on the compared modules. mcore keeps
+hidden states as [s, b, h]; captures are stored as [b, s, h] like the reference's. Embedding, attention and MLP
+outputs are already complete on every TP rank (vocab-parallel embedding and row-parallel linears all-reduce), so
+only TP rank 0 of each stage writes them; the vocab-parallel logits are all-gathered over TP first.
+
+Usage: python -m torch.distributed.run --nproc-per-node TP*PP -m megallama.verify_worker JOBS.json
+JOBS.json = {"dtype", "jobs": [{"spec", "tp", "pp", "padded_vocab_size", "rotary_interleaved", "rank_files",
+"tokens", "out"}, ...]}; writes OUT/capture-PPP.pt per stage, or OUT/error.json when a job cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
+from megallama.errors import InputError, MegallamaError
+
+
+def to_bsh(t: torch.Tensor) -> torch.Tensor:
+    """[s, b, ...] -> [b, s, ...] on the CPU, detached from the graph."""
+    return t.detach().transpose(0, 1).contiguous().to("cpu")
+
+
+def add_hooks(model, captures: dict) -> list:
+    """Forward hooks on every compared module of this stage; layer names use global indices."""
+
+    def keep(name: str):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output  # linears/attention/layers return (out, bias)
+            captures[name] = to_bsh(out)
+
+        return hook
+
+    hooks = []
+    if getattr(model, "pre_process", False):
+        hooks.append(model.embedding.register_forward_hook(keep("embedding")))
+    for layer in model.decoder.layers:
+        i = layer.layer_number - 1  # mcore numbers layers globally from 1 (the stage offset is included)
+        hooks += [layer.self_attention.register_forward_hook(keep(f"layers.{i}.attention")),
+                  layer.mlp.register_forward_hook(keep(f"layers.{i}.mlp")),
+                  layer.register_forward_hook(keep(f"layers.{i}"))]
+    final_norm = getattr(model.decoder, "final_layernorm", None)
+    if final_norm is not None:
+        hooks.append(final_norm.register_forward_hook(keep("final_norm")))
+    return hooks
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel [b, s, Vp/t] -> [b, s, Vp]: all-gather over the TP group, concatenate in rank order."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def load_model(job: dict, dtype: str):
+    """The GPTModel of this rank with its own rank file loaded strictly (every key, every shape)."""
+    from megatron.core import parallel_state as ps
+
+    from megallama.formats.megatron import load_rank_file
+    from megallama.model import build_gpt_model
+    from megallama.spec import ModelSpec
+
+    spec = ModelSpec.from_dict(job["spec"])
+    model = build_gpt_model(spec, padded_vocab_size=job["padded_vocab_size"], dtype=dtype,
+                            rotary_interleaved=job["rotary_interleaved"]).eval()
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
+    state = load_rank_file(path).get("model")
+    if not isinstance(state, dict):
+        raise InputError(f"{path} has no 'model' state dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path} does not fit the model its manifest describes: "
+                         f"{str(e).splitlines()[0]} {' '.join(str(e).split())[:300]}") from None
+    return model
+
+
+def run_job(job: dict, dtype: str) -> dict[str, torch.Tensor]:
+    """One forward of this rank's stage; returns its captures ([b, s, ...]), logits gathered on the last stage."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megallama.runtime import device
+
+    model = load_model(job, dtype)
+    tokens = torch.load(job["tokens"], weights_only=True).to(device())  # [b, s]
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=device()).unsqueeze(0).expand(b, -1)
+    captures: dict[str, torch.Tensor] = {}
+    hooks = add_hooks(model, captures)
+    logits: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        output = model(tokens, position_ids, None)  # causal mask built inside; last stage: [b, s, Vp/t]
+
+        def keep_logits(output_tensor):
+            logits.append(output_tensor.detach())
+            return output_tensor.sum() * 0.0, {}
+
+        return output, keep_logits
+
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+                                    num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
+    for h in hooks:
+        h.remove()
+    if ps.is_pipeline_last_stage():
+        captures["logits"] = gather_vocab(logits[0]).to("cpu")  # padding columns are cut by the parent
+    del model
+    return captures
+
+
+def write_error(out: Path, error: BaseException) -> None:
+    code = error.exit_code if isinstance(error, MegallamaError) else 1
+    message = str(error) if isinstance(error, MegallamaError) else f"{type(error).__name__}: {error}"
+    (out / "error.json").write_text(json.dumps({"message": message, "exit_code": code}))
+
+
+def main(argv: list[str]) -> int:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megallama.runtime import destroy_distributed, init_distributed
+
+    plan = json.loads(Path(argv[0]).read_text())
+    jobs, dtype = plan["jobs"], plan["dtype"]
+    init_distributed(tp=jobs[0]["tp"], pp=jobs[0]["pp"], seed=1234)
+    status = 0
+    for job in jobs:
+        out = Path(job["out"])
+        try:
+            captures = run_job(job, dtype)
+        except Exception as e:  # one clear line for the parent; the traceback stays on this rank's stderr
+            traceback.print_exc()
+            write_error(out, e)
+            status = 1
+            break
+        if ps.get_tensor_model_parallel_rank() == 0:
+            torch.save(captures, out / f"capture-{ps.get_pipeline_model_parallel_rank():03d}.pt")
+        dist.barrier()
+    destroy_distributed()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
