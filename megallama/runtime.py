@@ -17,6 +17,8 @@ GPTModel, pipeline schedules, DDP and optimizer on CPU with the gloo backend, `a
    pipeline_parallel/schedules.py allocates `total_num_tokens` with a literal `device="cuda"`, and
    distributed/param_and_grad_buffer.py a warm-up tensor.
 5. `Tensor.cuda()` -> identity: optimizer.py / distrib_optimizer.py move state with `.cuda()`.
+6. `Tensor.type()` reports CPU tensors under their CUDA names ('torch.cuda.FloatTensor'): optimizer.py,
+   distrib_optimizer.py and clip_grads.py recognise parameter dtypes by those strings.
 
 Each CPU rank gets cores / local ranks intra-op threads (one each when ranks outnumber cores),
 otherwise the ranks fight over the cores.
@@ -28,7 +30,6 @@ import contextlib
 import datetime
 import functools
 import os
-
 import warnings
 
 import torch
@@ -140,6 +141,18 @@ def apply_cpu_compat() -> None:
         setattr(torch, name, _cpu_factory(getattr(torch, name)))
     # (5) .cuda() on tensors
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # (6) dtype names as the optimizer expects them on GPU
+    torch.Tensor.type = _cuda_named_type(torch.Tensor.type)
+
+
+def _cuda_named_type(original):
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        name = original(self, dtype, non_blocking, **kwargs)
+        if dtype is None and isinstance(name, str) and name.startswith("torch.") and self.device.type == "cpu":
+            return "torch.cuda." + name.removeprefix("torch.")
+        return name
+
+    return tensor_type
 
 
 def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> None:

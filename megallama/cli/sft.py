@@ -1,11 +1,184 @@
-"""`megallama sft` (placeholder until built)."""
+"""`megallama sft`: check everything, print the plan, then run the recipe on TP x PP x DP ranks via torchrun.
+Docs: README.md#sft."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
 
 import typer
+from rich.table import Table
+
+from megallama.cli.common import err, handle_errors, out
+from megallama.errors import InputError
+
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+REPARTITION = ("megallama convert megatron2pth --input-dir {load} --output-dir PTH && "
+               "megallama convert pth2megatron --input-dir PTH --output-dir NEW --tp {tp} --pp {pp}")
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """`key=value` overrides, then torchrun's arguments (everything from the first option-like token on).
+
+    Click drops the `--` separator; before it, an unknown option is already a usage error, so the first token
+    starting with `-` can only come from after `--`.
+    """
+    overrides: list[str] = []
+    for i, arg in enumerate(args):
+        if arg.startswith("-"):
+            return overrides, list(args[i:])
+        if not OVERRIDE.match(arg):
+            raise InputError(f"unexpected argument {arg!r}: overrides look like section.key=value, and torchrun "
+                             "arguments go after --")
+        overrides.append(arg)
+    return overrides, []
+
+
+def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
+    """The checkpoint must exist, carry megallama's manifest, and be split for the requested TP x PP."""
+    from megallama.sft.checkpoint import rank_path, read_tracker
+    from megallama.spec import ModelSpec, check_parallel
+
+    if manifest is None or "spec" not in manifest or "padded_vocab_size" not in manifest:
+        raise InputError(f"{root} has no megallama.json with the model spec: convert the checkpoint with "
+                         "`megallama convert pth2megatron` (or point load at an sft output)")
+    spec = ModelSpec.from_dict(manifest["spec"])
+    p = cfg["parallel"]
+    check_parallel(spec, tp=p["tp"], pp=p["pp"])
+    have = (manifest.get("tp"), manifest.get("pp"))
+    if have != (p["tp"], p["pp"]):
+        raise InputError(f"checkpoint {root} is split for TP={have[0]} PP={have[1]} but the run asks for "
+                         f"TP={p['tp']} PP={p['pp']}: re-split it with `"
+                         + REPARTITION.format(load=root, tp=p["tp"], pp=p["pp"]) + "` and set load to NEW")
+    iteration = read_tracker(root)
+    missing = [str(path) for t in range(p["tp"]) for q in range(p["pp"])
+               if not (path := rank_path(root, iteration, tp_rank=t, pp_rank=q, pp=p["pp"])).is_file()]
+    if missing:
+        raise InputError(f"checkpoint {root} is incomplete: {missing[0]} is missing"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if cfg["data"]["seq_length"] > spec.max_position_embeddings:
+        raise InputError(f"data.seq_length {cfg['data']['seq_length']} exceeds the model's max_position_embeddings "
+                         f"{spec.max_position_embeddings}")
+
+
+def start_folder(cfg: dict) -> Path:
+    """The checkpoint the run reads: `output` when resuming, else `load`; refuses to overwrite a finished run."""
+    from megallama.sft.checkpoint import has_checkpoint
+
+    load, output = Path(cfg["load"]).resolve(), Path(cfg["output"]).resolve()
+    if load == output:
+        cfg["resume"] = True  # load pointing at this very sft output: continue it
+    if cfg["resume"]:
+        if not has_checkpoint(output):
+            raise InputError(f"--resume: output folder {output} holds no checkpoint yet; start without --resume")
+        return output
+    if has_checkpoint(output):
+        raise InputError(f"output folder {output} already holds checkpoints of a run: pass --resume to continue "
+                         "it, or choose another output folder")
+    return load
+
+
+def plan_table(cfg: dict, plan, splits: dict, start, command: list[str]) -> Table:
+    t, d = cfg["train"], cfg["data"]
+    table = Table(title="megallama sft plan", show_header=False, title_justify="left")
+    rows = [
+        ("world size", f"{plan.world_size} = TP {plan.tp} x PP {plan.pp} x DP {plan.dp} "
+                       f"({plan.nnodes} node(s) x {plan.nproc_per_node} processes)"),
+        ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size} x DP {plan.dp} x "
+                  f"accumulation {plan.accumulation}"),
+        ("accumulation steps", str(plan.accumulation)),
+        ("layers per stage", f"{plan.layers_per_stage} ({plan.num_layers} layers / PP {plan.pp})"),
+        ("padded vocab", str(plan.padded_vocab_size)),
+        ("steps", f"{plan.steps}" + (f" ({t['epochs']:g} epochs)" if t["epochs"] is not None else "")),
+        ("start", f"resume at step {start.step} from {start.root}" if start.resumes else f"step 0 from {start.root}"),
+        ("schedule", f"lr {t['lr']:g} -> {t['min_lr']:g} {t['decay_style']}, warmup {t['warmup_steps']}, "
+                     f"clip {t['clip_grad']:g}, wd {t['weight_decay']:g}, betas {t['adam_beta1']}/{t['adam_beta2']}"),
+        ("precision", f"{t['precision']}, recompute {t['recompute']}, distributed optimizer "
+                      f"{cfg['parallel']['distributed_optimizer']}"),
+        ("train data", _data_row(d["train"], splits["train"], d)),
+        ("eval data", _data_row(d["eval"], splits["eval"], d) if splits["eval"] is not None else "none"),
+        ("output", str(cfg["output"])),
+        ("command", shlex.join(command)),
+    ]
+    for key, value in rows + [("note", n) for n in plan.notes]:
+        table.add_row(key, value)
+    return table
+
+
+def _data_row(path: str, ds, d: dict) -> str:
+    s = ds.stats
+    return (f"{path} ({d['format']}, seq {d['seq_length']}): {s.samples} samples, {s.loss_tokens} loss tokens, "
+            f"{s.truncated} truncated, {s.dropped_empty} dropped")
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("sft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def sft() -> None:
-        """Supervised fine-tuning on megatron-core. Not built yet: exits 2."""
-        print("megallama sft is not built yet")
-        raise typer.Exit(2)
+    @app.command("sft", no_args_is_help=True)
+    @handle_errors
+    def sft(
+        config: Path = typer.Option(None, "--config", "-c", help="SFT recipe YAML (see configs/sft/)."),
+        tp: int = typer.Option(None, "--tp", "--tensor-size", "--tensor_size", help="Tensor-parallel size."),
+        pp: int = typer.Option(None, "--pp", "--pipeline-size", "--pipeline_size", help="Pipeline-parallel size."),
+        dp: int = typer.Option(None, "--dp", help="Data-parallel size (default: world size / (TP x PP))."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan, check it, start nothing."),
+        args: list[str] = typer.Argument(None, metavar="[KEY=VALUE ...] [-- TORCHRUN ARGS]",
+                                         help="Config overrides such as train.lr=1e-5; torchrun arguments after --."),
+    ) -> None:
+        """Supervised fine-tuning of a Megatron checkpoint on megatron-core (TP x PP x DP via torchrun).
+
+        The model comes from the checkpoint's megallama.json; the YAML holds data, batch, schedule and output.
+        Writes config.yaml, metrics.jsonl, loss.png and Megatron checkpoints to the output folder.
+
+        \b
+        Examples:
+          megallama sft --config configs/sft/tiny-cpu.yaml load=runs/tiny-tp1 data.train=train.jsonl
+          megallama sft --config configs/sft/llama2-7b-reference.yaml --dry-run
+          megallama sft --config run.yaml --resume -- --nnodes 2 --node-rank 0
+
+        Docs: README.md#sft
+        """
+        from megallama.formats.base import read_manifest
+        from megallama.launch import run_torchrun, torchrun_command
+        from megallama.sft import config as sft_config
+        from megallama.sft.checkpoint import find_start
+        from megallama.sft.train import DATA_CACHE, save_splits, tokenize_splits
+        from megallama.spec import ModelSpec
+
+        overrides, extra = split_args(list(args or []))
+        cfg = sft_config.load_config(config, overrides)
+        for key, value in (("tp", tp), ("pp", pp), ("dp", dp)):
+            if value is not None:
+                cfg["parallel"][key] = value
+        cfg["resume"] = cfg["resume"] or resume
+        warnings = sft_config.validate(cfg)
+        root = start_folder(cfg)
+        manifest = read_manifest(root)
+        check_checkpoint(cfg, manifest, root)
+        start = find_start(Path(cfg["load"]), Path(cfg["output"]), resume=cfg["resume"])
+        spec = ModelSpec.from_dict(manifest["spec"])
+        splits = tokenize_splits(cfg, vocab_size=spec.vocab_size)  # bad data exits 2 before any process starts
+        plan = sft_config.resolve_plan(cfg, num_layers=spec.num_layers, padded_vocab_size=manifest["padded_vocab_size"],
+                                       num_samples=len(splits["train"]), extra=extra,
+                                       devices=sft_config.local_devices())
+        if start.step >= plan.steps:
+            raise InputError(f"nothing to do: the checkpoint in {start.root} is at step {start.step} and the run "
+                             f"has {plan.steps} steps; raise train.steps to train further")
+        final = sft_config.resolved(cfg, plan)
+        output = Path(final["output"])
+        target = ["-m", "megallama.sft.train", "--config", str(output / "config.yaml")]
+        command = torchrun_command(target, nproc=plan.nproc_per_node, extra=extra)
+        for warning in warnings:
+            err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        out.print(plan_table(final, plan, splits, start, command))
+        if dry_run:
+            out.print("dry run: plan is valid, nothing started")
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        sft_config.dump_config(final, output / "config.yaml")
+        save_splits(final, splits, output / DATA_CACHE)
+        result = run_torchrun(target, nproc=plan.nproc_per_node, extra=extra)
+        if result.returncode != 0:
+            err.print(f"[bold red]error:[/] sft workers failed (exit code {result.returncode}); see the log above")
+            raise typer.Exit(1)
+        out.print(f"sft finished: {output} (config.yaml, metrics.jsonl, loss.png, checkpoints)")

@@ -1,0 +1,339 @@
+"""The SFT config: DESIGN.md's YAML as defaults, `section.key=value` overrides, validation, and the run plan.
+
+A config is a plain nested dict (what YAML gives), so the resolved file the workers read is the same YAML a
+user writes. Every leaf has a type, taken from its default or from `TYPES` where the default is null, and
+values from the file and from the command line are coerced to it (PyYAML reads `2e-5` as a string).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megallama.errors import InputError
+
+# DESIGN.md's config, plus the megatron-core switches (parallel.*, train.recompute) and precision details.
+DEFAULTS: dict = {
+    "load": None,  # Megatron folder from pth2megatron, or an earlier sft output (continues it)
+    "tokenizer": None,  # default: the tokenizer stored with the checkpoint
+    "resume": False,  # continue from the latest checkpoint in `output`
+    "data": {
+        "train": None,
+        "eval": None,
+        "format": "alpaca",  # alpaca | messages | pretokenized
+        "seq_length": 2048,
+        "train_on_prompt": False,
+    },
+    "parallel": {
+        "tp": 4,
+        "pp": 2,
+        "dp": None,  # null: world size / (tp * pp)
+        "sequence_parallel": False,
+        "distributed_optimizer": False,
+    },
+    "train": {
+        "micro_batch_size": 2,
+        "global_batch_size": 128,
+        "steps": 8000,
+        "epochs": None,  # when set, replaces `steps` with ceil(epochs * samples / global_batch_size)
+        "lr": 2.0e-5,
+        "min_lr": 2.0e-6,
+        "warmup_steps": 400,
+        "decay_style": "cosine",
+        "weight_decay": 0.0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.95,
+        "adam_eps": 1.0e-8,
+        "clip_grad": 1.0,
+        "precision": "bf16",
+        "initial_loss_scale": 4294967296.0,  # fp16 only: dynamic loss scaling starts here
+        "loss_scale": None,  # fp16 only: a constant loss scale instead of the dynamic one
+        "recompute": "none",  # none | selective | full
+        "seed": 1234,
+        "log_interval": 1,
+        "eval_interval": 1000,
+        "eval_steps": 20,
+        "save_interval": 2000,
+    },
+    "output": None,
+}
+TYPES = {"load": str, "tokenizer": str, "data.train": str, "data.eval": str, "parallel.dp": int,
+         "train.epochs": float, "train.loss_scale": float, "output": str}
+CHOICES = {
+    "data.format": ("alpaca", "messages", "pretokenized"),
+    "train.decay_style": ("cosine", "linear", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.recompute": ("none", "selective", "full"),
+}
+POSITIVE = ("data.seq_length", "parallel.tp", "parallel.pp", "train.micro_batch_size", "train.global_batch_size",
+            "train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval")
+PATH_KEYS = ("load", "tokenizer", "data.train", "data.eval", "output")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+# ---------------------------------------------------------------- flat keys
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+KEYS = _leaves(DEFAULTS)
+
+
+def get(cfg: dict, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+# ---------------------------------------------------------------- coercion
+def coerce(key: str, value):
+    """`value` (from YAML or a command-line string) as the type of `key`; None stays None."""
+    nulls = ("null", "~", "none") if key in TYPES else ("null", "~")  # "none" is a value of train.recompute
+    if value is None or (isinstance(value, str) and value.lower() in nulls):
+        return None
+    kind = TYPES.get(key) or type(KEYS[key])
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text not in _TRUE + _FALSE:
+                raise ValueError
+            return text in _TRUE
+        if kind is int:
+            number = float(value)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise InputError(f"config key {key}={value!r}: expected {kind.__name__}") from None
+
+
+def _unknown(key: str) -> InputError:
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return InputError(f"unknown config key {key!r}{hint}")
+
+
+# ---------------------------------------------------------------- load
+def load_config(path: Path | None, overrides: list[str] = ()) -> dict:
+    """DEFAULTS <- YAML file <- `section.key=value` overrides, every value coerced to its type.
+
+    Raises InputError for a missing or unreadable file, unknown keys (all of them at once) and bad values.
+    """
+    cfg = copy.deepcopy(DEFAULTS)
+    given: dict[str, object] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise InputError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+        given.update(_leaves(data))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"override {item!r} is not of the form section.key=value")
+        given[key.strip()] = value
+    unknown = [k for k in given if k not in KEYS]
+    if unknown:
+        raise InputError("; ".join(str(_unknown(k)) for k in unknown))
+    for key, value in given.items():
+        _set(cfg, key, coerce(key, value))
+    return cfg
+
+
+def dump_config(cfg: dict, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def absolute_paths(cfg: dict) -> dict:
+    """Paths resolved against the current folder, so workers do not depend on where they start."""
+    cfg = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        value = get(cfg, key)
+        if value is not None:
+            _set(cfg, key, str(Path(value).expanduser().resolve()))
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+def validate(cfg: dict) -> list[str]:
+    """Check the config alone (no checkpoint, no data); raise one InputError listing every problem.
+
+    Returns warnings (e.g. train and eval being the same file).
+    """
+    problems, warnings = [], []
+    for key, choices in CHOICES.items():
+        if get(cfg, key) not in choices:
+            problems.append(f"{key} is {get(cfg, key)!r}: expected one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if get(cfg, key) is None or get(cfg, key) < 1:
+            problems.append(f"{key} must be >= 1 (got {get(cfg, key)})")
+    for key in ("load", "data.train", "output"):
+        if not get(cfg, key):
+            problems.append(f"{key} is not set: add it to the config or pass {key}=...")
+    t = cfg["train"]
+    if t["epochs"] is not None and t["epochs"] <= 0:
+        problems.append(f"train.epochs must be > 0 (got {t['epochs']})")
+    if t["lr"] <= 0 or t["min_lr"] < 0 or t["min_lr"] > t["lr"]:
+        problems.append(f"learning rates must satisfy 0 <= min_lr <= lr and lr > 0 (got lr={t['lr']}, "
+                        f"min_lr={t['min_lr']})")
+    if t["warmup_steps"] < 0 or (t["epochs"] is None and t["steps"] and t["warmup_steps"] >= t["steps"]):
+        problems.append(f"train.warmup_steps {t['warmup_steps']} must be >= 0 and below train.steps {t['steps']}")
+    if not 0 <= t["adam_beta1"] < 1 or not 0 <= t["adam_beta2"] < 1:
+        problems.append("train.adam_beta1 and train.adam_beta2 must lie in [0, 1)")
+    if t["weight_decay"] < 0 or t["clip_grad"] < 0:
+        problems.append("train.weight_decay and train.clip_grad must be >= 0 (clip_grad 0 turns clipping off)")
+    if cfg["parallel"]["sequence_parallel"] and cfg["parallel"]["tp"] > 1:
+        problems.append("parallel.sequence_parallel needs megatron-core's Transformer Engine layers: the local "
+                        "RMSNorm of the spec megallama builds refuses it; set it to false")
+    if cfg["parallel"]["dp"] is not None and cfg["parallel"]["dp"] < 1:
+        problems.append(f"parallel.dp must be >= 1 (got {cfg['parallel']['dp']})")
+    for key in ("load", "tokenizer", "data.train", "data.eval"):
+        value = get(cfg, key)
+        if value and not Path(value).exists():
+            problems.append(f"{key} {value} does not exist")
+    if problems:
+        raise InputError("; ".join(problems))
+    train, evalf = cfg["data"]["train"], cfg["data"]["eval"]
+    if evalf and Path(train).resolve() == Path(evalf).resolve():
+        warnings.append(f"data.train and data.eval are the same file ({train}): the eval loss is not held out")
+    return warnings
+
+
+# ---------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """Everything resolved before launch: world layout, batch split, and the checkpoint's model layout."""
+
+    tp: int
+    pp: int
+    dp: int
+    nnodes: int
+    nproc_per_node: int
+    micro_batch_size: int
+    global_batch_size: int
+    accumulation: int
+    steps: int
+    num_layers: int
+    padded_vocab_size: int
+    sequence_parallel: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @property
+    def layers_per_stage(self) -> int:
+        return self.num_layers // self.pp
+
+
+def local_devices() -> int | None:
+    """GPUs on this node, or None on CPU (where ranks are processes and any count works)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else None
+
+
+def torchrun_world(extra: list[str]) -> tuple[int | None, int | None]:
+    """(--nproc-per-node, --nnodes) when the user passed them after `--`."""
+    found: dict[str, int | None] = {"nproc": None, "nnodes": None}
+    for i, arg in enumerate(extra):
+        for flag, name in (("--nproc-per-node", "nproc"), ("--nproc_per_node", "nproc"), ("--nnodes", "nnodes")):
+            value = None
+            if arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+            elif arg == flag and i + 1 < len(extra):
+                value = extra[i + 1]
+            if value is not None:
+                try:
+                    found[name] = int(value)
+                except ValueError:
+                    raise InputError(f"torchrun {flag} {value!r}: expected an integer") from None
+    return found["nproc"], found["nnodes"]
+
+
+def resolve_plan(cfg: dict, *, num_layers: int, padded_vocab_size: int, num_samples: int | None = None,
+                 extra: list[str] = (), devices: int | None = None) -> Plan:
+    """World size, DP, accumulation and steps; InputError when they do not fit together.
+
+    global batch = micro batch x DP x accumulation; world size = TP x PP x DP = nnodes x processes per node.
+    """
+    p, t = cfg["parallel"], cfg["train"]
+    tp, pp = p["tp"], p["pp"]
+    nproc, nnodes = torchrun_world(list(extra))
+    nnodes = nnodes or int(os.environ.get("NNODES", "1"))
+    dp = p["dp"]
+    if dp is None:  # fill what the machines hold; on CPU one model replica
+        per_node = nproc or devices
+        dp = max(1, (per_node * nnodes) // (tp * pp)) if per_node else 1
+    world = tp * pp * dp
+    if nproc is None:
+        if world % nnodes:
+            raise InputError(f"world size TP x PP x DP = {tp}x{pp}x{dp} = {world} does not split over "
+                             f"{nnodes} nodes")
+        nproc = world // nnodes
+    if nproc * nnodes != world:
+        raise InputError(f"world size {nproc * nnodes} ({nnodes} node(s) x {nproc} processes) is not "
+                         f"TP x PP x DP = {tp}x{pp}x{dp} = {world}: set --dp or the torchrun process count to match")
+    if devices is not None and nproc > devices:
+        raise InputError(f"{nproc} processes per node need {nproc} GPUs but this node has {devices}: "
+                         "lower --dp/--tp/--pp or run on more nodes (NNODES, NODE_RANK, MASTER_ADDR)")
+    micro, global_batch = t["micro_batch_size"], t["global_batch_size"]
+    if global_batch % (micro * dp):
+        raise InputError(f"train.global_batch_size {global_batch} is not divisible by micro_batch_size x DP = "
+                         f"{micro}x{dp} = {micro * dp}: choose a global batch that is a multiple of {micro * dp}")
+    steps = t["steps"]
+    if t["epochs"] is not None and num_samples is not None:
+        steps = max(1, math.ceil(t["epochs"] * num_samples / global_batch))
+    if t["warmup_steps"] >= steps:
+        raise InputError(f"train.warmup_steps {t['warmup_steps']} must be below the number of steps {steps}")
+    notes = []
+    sequence_parallel = p["sequence_parallel"]
+    if sequence_parallel and tp == 1:
+        sequence_parallel = False
+        notes.append("sequence parallel needs TP > 1: turned off")
+    return Plan(tp=tp, pp=pp, dp=dp, nnodes=nnodes, nproc_per_node=nproc, micro_batch_size=micro,
+                global_batch_size=global_batch, accumulation=global_batch // (micro * dp), steps=steps,
+                num_layers=num_layers, padded_vocab_size=padded_vocab_size, sequence_parallel=sequence_parallel,
+                notes=notes)
+
+
+def resolved(cfg: dict, plan: Plan) -> dict:
+    """The config the workers read: absolute paths, DP and steps filled in."""
+    cfg = absolute_paths(cfg)
+    cfg["parallel"]["dp"] = plan.dp
+    cfg["parallel"]["sequence_parallel"] = plan.sequence_parallel
+    cfg["train"]["steps"] = plan.steps
+    return cfg

@@ -1,0 +1,363 @@
+"""The SFT recipe, one copy per rank. Read it top to bottom; megatron-core is the engine, this is the loop.
+
+Launched by `megallama sft` through torchrun (which also writes the resolved config):
+    python -m torch.distributed.run --nproc-per-node=N -m megallama.sft.train --config OUTPUT/config.yaml
+
+Phases: 1 distributed setup, 2 the model from the checkpoint, 3 optimizer and LR schedule, 4 data, 5 the loop
+(train step, eval, checkpoint), 6 the end. The loss is a sum over trained tokens divided by the number of trained
+tokens of the whole global batch (megatron-core's `calculate_per_token_loss`), so how a global batch is split
+into micro-batches, accumulation steps and DP ranks does not change the maths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
+from megallama.errors import InputError, MegallamaError
+from megallama.sft.config import load_config
+
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+IGNORE_INDEX = -100
+DATA_CACHE = "tokenized.pt"  # written by the CLI before launch, so ranks do not each tokenize the data
+
+
+# ================================================================ data (also used by the CLI before launch)
+def tokenizer_path(cfg: dict) -> Path:
+    return Path(cfg["tokenizer"] or cfg["load"])
+
+
+def tokenize_splits(cfg: dict, *, vocab_size: int) -> dict:
+    """{"train": TokenizedDataset, "eval": TokenizedDataset | None}; InputError on bad data or token ids."""
+    from megallama.sft.data import load_dataset, load_tokenizer
+
+    d = cfg["data"]
+    path = tokenizer_path(cfg)
+    # Pre-tokenized rows need no tokenizer; the model's own, when present, still supplies the padding id.
+    has_tokenizer = path.is_file() or any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
+    tokenizer = load_tokenizer(path) if d["format"] != "pretokenized" or has_tokenizer else None
+    kw = dict(fmt=d["format"], tokenizer=tokenizer, seq_length=d["seq_length"],
+              train_on_prompt=d["train_on_prompt"], vocab_size=vocab_size)
+    return {"train": load_dataset(Path(d["train"]), **kw),
+            "eval": load_dataset(Path(d["eval"]), **kw) if d["eval"] else None}
+
+
+def _data_key(cfg: dict) -> dict:
+    return {"data": cfg["data"], "tokenizer": str(tokenizer_path(cfg))}
+
+
+def save_splits(cfg: dict, splits: dict, path: Path) -> None:
+    pack = {name: None if ds is None else {"input_ids": ds.input_ids, "labels": ds.labels,
+                                           "stats": dataclasses.asdict(ds.stats)}
+            for name, ds in splits.items()}
+    torch.save({"key": _data_key(cfg), **pack}, path)
+
+
+def load_splits(cfg: dict, *, vocab_size: int) -> dict:
+    """The CLI's tokenized data when it matches this config, else tokenize here."""
+    from megallama.sft.data import DataStats, TokenizedDataset
+
+    path = Path(cfg["output"]) / DATA_CACHE
+    if path.is_file():
+        pack = torch.load(path, weights_only=True)
+        if pack["key"] == _data_key(cfg):
+            return {name: None if pack[name] is None else
+                    TokenizedDataset(pack[name]["input_ids"], pack[name]["labels"], DataStats(**pack[name]["stats"]))
+                    for name in ("train", "eval")}
+    return tokenize_splits(cfg, vocab_size=vocab_size)
+
+
+def micro_batch(dataset, indices: list[int]) -> dict:
+    """Tensors for one micro-batch; index -1 is a filler row whose tokens carry no loss (partial eval batches)."""
+    from megallama.runtime import device
+
+    tokens, labels = dataset.batch([max(i, 0) for i in indices])
+    labels[torch.tensor([i < 0 for i in indices])] = IGNORE_INDEX
+    loss_mask = (labels != IGNORE_INDEX).float()
+    seq = tokens.shape[1]
+    position_ids = torch.arange(seq).unsqueeze(0).expand(len(indices), seq)
+    # Labels must be valid vocabulary ids for the vocab-parallel cross entropy; the mask drops them anyway.
+    batch = {"tokens": tokens, "labels": labels.clamp(min=0), "loss_mask": loss_mask, "position_ids": position_ids}
+    return {k: v.to(device()) for k, v in batch.items()}
+
+
+def eval_batches(num_samples: int, *, global_batch_size: int, eval_steps: int) -> list[list[int]]:
+    """The same leading samples at every eval, each once; the last batch is filled with -1 (no loss)."""
+    n = min(num_samples, eval_steps * global_batch_size)
+    indices = list(range(n)) + [-1] * (-n % global_batch_size)
+    return [indices[k: k + global_batch_size] for k in range(0, len(indices), global_batch_size)]
+
+
+# ================================================================ one step through megatron-core's schedule
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token cross entropy [b, s] over the true vocabulary only.
+
+    The padded rows of the output layer (vocab padded to a multiple of 128 x TP) are excluded from the softmax:
+    otherwise their logits would enter the normaliser, and how many there are depends on TP.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    part = logits.shape[-1]  # [b, s, Vp / tp]
+    first = ps.get_tensor_model_parallel_rank() * part
+    if first + part > vocab_size:
+        padded = torch.arange(first, first + part, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padded, float("-inf"))
+    return vocab_parallel_cross_entropy(logits.float(), labels)
+
+
+def loss_func(batch: dict, vocab_size: int, output_tensor: torch.Tensor):
+    """(loss to backpropagate, trained tokens, report); `finalize_grads` divides by the global token count.
+
+    The backward loss is the token-loss sum / seq_length, not the plain sum: with fp16 loss scaling a sum over a
+    whole micro-batch overflows the scaled gradients; `finalize_grads` multiplies seq_length back in.
+    """
+    loss_mask = batch["loss_mask"]
+    loss_sum = (token_losses(output_tensor, batch["labels"], vocab_size) * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum / loss_mask.shape[1], num_tokens, {"loss": report}
+
+
+def finalize_grads(seq_length: int, model, num_tokens, **kwargs):
+    """megatron-core's finaliser (DP all-reduce, embedding sync, grads / tokens of the global batch), with the
+    1 / seq_length of `loss_func` undone by dividing by tokens / seq_length."""
+    from megatron.core.distributed import finalize_model_grads
+
+    tokens = None if num_tokens is None else num_tokens.double() / seq_length
+    finalize_model_grads(model, tokens, **kwargs)
+
+
+def forward_step(vocab_size: int, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None)  # last stage: logits [b, s, Vp / tp]
+    return output, partial(loss_func, batch, vocab_size)
+
+
+def run_schedule(model, batches: list[dict], *, vocab_size: int, seq_length: int, micro_batch_size: int,
+                 forward_only: bool):
+    """Forward (and backward) over this rank's micro-batches; returns (loss sum, tokens) of the global batch."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, vocab_size), data_iterator=iter(batches), model=[model],
+        num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=forward_only)
+    total = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage():
+        total += sum(r["loss"].double().cpu() for r in reports)
+    # Only the last stage has losses: share them along the pipeline, then add up the DP replicas.
+    total = total.to(megallama.runtime.device())
+    dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return float(total[0]), int(total[1])
+
+
+def rank_batches(dataset, indices: list[int], cfg: dict) -> list[dict]:
+    """This DP rank's micro-batches of a global batch; every TP and PP rank of the replica gets the same."""
+    from megatron.core import parallel_state as ps
+
+    from megallama.sft.data import dp_microbatches
+
+    parts = dp_microbatches(indices, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                            micro_batch_size=cfg["train"]["micro_batch_size"])
+    return [micro_batch(dataset, part) for part in parts]
+
+
+def train_step(model, optimizer, batches: list[dict], *, vocab_size: int, cfg: dict):
+    """One optimizer step on one global batch: (loss sum, trained tokens, update applied, grad norm)."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_sum, tokens = run_schedule(model, batches, vocab_size=vocab_size, seq_length=cfg["data"]["seq_length"],
+                                    micro_batch_size=cfg["train"]["micro_batch_size"], forward_only=False)
+    ok, grad_norm, _ = optimizer.step()  # unscale, clip, Adam; fp16: skipped when the grads overflowed
+    return loss_sum, tokens, ok, grad_norm
+
+
+def evaluate(model, dataset, cfg: dict, *, vocab_size: int) -> tuple[float, int]:
+    t = cfg["train"]
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for indices in eval_batches(len(dataset), global_batch_size=t["global_batch_size"], eval_steps=t["eval_steps"]):
+            s, n = run_schedule(model, rank_batches(dataset, indices, cfg), vocab_size=vocab_size,
+                                seq_length=cfg["data"]["seq_length"],
+                                micro_batch_size=t["micro_batch_size"], forward_only=True)
+            loss_sum, tokens = loss_sum + s, tokens + n
+    return loss_sum / max(tokens, 1), tokens
+
+
+# ================================================================ the recipe
+def train(cfg: dict) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megallama.formats.base import read_manifest
+    from megallama.model import build_gpt_model
+    from megallama.runtime import init_distributed
+    from megallama.sft import checkpoint as ckpt
+    from megallama.sft.data import global_batches
+    from megallama.sft.report import Reporter
+    from megallama.spec import ModelSpec
+
+    d, p, t = cfg["data"], cfg["parallel"], cfg["train"]
+    output = Path(cfg["output"])
+
+    # ---------------------------------------------------------------- 1. distributed setup
+    init_distributed(tp=p["tp"], pp=p["pp"], seed=t["seed"])
+    world = dist.get_world_size()
+    if world != p["tp"] * p["pp"] * p["dp"]:
+        raise InputError(f"world size {world} is not TP x PP x DP = {p['tp']}x{p['pp']}x{p['dp']}")
+    rank0 = dist.get_rank() == 0
+
+    # ---------------------------------------------------------------- 2. the model, from the checkpoint's manifest
+    start = ckpt.find_start(Path(cfg["load"]), output, resume=cfg["resume"])
+    manifest = read_manifest(start.root)
+    spec = ModelSpec.from_dict(manifest["spec"])
+    gpt = build_gpt_model(spec, padded_vocab_size=manifest["padded_vocab_size"], dtype=PRECISION_DTYPE[t["precision"]],
+                          sequence_parallel=p["sequence_parallel"], recompute=t["recompute"],
+                          calculate_per_token_loss=True)
+    state = ckpt.load_rank_state(start)
+    ckpt.load_model(gpt, state)  # before wrapping: DDP moves the parameters into its buffers
+    model = wrap_model(gpt, distributed_optimizer=p["distributed_optimizer"])
+
+    # ---------------------------------------------------------------- 3. optimizer and LR schedule
+    optimizer, scheduler = build_optimizer(model, cfg)
+    if start.resumes:
+        ckpt.restore_training_state(start, state, optimizer=optimizer, scheduler=scheduler,
+                                    distributed_optimizer=p["distributed_optimizer"])
+    else:
+        optimizer.reload_model_params()  # fp32 master weights from the loaded weights (formats.md P19)
+    del state
+    config = model.config  # how megatron-core's schedule reaches DDP, loss scaling and the grad finaliser
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = partial(finalize_grads, d["seq_length"])
+    config.no_sync_func = model.no_sync
+
+    # ---------------------------------------------------------------- 4. data
+    splits = load_splits(cfg, vocab_size=spec.vocab_size)
+    train_set, eval_set = splits["train"], splits["eval"]
+    batches = global_batches(len(train_set), global_batch_size=t["global_batch_size"], seed=t["seed"],
+                             start_step=start.step)
+    reporter = Reporter(output, steps=t["steps"], start_step=start.step, enabled=rank0)
+    if rank0:
+        reporter.line(f"sft: world {world} = TP {p['tp']} x PP {p['pp']} x DP {p['dp']}, "
+                      f"{'resuming' if start.resumes else 'starting'} at step {start.step} of {t['steps']} "
+                      f"from {start.root}; {len(train_set)} train samples")
+
+    # ---------------------------------------------------------------- 5. the loop
+    save_kw = dict(model=gpt, optimizer=optimizer, scheduler=scheduler, spec=spec, base_manifest=manifest,
+                   tokenizer_dir=tokenizer_path(cfg), seq_length=d["seq_length"],
+                   distributed_optimizer=p["distributed_optimizer"], train_args=_train_args(cfg))
+    step, last_eval, last_save = start.step, None, None
+    with reporter:
+        for step in range(start.step + 1, t["steps"] + 1):
+            scheduler.step(1)  # the LR of step s is the schedule at s (warmup starts above zero)
+            tic = time.perf_counter()
+            loss_sum, tokens, ok, grad_norm = train_step(model, optimizer, rank_batches(train_set, next(batches), cfg),
+                                                         vocab_size=spec.vocab_size, cfg=cfg)
+            seconds = time.perf_counter() - tic
+            record = {"step": step, "loss": loss_sum / max(tokens, 1), "lr": optimizer.param_groups[0]["lr"],
+                      "tokens_per_s": t["global_batch_size"] * d["seq_length"] / seconds,
+                      "grad_norm": None if grad_norm is None else float(grad_norm), "loss_tokens": tokens,
+                      "step_time_s": seconds}
+            if t["precision"] == "fp16":
+                record.update(loss_scale=float(optimizer.get_loss_scale()), skipped=not ok)
+            reporter.train(record, log=step % t["log_interval"] == 0 or step == t["steps"])
+
+            if eval_set is not None and step % t["eval_interval"] == 0:
+                reporter.eval(step, *evaluate(model, eval_set, cfg, vocab_size=spec.vocab_size))
+                last_eval = step
+            if step % t["save_interval"] == 0:
+                ckpt.save_checkpoint(output, step, consumed_samples=step * t["global_batch_size"], **save_kw)
+                reporter.saved(step)
+                last_save = step
+
+        # ------------------------------------------------------------ 6. the end: final eval, checkpoint, plot
+        if eval_set is not None and last_eval != step and step > start.step:
+            reporter.eval(step, *evaluate(model, eval_set, cfg, vocab_size=spec.vocab_size))
+        if last_save != step and step > start.step:
+            ckpt.save_checkpoint(output, step, consumed_samples=step * t["global_batch_size"], **save_kw)
+            reporter.saved(step)
+    reporter.finish(output)
+    if ps.model_parallel_is_initialized():
+        dist.barrier()
+
+
+# ================================================================ building blocks of the recipe
+def wrap_model(gpt, *, distributed_optimizer: bool):
+    """Float16Module for bf16/fp16 (casts inputs and the loss), then megatron-core's DDP with fp32 grad buffers."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    config = gpt.config
+    module = Float16Module(config, gpt) if (config.fp16 or config.bf16) else gpt
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed_optimizer)
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+
+
+def build_optimizer(model, cfg: dict):
+    """megatron-core's Adam (fp32 master weights and loss scaling in mixed precision) and its LR scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megallama.model import TORCH_DTYPES
+
+    t = cfg["train"]
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=t["lr"], min_lr=t["min_lr"], weight_decay=t["weight_decay"],
+        adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_eps=t["adam_eps"], clip_grad=t["clip_grad"],
+        fp16=t["precision"] == "fp16", bf16=t["precision"] == "bf16",
+        params_dtype=TORCH_DTYPES[PRECISION_DTYPE[t["precision"]]], initial_loss_scale=t["initial_loss_scale"],
+        loss_scale=t["loss_scale"], use_distributed_optimizer=cfg["parallel"]["distributed_optimizer"])
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t["lr"], min_lr=t["min_lr"], lr_warmup_steps=t["warmup_steps"],
+        lr_decay_steps=t["steps"], lr_decay_style=t["decay_style"], start_wd=t["weight_decay"],
+        end_wd=t["weight_decay"], wd_incr_steps=t["steps"], wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def _train_args(cfg: dict) -> dict:
+    """Training fields recorded in the checkpoint's Megatron `args`, as Megatron-LM would."""
+    t = cfg["train"]
+    return {"micro_batch_size": t["micro_batch_size"], "global_batch_size": t["global_batch_size"],
+            "lr": t["lr"], "min_lr": t["min_lr"], "lr_decay_style": t["decay_style"],
+            "lr_warmup_iters": t["warmup_steps"], "train_iters": t["steps"], "weight_decay": t["weight_decay"],
+            "adam_beta1": t["adam_beta1"], "adam_beta2": t["adam_beta2"], "clip_grad": t["clip_grad"],
+            "seed": t["seed"], "use_distributed_optimizer": cfg["parallel"]["distributed_optimizer"],
+            "sequence_parallel": cfg["parallel"]["sequence_parallel"]}
+
+
+# ================================================================ entry point
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="One rank of `megallama sft` (start it with torchrun).")
+    parser.add_argument("--config", required=True, type=Path, help="resolved config.yaml written by megallama sft")
+    args = parser.parse_args(argv)
+    from megallama.runtime import destroy_distributed
+
+    for noise in ("The .grad attribute of a Tensor that is not a leaf", ".*is deprecated. Please use"):
+        warnings.filterwarnings("ignore", message=noise)  # raised inside megatron-core / torch, harmless here
+    try:
+        train(load_config(args.config))
+    except MegallamaError as e:
+        print(f"error (rank {os.environ.get('RANK', 0)}): {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

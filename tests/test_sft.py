@@ -1,0 +1,297 @@
+"""`megallama sft` end to end on CPU (gloo, tiny LLaMA-2 GQA model, seq 96, 6 steps).
+
+Invariance, not stored numbers: the loss per step of TP2 x PP2, DP2 and a different accumulation split equals the
+TP1 x PP1 run's; a resumed run equals the uninterrupted one; the step-1 loss and the final eval loss equal what
+transformers computes on the same batch with the same weights (before training, and after the round trip
+sft checkpoint -> megatron2pth -> pth2hf). Six torchrun launches (1, 4, 2, 1, 1, 1 ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from megallama.cli import app
+from megallama.convert import convert
+from megallama.sft.data import global_batches, learnable_lines, load_dataset, load_tokenizer, make_learnable_dataset
+from megallama.sft.report import read_metrics
+from megallama.tiny import make_hf_checkpoint, train_tokenizer
+
+CONFIG = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
+SEQ, MICRO, GLOBAL, STEPS, SEED = 96, 4, 8, 6, 1234
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny HF model whose tokenizer knows the task's words, its TP1xPP1 and TP2xPP2 Megatron folders, data."""
+    root = tmp_path_factory.mktemp("sft")
+    hf = make_hf_checkpoint(root / "hf", "llama2")
+    train_tokenizer(hf, vocab_size=320, extra_lines=learnable_lines())  # short prompts -> short sequences
+    convert(hf, root / "pth", src_format="hf", dst_format="meta")
+    paths = {"root": root, "hf": hf, "train": make_learnable_dataset(root / "train.jsonl", n=256, seed=0),
+             "eval": make_learnable_dataset(root / "eval.jsonl", n=32, seed=1)}
+    for tp, pp in ((1, 1), (2, 2)):
+        paths[f"meg{tp}{pp}"] = root / f"meg{tp}{pp}"
+        convert(root / "pth", paths[f"meg{tp}{pp}"], src_format="meta", dst_format="megatron", tp=tp, pp=pp)
+    return paths
+
+
+def sft(tiny: dict, name: str, *args: str, load: str = "meg11", steps: int = STEPS, micro: int = MICRO):
+    """Run `megallama sft` on the tiny recipe; returns (CliRunner result, output folder)."""
+    output = tiny["root"] / name
+    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny[load]}", f"data.train={tiny['train']}",
+                                 f"data.eval={tiny['eval']}", f"output={output}", f"train.steps={steps}",
+                                 f"train.micro_batch_size={micro}", f"train.global_batch_size={GLOBAL}",
+                                 "train.save_interval=3", "train.eval_interval=3", *args])
+    return result, output
+
+
+def losses(output: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(output) if "loss" in r}
+
+
+def eval_losses(output: Path) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in read_metrics(output) if "eval_loss" in r}
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float) -> None:
+    assert a.keys() == b.keys(), (a, b)
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(b[step]), (step, a[step], b[step])
+
+
+@pytest.fixture(scope="module")
+def base(tiny) -> Path:
+    """TP1 x PP1 x DP1, micro 4 x accumulation 2: the reference run."""
+    result, output = sft(tiny, "tp1pp1")
+    assert result.exit_code == 0, result.output
+    return output
+
+
+def hf_loss(hf_dir: Path, tiny: dict, split: str, indices: list[int], *, train_on_prompt: bool = False):
+    """(mean token loss, trained tokens) of transformers' LlamaForCausalLM on rows `indices` of the dataset."""
+    from transformers import LlamaForCausalLM
+
+    ds = load_dataset(tiny[split], fmt="alpaca", tokenizer=load_tokenizer(tiny["hf"]), seq_length=SEQ,
+                      train_on_prompt=train_on_prompt, vocab_size=320)
+    tokens, labels = ds.batch(indices)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(tokens).logits.float()  # [b, s, V]; labels are already shifted
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    count = int((labels != -100).sum())
+    return float(loss) / count, count
+
+
+# ---------------------------------------------------------------- training
+def test_loss_falls_and_outputs(base):
+    curve = losses(base)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve[STEPS] < curve[1] - 0.5, curve
+    evals = eval_losses(base)
+    assert sorted(evals) == [3, 6] and evals[6] < evals[3], evals
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "megallama.json", "tokenizer.model",
+                 "iter_0000003/mp_rank_00/model_optim_rng.pt", "iter_0000006/mp_rank_00/model_optim_rng.pt"):
+        assert (base / name).is_file(), name
+    assert (base / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    record = read_metrics(base)[0]
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "loss_tokens"} <= record.keys()
+    state = torch.load(base / "iter_0000003/mp_rank_00/model_optim_rng.pt", weights_only=False)
+    assert {"args", "checkpoint_version", "iteration", "model", "optimizer", "opt_param_scheduler",
+            "rng_state"} <= state.keys() and state["iteration"] == 3
+
+
+def test_step_one_loss_is_the_masked_token_loss(base, tiny):
+    """Step 1 runs the unchanged weights: its loss is transformers' loss over the answer tokens of that batch."""
+    indices = next(global_batches(256, global_batch_size=GLOBAL, seed=SEED))
+    expected, count = hf_loss(tiny["hf"], tiny, "train", indices)
+    first = read_metrics(base)[0]
+    assert first["loss_tokens"] == count
+    assert abs(first["loss"] - expected) <= 1e-4 * expected, (first["loss"], expected)
+
+
+def test_train_on_prompt_counts_prompt_tokens(base, tiny):
+    result, output = sft(tiny, "on-prompt", "data.train_on_prompt=true", "train.warmup_steps=1", steps=2)
+    assert result.exit_code == 0, result.output
+    indices = next(global_batches(256, global_batch_size=GLOBAL, seed=SEED))
+    expected, count = hf_loss(tiny["hf"], tiny, "train", indices, train_on_prompt=True)
+    first = read_metrics(output)[0]
+    assert first["loss_tokens"] == count > 3 * read_metrics(base)[0]["loss_tokens"]
+    assert abs(first["loss"] - expected) <= 1e-4 * expected
+
+
+def test_tp2_pp2_matches_tp1_pp1(base, tiny):
+    result, output = sft(tiny, "tp2pp2", "--tp", "2", "--pp", "2", load="meg22")
+    assert result.exit_code == 0, result.output
+    assert (output / "iter_0000006/mp_rank_01_001/model_optim_rng.pt").is_file()
+    assert_same_losses(losses(output), losses(base), 1e-4)
+    assert_same_losses(eval_losses(output), eval_losses(base), 1e-4)
+
+
+def test_dp2_matches_and_learns(base, tiny):
+    """micro 4 x DP 2 x accumulation 1, with megatron-core's distributed optimizer (sharded Adam state)."""
+    result, output = sft(tiny, "dp2", "--dp", "2", "parallel.distributed_optimizer=true")
+    assert result.exit_code == 0, result.output
+    assert (output / "iter_0000006/mp_rank_00/distrib_optim.pt").is_file()
+    assert_same_losses(losses(output), losses(base), 1e-4)
+    assert losses(output)[STEPS] < losses(output)[1] - 0.5
+    assert_resumed(resume_after_kill(output, "dp2-killed"), output)  # Adam shards come back from distrib_optim.pt
+
+
+def test_accumulation_split_does_not_change_the_loss(base, tiny):
+    result, output = sft(tiny, "micro8", micro=8)  # micro 8 x accumulation 1 vs micro 4 x accumulation 2
+    assert result.exit_code == 0, result.output
+    assert_same_losses(losses(output), losses(base), 1e-4)
+
+
+def resume_after_kill(run: Path, name: str) -> Path:
+    """Emulate a run killed after its step-3 checkpoint (the metrics of steps 4-6 it never saved stay behind),
+    then continue it with --resume."""
+    killed = run.parent / name
+    shutil.copytree(run, killed)
+    shutil.rmtree(killed / "iter_0000006")
+    (killed / "latest_checkpointed_iteration.txt").write_text("3")
+    result = runner.invoke(app, ["sft", "--config", str(killed / "config.yaml"), f"output={killed}", "--resume"])
+    assert result.exit_code == 0, result.output
+    return killed
+
+
+def assert_resumed(killed: Path, run: Path) -> None:
+    resumed = losses(killed)
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # steps 4-6 were replaced, not appended
+    assert_same_losses({s: resumed[s] for s in (4, 5, 6)}, {s: losses(run)[s] for s in (4, 5, 6)}, 1e-5)
+    assert_same_losses(eval_losses(killed), eval_losses(run), 1e-5)
+
+
+def test_resume_continues_as_if_never_interrupted(base):
+    assert_resumed(resume_after_kill(base, "killed"), base)
+
+
+def test_round_trip_to_hf_reproduces_the_eval_loss(base, tiny):
+    """sft checkpoint -> megatron2pth -> pth2hf: transformers gets the final eval loss of the run."""
+    pth, hf = tiny["root"] / "rt-pth", tiny["root"] / "rt-hf"
+    for cmd in (["megatron2pth", "--input-dir", str(base), "--output-dir", str(pth)],
+                ["pth2hf", "--input-dir", str(pth), "--output-dir", str(hf)]):
+        result = runner.invoke(app, ["convert", *cmd])
+        assert result.exit_code == 0, result.output
+    expected, _ = hf_loss(hf, tiny, "eval", list(range(2 * GLOBAL)))  # eval_steps 2 x global 8, in order
+    assert abs(eval_losses(base)[STEPS] - expected) <= 1e-4 * expected
+    report = tiny["root"] / "verify.json"
+    result = runner.invoke(app, ["verify", "layer-diff", "--reference", str(hf), "--megatron", str(base),
+                                 "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["verdict"] == "PASS"
+
+
+# ---------------------------------------------------------------- plan and refusals (no processes started)
+def test_dry_run_prints_the_plan_and_starts_nothing(tiny):
+    output = tiny["root"] / "dry"
+    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg22']}",
+                                 f"data.train={tiny['train']}", f"output={output}", "--tp", "2", "--pp", "2",
+                                 "train.micro_batch_size=2", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    for expected in ("4 = TP 2 x PP 2 x DP 1", "accumulation 4", "2 (4 layers / PP 2)", "padded vocab",
+                     "512", "torch.distributed.run", "megallama.sft.train", "--nproc-per-node=4"):
+        assert expected in text, expected
+    assert not output.exists()
+
+
+def test_train_equal_to_eval_warns(tiny):
+    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg11']}",
+                                 f"data.train={tiny['train']}", f"data.eval={tiny['train']}",
+                                 f"output={tiny['root'] / 'same'}", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "the same file" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dp", "1", "--", "--nproc-per-node", "2"], "is not TP x PP x DP"),
+    (["train.global_batch_size=6"], "not divisible by micro_batch_size x DP"),
+    (["--tp", "2"], "pth2megatron --input-dir PTH --output-dir NEW --tp 2 --pp 1"),
+    (["--tp", "3"], "does not divide the 4 attention heads"),
+    (["--pp", "3"], "does not divide the 4 layers"),
+    (["data.train=/nonexistent/train.jsonl"], "does not exist"),
+    (["data.seq_len=64"], "did you mean data.seq_length"),
+    (["train.lr=fast"], "expected float"),
+    (["train.precision=fp8"], "expected one of fp32, bf16, fp16"),
+    (["parallel.sequence_parallel=true", "--tp", "2"], "sequence_parallel"),
+    (["--resume"], "holds no checkpoint"),
+])
+def test_refusals_exit_2(tiny, args, message):
+    output = tiny["root"] / "refused"
+    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg11']}",
+                                 f"data.train={tiny['train']}", f"output={output}", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not output.exists()
+
+
+def test_token_ids_outside_the_vocabulary_exit_2(tiny):
+    bad = tiny["root"] / "bad.jsonl"
+    bad.write_text(json.dumps({"input_ids": [1, 5, 999, 2], "labels": [1, 5, 999, 2]}) + "\n")
+    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg11']}", f"data.train={bad}",
+                                 "data.format=pretokenized", f"output={tiny['root'] / 'bad'}"])
+    assert result.exit_code == 2, result.output
+    assert "outside the model's vocabulary" in " ".join(result.output.split())
+
+
+def test_finished_output_is_not_overwritten(base, tiny):
+    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg11']}",
+                                 f"data.train={tiny['train']}", f"output={base}"])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_config_overrides_are_coerced_and_epochs_become_steps():
+    from megallama.sft.config import load_config, resolve_plan
+
+    cfg = load_config(CONFIG, ["train.lr=2e-5", "train.steps=1e3", "data.train_on_prompt=yes", "parallel.dp=null",
+                               "train.recompute=none", "train.epochs=2", "train.global_batch_size=16"])
+    assert cfg["train"]["lr"] == 2e-5 and cfg["train"]["steps"] == 1000 and cfg["data"]["train_on_prompt"] is True
+    assert cfg["parallel"]["dp"] is None and cfg["train"]["recompute"] == "none"
+    plan = resolve_plan(cfg, num_layers=4, padded_vocab_size=384, num_samples=100, extra=["--nproc-per-node", "2"])
+    assert (plan.dp, plan.accumulation, plan.steps) == (2, 2, 13)  # ceil(2 epochs x 100 / 16)
+
+
+def test_reference_recipe_mirrors_llama_sft_sh(tmp_path):
+    """The 7B recipe's dry run against a 7B checkpoint manifest (no weights are read before launch)."""
+    from megallama.sft.config import load_config
+    from megallama.spec import ModelSpec
+
+    cfg = load_config(CONFIG.parent / "llama2-7b-reference.yaml")
+    t = cfg["train"]
+    assert (cfg["parallel"]["tp"], cfg["parallel"]["pp"], cfg["data"]["seq_length"]) == (4, 2, 2048)
+    assert (t["micro_batch_size"], t["global_batch_size"], t["lr"], t["min_lr"]) == (2, 128, 2e-5, 2e-6)
+    assert (t["warmup_steps"], t["steps"], t["decay_style"], t["clip_grad"], t["weight_decay"]) == \
+        (400, 8000, "cosine", 1.0, 0.0)
+    assert (t["adam_beta1"], t["adam_beta2"], t["eval_interval"], t["eval_steps"], t["save_interval"]) == \
+        (0.9, 0.95, 1000, 20, 2000)
+    ckpt = tmp_path / "llama-2-7b-tp4-pp2"
+    ckpt.mkdir()
+    spec = ModelSpec(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, ffn_hidden_size=11008,
+                     vocab_size=32000, dtype="float16")
+    (ckpt / "megallama.json").write_text(json.dumps({"spec": spec.to_dict(), "tp": 4, "pp": 2, "vocab_size": 32000,
+                                                    "padded_vocab_size": 32256}))
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("release")
+    for tp in range(4):
+        for pp in range(2):  # the dry run checks that every rank file is there, without reading it
+            (ckpt / f"release/mp_rank_{tp:02d}_{pp:03d}").mkdir(parents=True)
+            (ckpt / f"release/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt").touch()
+    rows = [{"input_ids": list(range(1, 600)), "labels": [-100] * 300 + list(range(301, 600))}] * 4
+    for name in ("train", "test"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["sft", "--config", str(CONFIG.parent / "llama2-7b-reference.yaml"), f"load={ckpt}",
+                                 f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'test.jsonl'}",
+                                 f"output={tmp_path / 'out'}", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    for expected in ("8 = TP 4 x PP 2 x DP 1", "micro 2 x DP 1 x accumulation 64", "16 (32 layers / PP 2)",
+                     "32256", "--nproc-per-node=8", "fp16"):
+        assert expected in text, expected
