@@ -1,0 +1,414 @@
+"""Megatron torch-format checkpoints for the megatron-core GPTModel (local spec): writer and reader.
+
+Layout (formats.md 3.1, 3.2, 4.1-4.4): `latest_checkpointed_iteration.txt` ("release" or an iteration),
+`release/` or `iter_NNNNNNN/`, one `mp_rank_TT` (PP=1) or `mp_rank_TT_PPP` folder per rank holding
+`model_optim_rng.pt` = {args, checkpoint_version 3.0, iteration, model}. Which canonical tensors make which key,
+and how each is split, is the rule table in `megatron_rules.py`; this module only does files and metadata.
+
+Both directions stream: the writer saves each rank file's layout first and fills in one tensor at a time
+(`streaming.py`); the reader maps the rank files of one layer at a time and drops them before the next.
+Memory stays near one whole tensor plus its rank piece, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import types
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PosixPath
+
+import numpy as np
+import torch
+
+from megallama.errors import InputError
+from megallama.formats.base import (
+    MANIFEST,
+    TOKENIZER_FILES,
+    TORCH_DTYPES,
+    OnTensor,
+    Reader,
+    WriteReport,
+    cast,
+    copy_tokenizer,
+    read_manifest,
+    write_manifest,
+)
+from megallama.formats.megatron_rules import (
+    Kind,
+    Rule,
+    from_ranks,
+    launch_flags,
+    megatron_args,
+    rank_shape,
+    spec_from_args,
+    stage_rules,
+    to_rank,
+)
+from megallama.formats.streaming import save_streamed
+from megallama.names import canonical_names, expected_shapes
+from megallama.spec import LLAMA3_ROPE_DEFAULTS, ModelSpec, check_parallel, normalize_dtype, padded_vocab_size
+from megallama.transforms import meta_to_hf_rotary
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+ARGS_FILE = "megatron_args.txt"
+CHECKPOINT_VERSION = 3.0  # < 2.0 makes Megatron silently re-order linear_qkv rows (formats.md P4)
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+# `args`, plus what the RNG state of an sft / Megatron-LM checkpoint holds (numpy's MT19937 state array);
+# everything else in these files is tensors, numbers, strings and torch.dtype.
+_NP_CORE = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core
+_SAFE_GLOBALS = [argparse.Namespace, types.SimpleNamespace, PosixPath, _NP_CORE.multiarray._reconstruct, np.ndarray,
+                 np.dtype, type(np.dtype(np.uint32))]
+
+
+# ---------------------------------------------------------------- paths
+def iteration_dir(root: Path, iteration: int | None) -> Path:
+    """`release/` for None, else `iter_NNNNNNN/`."""
+    return Path(root) / ("release" if iteration is None else f"iter_{iteration:07d}")
+
+
+def checkpoint_dir(root: Path, iteration: int | None, tp_rank: int, pp_rank: int, pp: int) -> Path:
+    """The folder of one rank: `mp_rank_TT` when PP=1, else `mp_rank_TT_PPP` (Megatron's get_checkpoint_name)."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return iteration_dir(root, iteration) / name
+
+
+def write_tracker(root: Path, iteration: int | None) -> None:
+    """Written last: Megatron (and our reader) treat a folder without it as no checkpoint at all."""
+    (Path(root) / TRACKER).write_text("release" if iteration is None else str(iteration))
+
+
+def detect_tokenizer(files: list[Path], final_dir: Path) -> tuple[str | None, str | None]:
+    """(Megatron --tokenizer-type, --tokenizer-model) for the tokenizer files copied into the output."""
+    by_name = {f.name: f for f in files}
+    model = by_name.get("tokenizer.model")
+    # Llama 3's Meta tokenizer.model is tiktoken text ("<base64> <rank>" lines), not a SentencePiece protobuf.
+    tiktoken = model is not None and re.match(rb"^[A-Za-z0-9+/=]+ \d+\r?\n", model.read_bytes()[:256]) is not None
+    if model is not None and not tiktoken:
+        return "Llama2Tokenizer", str(final_dir / "tokenizer.model")
+    if "tokenizer.json" in by_name:
+        return "HuggingFaceTokenizer", str(final_dir)
+    if model is not None:
+        return "TikTokenizer", str(final_dir / "tokenizer.model")
+    return None, None
+
+
+# ---------------------------------------------------------------- writer
+def rank_tensors(source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec, *, tp_rank: int, tp: int,
+                 pp_rank: int, pp: int, padded_vocab_size: int,
+                 dtype: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """One rank's `(key, tensor)` pairs, keyed and ordered exactly like megatron-core's `GPTModel.state_dict()`.
+
+    `source` is a Reader or any `name -> canonical tensor` function. Each tensor is fresh and rank-sized (never a
+    view of a whole tensor, which torch.save would store in full); `_extra_state` entries are None, as the local
+    spec's ColumnParallelLinear / RowParallelLinear save them.
+    """
+    get = source.get if hasattr(source, "get") else source
+    for rule, _ in stage_rules(spec, pp_rank=pp_rank, pp=pp):
+        if rule.sources:
+            tensors = [get(name) for name in rule.sources]
+            piece = to_rank(rule.kind, tensors, spec, tp_rank=tp_rank, tp=tp, padded_vocab_size=padded_vocab_size)
+            del tensors
+            yield rule.target, cast(piece, dtype)
+        if rule.extra_state:
+            yield rule.extra_state_key, None
+
+
+def rank_state_dict(source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec, *, tp_rank: int, tp: int,
+                    pp_rank: int, pp: int, padded_vocab_size: int, dtype: str | None = None) -> dict:
+    """The `model` dict of one rank, in memory (for `sft` and tests; the writer streams instead)."""
+    return dict(rank_tensors(source, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
+                             padded_vocab_size=padded_vocab_size, dtype=dtype))
+
+
+def rank_placeholders(spec: ModelSpec, *, tp: int, pp_rank: int, pp: int, padded_vocab_size: int) -> dict:
+    """One rank's keys with untouched `torch.empty` tensors of their final shape and dtype (never resident)."""
+    shapes, dtype = expected_shapes(spec), TORCH_DTYPES[spec.dtype]
+    out: dict = {}
+    for rule, _ in stage_rules(spec, pp_rank=pp_rank, pp=pp):
+        if rule.sources:
+            shape = rank_shape(rule.kind, spec, shapes[rule.sources[0]], tp=tp, padded_vocab_size=padded_vocab_size)
+            out[rule.target] = torch.empty(shape, dtype=dtype)
+        if rule.extra_state:
+            out[rule.extra_state_key] = None
+    return out
+
+
+def checkpoint_dict(model: dict, args: argparse.Namespace, iteration: int | None) -> dict:
+    """The top-level dict of `model_optim_rng.pt` (formats.md 3.2); no optimizer or RNG state."""
+    return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration or 0, "model": model}
+
+
+def save_rank_file(path: Path, source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec,
+                   args: argparse.Namespace, *, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab_size: int,
+                   iteration: int | None = None, on_tensor: OnTensor | None = None) -> None:
+    """Write one rank's `model_optim_rng.pt` without ever holding the whole rank in memory (`save_streamed`)."""
+    tensors = rank_tensors(source, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
+                           padded_vocab_size=padded_vocab_size, dtype=spec.dtype)
+    # the skeleton is built inline so that save_streamed holds its only reference and can drop it before filling
+    save_streamed(path, checkpoint_dict(rank_placeholders(spec, tp=tp, pp_rank=pp_rank, pp=pp,
+                                                          padded_vocab_size=padded_vocab_size), args, iteration),
+                  tensors, flat=lambda ckpt: ckpt["model"], on_tensor=on_tensor)
+
+
+def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: str | None = None,
+                   divisible_by: int = 128, on_tensor: OnTensor | None = None, iteration: int | None = None,
+                   args_overrides: dict | None = None, final_dir: Path | None = None) -> WriteReport:
+    """Write `reader`'s model as a megatron-core torch checkpoint split for TP x PP into the empty `out_dir`.
+
+    `final_dir` is where `out_dir` will be renamed to (for the absolute paths in megatron_args.txt).
+
+    Example:
+        >>> with open_meta(Path("llama-2-7b")) as r:
+        ...     write_megatron(r, Path("out"), tp=2, pp=2)
+    """
+    check_parallel(reader.spec, tp=tp, pp=pp)
+    out_dir = Path(out_dir)
+    final_dir = Path(final_dir or _staged_target(out_dir)).resolve()
+    spec = reader.spec.replace(dtype=normalize_dtype(dtype) or reader.spec.dtype)
+    padded = padded_vocab_size(spec.vocab_size, tp, divisible_by)
+    report = WriteReport(output=out_dir)
+    tokenizer_type, tokenizer_model = detect_tokenizer(reader.tokenizer_files, final_dir)
+    args = megatron_args(spec, tp=tp, pp=pp, padded_vocab_size=padded, divisible_by=divisible_by,
+                         iteration=iteration or 0, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
+                         **(args_overrides or {}))
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            path = checkpoint_dir(out_dir, iteration, tp_rank, pp_rank, pp) / MODEL_FILE
+            save_rank_file(path, reader, spec, args, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
+                           padded_vocab_size=padded, iteration=iteration, on_tensor=on_tensor)
+            report.files.append(str(path.relative_to(out_dir)))
+    report.files += copy_tokenizer(reader.tokenizer_files, out_dir)
+    write_manifest(out_dir, spec=spec, fmt="megatron", sources=reader.source_files, tp=tp, pp=pp,
+                   vocab_size=spec.vocab_size, padded_vocab_size=padded, divisible_by=divisible_by,
+                   rotary_interleaved=False, transformer_impl="local", layout="mcore-local",
+                   iteration="release" if iteration is None else iteration)
+    (out_dir / ARGS_FILE).write_text("\n".join(launch_flags(args, load_dir=final_dir)) + "\n")
+    report.files += [MANIFEST, ARGS_FILE, TRACKER]
+    report.notes += _notes(spec, padded, tokenizer_type)
+    write_tracker(out_dir, iteration)
+    return report
+
+
+def _staged_target(out_dir: Path) -> Path:
+    # convert() stages into `.NAME.tmp-PID` beside the target (base.staged_output) and renames it on success.
+    m = re.fullmatch(r"\.(.+)\.tmp-\d+", out_dir.name)
+    return out_dir.parent / m.group(1) if m else out_dir
+
+
+def _notes(spec: ModelSpec, padded: int, tokenizer_type: str | None) -> list[str]:
+    notes = [f"vocab {spec.vocab_size} padded to {padded} with zero rows"] if padded != spec.vocab_size else []
+    if spec.rope_scaling:
+        fixed = {k: spec.rope_scaling.get(k) for k in LLAMA3_ROPE_DEFAULTS
+                 if k != "factor" and spec.rope_scaling.get(k) != LLAMA3_ROPE_DEFAULTS[k]}
+        if fixed:
+            notes.append(f"rope scaling {fixed} differs from megatron-core's hard-coded llama3 values")
+    if tokenizer_type is None:
+        notes.append("no tokenizer found: add --tokenizer-type/--tokenizer-model to the launch flags")
+    return notes
+
+
+# ---------------------------------------------------------------- reader
+class MegatronReader:
+    """A canonical Reader over a TP x PP grid of rank `model` dicts (files, or dicts already in memory).
+
+    `load_state(tp_rank, pp_rank)` returns one rank's `model` dict. Tensors of one layer are merged from all TP
+    ranks of its stage; the loaded dicts are dropped when the next layer is requested (mmap'd files then unmap).
+    """
+
+    def __init__(self, spec: ModelSpec, *, tp: int, pp: int, load_state: Callable[[int, int], dict],
+                 rotary_interleaved: bool = False):
+        self.spec, self.tp, self.pp = spec, tp, pp
+        self.tokenizer_files: list[Path] = []
+        self.source_files: list[Path] = []
+        self.notes: list[str] = []
+        self._load_state, self._interleaved = load_state, rotary_interleaved
+        self._index: dict[str, tuple[Rule, int, int | None]] = {}
+        for pp_rank in range(pp):
+            for rule, layer in stage_rules(spec, pp_rank=pp_rank, pp=pp):
+                for name in rule.sources:  # tied, PP>1: the embedding comes from stage 0, not the output copy
+                    self._index.setdefault(name, (rule, pp_rank, layer))
+        self._loaded: dict[int, dict] = {}
+        self._loaded_key: tuple | None = None
+        self._pending: dict[str, torch.Tensor] = {}  # siblings of the last merged rule (k, v after q)
+
+    def names(self) -> list[str]:
+        return canonical_names(self.spec)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._pending:
+            return self._pending.pop(name)
+        if name not in self._index:
+            raise KeyError(name)
+        rule, pp_rank, layer = self._index[name]
+        parts = [self._state(t, pp_rank, layer)[rule.target] for t in range(self.tp)]
+        tensors = dict(zip(rule.sources, from_ranks(rule.kind, parts, self.spec, vocab_size=self.spec.vocab_size),
+                           strict=True))
+        del parts
+        if self._interleaved and rule.kind is Kind.QKV:  # --rotary-interleaved keeps Meta's pair order
+            q, k, _ = rule.sources
+            tensors[q] = meta_to_hf_rotary(tensors[q], self.spec.num_heads)
+            tensors[k] = meta_to_hf_rotary(tensors[k], self.spec.num_kv_heads)
+        self._pending = {k: v for k, v in tensors.items() if k != name}
+        return tensors[name]
+
+    def _state(self, tp_rank: int, pp_rank: int, layer: int | None) -> dict:
+        key = (pp_rank, layer)
+        if key != self._loaded_key:
+            self._loaded, self._loaded_key = {}, key
+        if tp_rank not in self._loaded:
+            self._loaded[tp_rank] = self._load_state(tp_rank, pp_rank)
+        return self._loaded[tp_rank]
+
+    def close(self) -> None:
+        self._loaded, self._pending = {}, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def canonical_from_ranks(states: list[list[dict]], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Inverse of `rank_state_dict` for in-memory dicts: `states[pp_rank][tp_rank]` -> canonical tensors."""
+    reader = MegatronReader(spec, tp=len(states[0]), pp=len(states), load_state=lambda t, p: states[p][t])
+    return {name: reader.get(name) for name in reader.names()}
+
+
+def load_rank_file(path: Path) -> dict:
+    """torch.load a rank file lazily (mmap) and safely (weights_only), one clear line if it is unreadable."""
+    try:
+        try:
+            with torch.serialization.safe_globals(_SAFE_GLOBALS):
+                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError:
+            # Checkpoints saved by Megatron-LM itself hold megatron enums in args; megatron-core publishes the
+            # allow-list for exactly those (importing it is slow, hence only on demand).
+            from megatron.core.safe_globals import SAFE_GLOBALS
+
+            with torch.serialization.safe_globals(_SAFE_GLOBALS + SAFE_GLOBALS):
+                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path} is not a readable torch checkpoint: {first}") from None
+
+
+# ---------------------------------------------------------------- opening a folder
+def open_megatron(path: Path) -> MegatronReader:
+    """Open a Megatron torch-format checkpoint (from pth2megatron or `megallama sft`) as a canonical Reader.
+
+    `path` is the checkpoint root (with latest_checkpointed_iteration.txt) or one iteration folder. Shapes
+    and keys of every rank are checked up front; optimizer and RNG state in the files are ignored.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"input folder {root} does not exist")
+    it_dir = _iteration_dir(root)
+    root = it_dir.parent  # the checkpoint root, also when `path` named an iteration folder
+    files, tp, pp = _rank_files(it_dir)
+    first = load_rank_file(files[0, 0])
+    manifest = read_manifest(root) or {}
+    if manifest.get("format") != "megatron":
+        manifest = {}
+    model = _model(first, files[0, 0])
+    embedding = model.get("embedding.word_embeddings.weight")
+    if not torch.is_tensor(embedding):
+        raise InputError(f"{files[0, 0]} has no embedding.word_embeddings.weight: not a megatron-core GPTModel "
+                         "checkpoint (legacy Megatron layouts are not supported)")
+    padded = embedding.shape[0] * tp
+    dtype = normalize_dtype(str(embedding.dtype))
+    args = first.get("args")
+    notes: list[str] = []
+    if manifest.get("spec"):
+        spec = ModelSpec.from_dict({**manifest["spec"], "dtype": dtype})
+        spec = spec.replace(vocab_size=manifest.get("vocab_size", spec.vocab_size))
+    else:
+        spec = spec_from_args(args, padded_vocab_size=padded, dtype=dtype, notes=notes)
+    del first, model, embedding
+    if padded < spec.vocab_size:
+        raise InputError(f"embedding has {padded} rows but the vocab is {spec.vocab_size}")
+    check_parallel(spec, tp=tp, pp=pp)
+    _validate(files, spec, tp=tp, pp=pp, padded=padded)
+    interleaved = bool(manifest.get("rotary_interleaved", getattr(args, "rotary_interleaved", False)))
+    reader = MegatronReader(spec, tp=tp, pp=pp, rotary_interleaved=interleaved,
+                            load_state=lambda t, p: _model(load_rank_file(files[t, p]), files[t, p]))
+    reader.tokenizer_files = [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
+    reader.source_files = [files[t, p] for p in range(pp) for t in range(tp)]
+    reader.notes = notes
+    return reader
+
+
+def _iteration_dir(root: Path) -> Path:
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        if any(_RANK_DIR.match(p.name) for p in root.iterdir()):
+            return root  # pointed at release/ or iter_NNNNNNN/ itself
+        raise InputError(f"{root} has no {TRACKER}: not a Megatron torch-format checkpoint folder")
+    text = tracker.read_text().strip()
+    if text == "release":
+        it_dir = iteration_dir(root, None)
+    elif text.isdigit():
+        it_dir = iteration_dir(root, int(text))
+    else:
+        raise InputError(f"{tracker} holds {text!r}: expected 'release' or an iteration number")
+    if not it_dir.is_dir():
+        raise InputError(f"{tracker} points at {it_dir.name}/, which does not exist")
+    return it_dir
+
+
+def _rank_files(it_dir: Path) -> tuple[dict[tuple[int, int], Path], int, int]:
+    """{(tp_rank, pp_rank): model file}, TP, PP; every rank of the grid must be present."""
+    found = {}
+    for p in it_dir.iterdir():
+        m = _RANK_DIR.match(p.name)
+        if m and p.is_dir():
+            found[int(m.group(1)), int(m.group(2) or 0)] = (p / MODEL_FILE, m.group(2) is None)
+    if not found:
+        raise InputError(f"{it_dir} has no mp_rank_* folders")
+    if len({plain for _, plain in found.values()}) > 1:
+        raise InputError(f"{it_dir} mixes mp_rank_TT and mp_rank_TT_PPP folders")
+    tp, pp = max(t for t, _ in found) + 1, max(p for _, p in found) + 1
+    missing = [checkpoint_dir(it_dir.parent, 0, t, p, pp).name for p in range(pp) for t in range(tp)
+               if (t, p) not in found or not found[t, p][0].is_file()]
+    if missing:
+        raise InputError(f"{it_dir} is missing {MODEL_FILE} for {', '.join(missing[:4])} (TP={tp}, PP={pp} grid)")
+    return {k: f for k, (f, _) in found.items()}, tp, pp
+
+
+def _model(ckpt: dict, path: Path) -> dict:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        if isinstance(ckpt, dict) and "model0" in ckpt:
+            raise InputError(f"{path} holds virtual-pipeline chunks (model0, model1, ...): not supported")
+        raise InputError(f"{path} has no 'model' state dict")
+    return ckpt["model"]
+
+
+def _validate(files: dict, spec: ModelSpec, *, tp: int, pp: int, padded: int) -> None:
+    """Every rank holds exactly the keys and shapes its stage needs; collect all problems, raise once."""
+    shapes = expected_shapes(spec)
+    problems: list[str] = []
+    for (_, pp_rank), path in sorted(files.items(), key=lambda kv: kv[0][::-1]):
+        model = _model(load_rank_file(path), path)
+        want = {}
+        for rule, _ in stage_rules(spec, pp_rank=pp_rank, pp=pp):
+            if rule.sources:
+                want[rule.target] = rank_shape(rule.kind, spec, shapes.get(rule.sources[0], ()), tp=tp,
+                                               padded_vocab_size=padded)
+        where = path.parent.name
+        for key, shape in want.items():
+            t = model.get(key)
+            if not torch.is_tensor(t):
+                problems.append(f"{where}: missing {key}")
+            elif tuple(t.shape) != shape:
+                problems.append(f"{where}: {key} has shape {tuple(t.shape)}, expected {shape}")
+        extra = [k for k in model if k not in want and not k.endswith("_extra_state")]
+        problems += [f"{where}: unexpected {k}" for k in extra]
+        if any("layer_norm_weight" in k for k in extra):
+            problems.insert(0, "written with the Transformer Engine layer spec; only the local spec is supported")
+    if problems:
+        raise InputError(f"checkpoint does not match its config ({len(problems)} problems): "
+                         + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
