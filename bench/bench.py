@@ -226,8 +226,8 @@ def print_table(results: dict) -> None:
         s = conv[step]
         table.add_row(f"{step} 1B bf16 ({conv['model_gb']:.2f} GB)", f"{s['seconds']:.1f} s, {s['gb_per_s']:.2f} GB/s",
                       f"file copy in+out {s['floor_seconds']:.1f} s", f"{s['x_floor']:.1f}x floor")
-        table.add_row(f"{step} peak RSS", f"{s['peak_rss_gb']:.2f} GB", f"largest output {s['largest_output_gb']:.2f} GB",
-                      f"{s['rss_over_largest_output']:.2f}x")
+        table.add_row(f"{step} peak RSS", f"{s['peak_rss_gb']:.2f} GB",
+                      f"largest output {s['largest_output_gb']:.2f} GB", f"{s['rss_over_largest_output']:.2f}x")
     m = conv["memory_vs_whole_model"]
     table.add_row("conversion peak RSS vs whole model in RAM", f"{m['megallama_peak_rss_gb']:.2f} GB",
                   f"{m['whole_model_peak_rss_gb']:.2f} GB", f"{m['ratio']:.2f}x")

@@ -8,8 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from megallama.errors import InputError
-from megallama.formats.base import OnTensor, WriteReport, check_complete, folder_bytes, peak_rss_bytes, staged_output
-from megallama.formats.base import Timer
+from megallama.formats.base import (
+    OnTensor,
+    Timer,
+    WriteReport,
+    check_complete,
+    folder_bytes,
+    peak_rss_bytes,
+    staged_output,
+)
 from megallama.spec import check_parallel, normalize_dtype
 
 FORMATS = ("hf", "meta", "megatron")
@@ -48,7 +55,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
                 check_parallel(reader.spec, tp=tp, pp=pp)
             with staged_output(dst, force=force) as tmp:
                 report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
-                                divisible_by=divisible_by, on_tensor=on_tensor)
+                                divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst)
         finally:
             reader.close()
     report.output = dst
@@ -59,7 +66,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
     return report
 
 
-def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_by, on_tensor) -> WriteReport:
+def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_by, on_tensor,
+           final_dir: Path) -> WriteReport:
     if fmt == "hf":
         from megallama.formats.hf import write_hf
         return write_hf(reader, out_dir, dtype=dtype, on_tensor=on_tensor)
@@ -69,5 +77,5 @@ def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_
     if fmt == "megatron":
         from megallama.formats.megatron import write_megatron
         return write_megatron(reader, out_dir, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
-                              on_tensor=on_tensor)
+                              on_tensor=on_tensor, final_dir=final_dir)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import importlib.metadata as md
+import importlib.util
 import platform
 
 

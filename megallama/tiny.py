@@ -29,15 +29,14 @@ PRESETS: dict[str, ModelSpec] = {
 
 def corpus_lines(limit: int = 4000) -> list[str]:
     """Deterministic English-ish text from the Python standard library's docstrings (always installed)."""
-    import email
-    import json as json_mod
-    import pathlib
-    import textwrap
-
     import argparse
     import collections
+    import email
     import functools
+    import json as json_mod
     import logging
+    import pathlib
+    import textwrap
 
     lines: list[str] = []
     for mod in (argparse, collections, functools, logging, email, json_mod, pathlib, textwrap):
@@ -92,7 +91,7 @@ def make_hf_checkpoint(out_dir: Path, preset: str | ModelSpec = "llama2", *, dty
     config = LlamaConfig(**cfg)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:

@@ -31,7 +31,7 @@ from megallama.names import EMBED, LM_HEAD, canonical_names, expected_shapes
 from megallama.spec import ModelSpec
 
 MAX_SHARD_BYTES = 2 * 10**9  # one safetensors file; also bounds the writer's peak memory
-REMAP_BYTES = 1 << 30  # unmap a reader's input files after this many bytes were read (see MappedFile)
+REMAP_BYTES = 1 << 28  # unmap a reader's input files after this many bytes were read (see MappedFile)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old HF checkpoints carry recomputable rotary buffers (P14)
 ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

@@ -30,7 +30,8 @@ from megallama.formats.base import (
     write_manifest,
 )
 from megallama.formats.hf import MappedFile, check_shapes, load_sentencepiece, owned, read_json, release_if_due
-from megallama.names import EMBED, FINAL_NORM, LM_HEAD, canonical_names
+from megallama.formats.streaming import save_streamed
+from megallama.names import EMBED, FINAL_NORM, LM_HEAD, canonical_names, expected_shapes
 from megallama.spec import ModelSpec
 from megallama.transforms import Split, hf_to_meta_rotary, meta_to_hf_rotary, shard_cols, shard_rows, unshard
 
@@ -286,7 +287,8 @@ def write_meta(reader, out_dir: Path, *, shards: int = 1, dtype: str | None = No
     report = WriteReport(output=out_dir, files=["params.json"])
     for rank in range(shards):
         fname = f"consolidated.{rank:02d}.pth"
-        torch.save(_shard_state(reader, rank, shards, dtype, embed_split, on_tensor), out_dir / fname)
+        _save_shard(reader, out_dir / fname, rank=rank, shards=shards, dtype=spec.dtype, embed_split=embed_split,
+                    on_tensor=on_tensor)
         report.files.append(fname)
     report.files += copy_tokenizer(_meta_tokenizer(reader.tokenizer_files), out_dir)
     split_name = "dim 0 (Llama 3 style)" if embed_split is Split.COLUMN else "dim 1 (LLaMA-1/2 style)"
@@ -314,16 +316,19 @@ def check_shards(spec: ModelSpec, shards: int, embed_split: Split) -> None:
                          "choose a shard count that divides them all")
 
 
-def _shard_state(reader, rank: int, shards: int, dtype: str | None, embed_split: Split,
-                 on_tensor: OnTensor | None) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s tensors, each read (only its part where the reader can), converted and kept."""
-    state = {}
-    for rule in expand_rules(reader.spec, embed_split):
-        part = meta_tensor(reader, rule, rank=rank, shards=shards, dtype=dtype)
-        state[rule.meta] = part
-        if on_tensor:
-            on_tensor(rule.meta, part.numel() * part.element_size())
-    return state
+def _save_shard(reader, path: Path, *, rank: int, shards: int, dtype: str, embed_split: Split,
+                on_tensor: OnTensor | None) -> None:
+    """Write shard `rank` tensor by tensor (streaming.save_streamed): memory holds one tensor, not the shard."""
+    rules = expand_rules(reader.spec, embed_split)
+    shapes = expected_shapes(reader.spec)
+    skeleton = {}
+    for rule in rules:
+        shape = list(shapes[EMBED if rule.hf == LM_HEAD and reader.spec.tie_embeddings else rule.hf])
+        if shards > 1 and rule.split is not Split.REPLICATED:
+            shape[0 if rule.split is Split.COLUMN else 1] //= shards
+        skeleton[rule.meta] = torch.empty(shape, dtype=TORCH_DTYPES[dtype])  # never touched: not resident
+    parts = ((r.meta, meta_tensor(reader, r, rank=rank, shards=shards, dtype=dtype)) for r in rules)
+    save_streamed(path, skeleton, parts, on_tensor=on_tensor)
 
 
 def _meta_tokenizer(files: list[Path]) -> list[Path]:
