@@ -20,7 +20,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(os.environ.get("DEMO_OUT", ROOT / "demo_out"))
-STEPS = int(os.environ.get("DEMO_STEPS", "120"))
+STEPS = int(os.environ.get("DEMO_STEPS", "300"))
 console = Console(stderr=True)
 summary: list[tuple[str, float, str]] = []
 
