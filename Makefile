@@ -1,5 +1,5 @@
 # One command each on a fresh machine: `make test`, `make demo`. Both install into .venv first when missing.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

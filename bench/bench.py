@@ -184,8 +184,8 @@ def bench_sft_throughput() -> dict:
     measure(megallama("sft", "--config", str(ROOT.parent / "configs/sft/tiny-cpu.yaml"), f"load={meg}",
                       f"data.train={data}", "data.eval=null", "data.format=pretokenized", f"data.seq_length={seq}",
                       f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * accum}",
-                      f"train.steps={steps}", "train.precision=fp32", "train.save_interval=0",
-                      "train.eval_interval=0", f"output={out}", "--tp", "1", "--pp", "1"))
+                      f"train.steps={steps}", "train.precision=fp32", "train.save_interval=1000",
+                      "train.eval_interval=1000", f"output={out}", "--tp", "1", "--pp", "1"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ours = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:]
     plain = json.loads(measure([PY, "-c", PLAIN_TRAIN, str(hf), str(data), str(steps), str(micro),

@@ -45,14 +45,19 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails."""
     dtype = normalize_dtype(dtype)
     dst = Path(dst)
-    if Path(src).resolve() == dst.resolve():
-        raise InputError("input and output folders are the same")
+    src_abs, dst_abs = Path(src).resolve(), dst.resolve()
+    if src_abs == dst_abs or dst_abs in src_abs.parents or src_abs in dst_abs.parents:
+        raise InputError(f"input {src} and output {dst} overlap: choose an output folder outside the input "
+                         "(and not containing it)")
+    if divisible_by < 1:
+        raise InputError(f"--make-vocab-size-divisible-by must be >= 1 (got {divisible_by})")
     with Timer() as timer:
         reader = open_reader(src, src_format)
         try:
             check_complete(reader)
             if dst_format == "megatron":
                 check_parallel(reader.spec, tp=tp, pp=pp)
+            bytes_read = sum(p.stat().st_size for p in reader.source_files)
             with staged_output(dst, force=force) as tmp:
                 report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
                                 divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst)
@@ -60,7 +65,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
             reader.close()
     report.output = dst
     report.seconds = timer.seconds
-    report.bytes_read = sum(p.stat().st_size for p in reader.source_files)
+    report.bytes_read = bytes_read
     report.bytes_written = folder_bytes(dst)
     report.peak_rss = peak_rss_bytes()
     return report

@@ -21,12 +21,18 @@ def free_port() -> int:
 def torchrun_command(target: list[str], *, nproc: int, extra: list[str] | None = None) -> list[str]:
     """`python -m torch.distributed.run ... <target>`; `target` is e.g. ["-m", "megallama.smoke", "--tp", "2"]."""
     nnodes = int(os.environ.get("NNODES", "1"))
+    if nnodes > 1 and not os.environ.get("MASTER_ADDR"):
+        from megallama.errors import InputError
+
+        raise InputError(f"NNODES={nnodes}: set MASTER_ADDR (and MASTER_PORT, default 29500) to the address of "
+                         "node 0 on every node")
+    port = os.environ.get("MASTER_PORT") or ("29500" if nnodes > 1 else str(free_port()))
     cmd = [sys.executable, "-m", "torch.distributed.run",
            f"--nproc-per-node={nproc}",
            f"--nnodes={nnodes}",
            f"--node-rank={os.environ.get('NODE_RANK', '0')}",
            f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
-           f"--master-port={os.environ.get('MASTER_PORT') or free_port()}"]
+           f"--master-port={port}"]
     cmd += list(extra or [])
     return cmd + list(target)
 

@@ -34,6 +34,8 @@ import warnings
 
 import torch
 
+from megallama.launch import free_port
+
 # Known, harmless start-up noise from megatron-core on machines without apex/TE/CUDA.
 for _msg in ("Apex is not installed", "full scope is deprecated", "When using async grad allreduce",
              "Transformer Engine", "TE is not installed", "torch.distributed.reduce_op"):
@@ -166,7 +168,7 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: i
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -197,11 +199,3 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if parallel_state.is_pipeline_last_stage() and losses:
         loss_value = float(losses[0]["loss"])
     if dist.get_rank() == dist.get_world_size() - 1:
+        loss_text = "n/a" if loss_value is None else f"{loss_value:.4f}"
         print(f"smoke: TP={args.tp} PP={args.pp} world={dist.get_world_size()} backend={dist.get_backend()} "
-              f"loss={loss_value:.4f} grads_finite={bool(ok_tensor.item())}", flush=True)
+              f"loss={loss_text} grads_finite={bool(ok_tensor.item())}", flush=True)
     passed = bool(ok_tensor.item()) and (loss_value is None or torch.isfinite(torch.tensor(loss_value)))
     destroy_distributed()
     return 0 if passed else 1

@@ -79,6 +79,12 @@ class ModelSpec:
     eos_token_id: int | list | None = 2  # HF eos_token_id
 
     def __post_init__(self) -> None:
+        sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads,
+                 "num_kv_heads": self.num_kv_heads, "ffn_hidden_size": self.ffn_hidden_size,
+                 "vocab_size": self.vocab_size}
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+        if bad:
+            raise InputError(f"model sizes must be positive integers: {', '.join(bad)}")
         problems = []
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
@@ -114,6 +120,10 @@ class ModelSpec:
     # ---------------------------------------------------------------- HF config.json
     @classmethod
     def from_hf_config(cls, cfg: dict) -> ModelSpec:
+        return _parsed("config.json", cls._from_hf_config, cfg)
+
+    @classmethod
+    def _from_hf_config(cls, cfg: dict) -> ModelSpec:
         """Read a transformers 4.x (`rope_theta`, `rope_scaling`, `torch_dtype`) or 5.x (`rope_parameters`,
         `dtype`) LlamaForCausalLM config."""
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
@@ -191,6 +201,12 @@ class ModelSpec:
     @classmethod
     def from_meta_params(cls, params: dict, *, vocab_size: int | None = None, dtype: str = "float32",
                          extra: dict | None = None) -> ModelSpec:
+        return _parsed("params.json", cls._from_meta_params, params, vocab_size=vocab_size, dtype=dtype,
+                       extra=extra)
+
+    @classmethod
+    def _from_meta_params(cls, params: dict, *, vocab_size: int | None = None, dtype: str = "float32",
+                          extra: dict | None = None) -> ModelSpec:
         """Read params.json (optionally nested under "model"). `vocab_size` fills in Meta's -1.
 
         `extra` holds fields params.json cannot express (max_position_embeddings, token ids, rope scaling factor)
@@ -270,6 +286,16 @@ class ModelSpec:
     def from_dict(cls, data: dict) -> ModelSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _parsed(source: str, parse, *args, **kwargs) -> ModelSpec:
+    """Malformed values (strings for sizes, zero heads, non-numeric factors) become one InputError line."""
+    try:
+        return parse(*args, **kwargs)
+    except InputError:
+        raise
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, AttributeError) as e:
+        raise InputError(f"{source} has a malformed value: {type(e).__name__}: {e}") from None
 
 
 def _normalize_rope_scaling(scaling: dict | None) -> dict | None:

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+from rich.text import Text
 
 from megallama.errors import MegallamaError
 
@@ -20,7 +21,7 @@ err = Console(stderr=True)  # progress, messages, errors
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -69,13 +70,13 @@ def human_bytes(n: float) -> str:
 def print_write_report(title: str, report) -> None:
     """The summary every converter prints: bytes, seconds, GB/s, peak RSS."""
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_row("output", str(report.output))
-    table.add_row("files", ", ".join(report.files) if len(report.files) <= 6 else f"{len(report.files)} files")
+    table.add_row("output", Text(str(report.output)))
+    table.add_row("files", Text(", ".join(report.files) if len(report.files) <= 6 else f"{len(report.files)} files"))
     table.add_row("read", human_bytes(report.bytes_read))
     table.add_row("written", human_bytes(report.bytes_written))
     table.add_row("time", f"{report.seconds:.2f} s")
     table.add_row("throughput", f"{report.gb_per_s:.3f} GB/s (read + written)")
     table.add_row("peak RSS", human_bytes(report.peak_rss))
     for note in report.notes:
-        table.add_row("note", note)
+        table.add_row("note", Text(note))
     out.print(table)

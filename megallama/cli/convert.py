@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from megallama.cli.common import byte_progress, err, handle_errors, print_write_report
+from megallama.errors import InputError
 
 app = typer.Typer(help="Convert between HF, Meta pth and Megatron checkpoints. Docs: README.md#convert",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -51,8 +52,7 @@ def hf2pth(
     Example: megallama convert hf2pth --input-dir llama-2-7b-hf --output-dir llama-2-7b
     """
     if output_type != "pth":
-        err.print(f"error: --output_type {output_type!r} is not supported: only 'pth'")
-        raise typer.Exit(2)
+        raise InputError(f"--output_type {output_type!r} is not supported: only 'pth'")
     _run(input_dir, output_dir, src_format="hf", dst_format="meta", title="hf2pth", shards=shards, dtype=dtype,
          force=force)
 

@@ -109,7 +109,10 @@ def staged_output(dst: Path, *, force: bool) -> Iterator[Path]:
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         dst.rename(old)
         tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
     else:
         tmp.rename(dst)
 

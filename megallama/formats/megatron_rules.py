@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,7 @@ def launch_flags(args: argparse.Namespace, *, load_dir: Path | None = None) -> l
     a = args
     flags = ["--ckpt-format torch", "--transformer-impl local"]
     if load_dir is not None:
-        flags += [f"--load {load_dir}", "--finetune", "--exit-on-missing-checkpoint"]
+        flags += [f"--load {shlex.quote(str(load_dir))}", "--finetune", "--exit-on-missing-checkpoint"]
     flags += [f"--num-layers {a.num_layers}", f"--hidden-size {a.hidden_size}",
               f"--ffn-hidden-size {a.ffn_hidden_size}", f"--num-attention-heads {a.num_attention_heads}"]
     if a.group_query_attention:
@@ -221,7 +222,7 @@ def launch_flags(args: argparse.Namespace, *, load_dir: Path | None = None) -> l
         if a.tokenizer_type == "TikTokenizer":
             flags.append("--tiktoken-pattern v2")
     if a.tokenizer_model:
-        flags.append(f"--tokenizer-model {a.tokenizer_model}")
+        flags.append(f"--tokenizer-model {shlex.quote(str(a.tokenizer_model))}")
     flags += ["--attention-dropout 0.0", "--hidden-dropout 0.0"]
     if a.bf16:
         flags.append("--bf16")

@@ -82,8 +82,13 @@ def rotary_heads(rule: Rule, spec: ModelSpec) -> int:
 
 
 def embedding_split(spec: ModelSpec) -> Split:
-    """Llama 3 shards the embedding by vocab rows (VocabParallelEmbedding), LLaMA-1/2 by hidden columns."""
-    return Split.COLUMN if spec.rope_theta >= 500000 or spec.vocab_size >= 128000 else Split.ROW
+    """Llama 3 shards the embedding by vocab rows (VocabParallelEmbedding), LLaMA-1/2 by hidden columns.
+
+    Llama 3.x is recognised by its 128k vocab, its llama3 rope scaling or its exact theta 500000; Code Llama
+    (theta 1e6, 32016 tokens) runs on the LLaMA-2 code and keeps the dim-1 split.
+    """
+    llama3 = spec.vocab_size >= 128000 or spec.rope_scaling is not None or spec.rope_theta == 500000.0
+    return Split.COLUMN if llama3 else Split.ROW
 
 
 def meta_tensor(reader, rule: Rule, *, rank: int = 0, shards: int = 1, dtype: str | None = None) -> torch.Tensor:
