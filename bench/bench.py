@@ -19,6 +19,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,17 +32,54 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "
 
 
 # ----------------------------------------------------------------------------- measuring
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun ranks included), from /proc/PID/task/*/children."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return pids
+
+
+def _rss(pids: list[int]) -> tuple[int, int]:
+    """(resident, anonymous) bytes summed over `pids`; file-backed mmap pages count in the first only."""
+    total = anon = 0
+    for p in pids:
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        total += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        anon += int(fields.get("RssAnon", "0 kB").split()[0]) * 1024
+    return total, anon
+
+
 def measure(cmd: list[str], **kwargs) -> dict:
-    """Run `cmd`; wall seconds and the peak RSS of its process tree (ru_maxrss of the waited child)."""
+    """Run `cmd`; wall seconds and the peak RSS of its whole process tree, sampled every 20 ms.
+
+    (ru_maxrss is not usable here: Linux carries the parent's high-water mark into a forked child across exec.)
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, **kwargs)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak = peak_anon = 0
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        total, anon = _rss(_tree(proc.pid))
+        peak, peak_anon = max(peak, total), max(peak_anon, anon)
+        time.sleep(0.02)
+    reader.join()
     seconds = time.perf_counter() - start
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        raise SystemExit(f"bench step failed ({rc}): {' '.join(cmd)}\n{output[-3000:]}")
-    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "output": output}
+    output = "".join(chunks)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench step failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
+    return {"seconds": seconds, "peak_rss": peak, "peak_anon": peak_anon, "output": output}
 
 
 def folder_bytes(path: Path, pattern: str = "*") -> int:
@@ -146,7 +184,8 @@ def bench_conversion() -> dict:
         return {"seconds": run["seconds"], "gb_per_s": moved / 1e9 / run["seconds"],
                 "floor_seconds": floor["seconds"] * 2,  # copy in + copy out of the same bytes
                 "x_floor": run["seconds"] / (floor["seconds"] * 2),
-                "peak_rss_gb": run["peak_rss"] / 1e9, "largest_output_gb": largest_file(out) / 1e9,
+                "peak_rss_gb": run["peak_rss"] / 1e9, "peak_anon_gb": run["peak_anon"] / 1e9,
+                "largest_output_gb": largest_file(out) / 1e9,
                 "rss_over_largest_output": run["peak_rss"] / largest_file(out)}
 
     ours_peak = max(hf2pth["peak_rss"], pth2meg["peak_rss"])
@@ -157,6 +196,8 @@ def bench_conversion() -> dict:
         "pth2megatron_tp2": step(pth2meg, meg),
         "memory_vs_whole_model": {"megallama_peak_rss_gb": ours_peak / 1e9,
                                   "whole_model_peak_rss_gb": naive_run["peak_rss"] / 1e9,
+                                  "megallama_peak_anon_gb": max(hf2pth["peak_anon"], pth2meg["peak_anon"]) / 1e9,
+                                  "whole_model_peak_anon_gb": naive_run["peak_anon"] / 1e9,
                                   "ratio": ours_peak / naive_run["peak_rss"],
                                   "whole_model_seconds": naive_run["seconds"]},
     }
@@ -226,11 +267,11 @@ def print_table(results: dict) -> None:
         s = conv[step]
         table.add_row(f"{step} 1B bf16 ({conv['model_gb']:.2f} GB)", f"{s['seconds']:.1f} s, {s['gb_per_s']:.2f} GB/s",
                       f"file copy in+out {s['floor_seconds']:.1f} s", f"{s['x_floor']:.1f}x floor")
-        table.add_row(f"{step} peak RSS", f"{s['peak_rss_gb']:.2f} GB",
+        table.add_row(f"{step} peak RSS (anon)", f"{s['peak_rss_gb']:.2f} GB ({s['peak_anon_gb']:.2f})",
                       f"largest output {s['largest_output_gb']:.2f} GB", f"{s['rss_over_largest_output']:.2f}x")
     m = conv["memory_vs_whole_model"]
     table.add_row("conversion peak RSS vs whole model in RAM", f"{m['megallama_peak_rss_gb']:.2f} GB",
-                  f"{m['whole_model_peak_rss_gb']:.2f} GB", f"{m['ratio']:.2f}x")
+                  f"{m['whole_model_peak_rss_gb']:.2f} GB, {m['whole_model_seconds']:.1f} s", f"{m['ratio']:.2f}x")
     table.add_row("SFT tokens/s (CPU, TP1xPP1)", f"{sft['megallama_tokens_per_s']:.0f}",
                   f"transformers+AdamW {sft['plain_tokens_per_s']:.0f}", f"{sft['ratio']:.2f}x")
     for name, v in ver.items():

@@ -295,3 +295,15 @@ def test_reference_recipe_mirrors_llama_sft_sh(tmp_path):
     for expected in ("8 = TP 4 x PP 2 x DP 1", "micro 2 x DP 1 x accumulation 64", "16 (32 layers / PP 2)",
                      "32256", "--nproc-per-node=8", "fp16"):
         assert expected in text, expected
+
+
+def test_bad_input_found_inside_a_rank_still_exits_2(tiny):
+    """A truncated rank file is only opened by the workers; torchrun says 1, the CLI keeps the worker's 2."""
+    broken = tiny["root"] / "meg11-truncated"
+    shutil.copytree(tiny["meg11"], broken)
+    tiny = {**tiny, "meg11-truncated": broken}
+    rank_file = next(broken.rglob("model_optim_rng.pt"))
+    rank_file.write_bytes(rank_file.read_bytes()[:1000])
+    result, _ = sft(tiny, "truncated-run", load="meg11-truncated", steps=1)
+    assert result.exit_code == 2, result.output
+    assert "error" in result.output

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from megallama.cli.common import err, handle_errors, out
-from megallama.errors import InputError
+from megallama.errors import InputError, MegallamaError
 
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 REPARTITION = ("megallama convert megatron2pth --input-dir {load} --output-dir PTH && "
@@ -60,6 +60,17 @@ def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
     if cfg["data"]["seq_length"] > spec.max_position_embeddings:
         raise InputError(f"data.seq_length {cfg['data']['seq_length']} exceeds the model's max_position_embeddings "
                          f"{spec.max_position_embeddings}")
+
+
+def worker_error(output: Path, returncode: int) -> MegallamaError:
+    """The first rank's own error (keeping exit 2 for bad input), else a generic failure."""
+    import json
+
+    for path in sorted(output.glob("error-rank*.json")):
+        report = json.loads(path.read_text())
+        error = InputError(report["message"]) if report.get("exit_code") == 2 else MegallamaError(report["message"])
+        return error
+    return MegallamaError(f"sft workers failed (exit code {returncode}); see the log above")
 
 
 def start_folder(cfg: dict) -> Path:
@@ -177,8 +188,9 @@ def register(app: typer.Typer) -> None:
         output.mkdir(parents=True, exist_ok=True)
         sft_config.dump_config(final, output / "config.yaml")
         save_splits(final, splits, output / DATA_CACHE)
+        for stale in output.glob("error-rank*.json"):
+            stale.unlink()
         result = run_torchrun(target, nproc=plan.nproc_per_node, extra=extra)
         if result.returncode != 0:
-            err.print(f"[bold red]error:[/] sft workers failed (exit code {result.returncode}); see the log above")
-            raise typer.Exit(1)
+            raise worker_error(output, result.returncode)
         out.print(f"sft finished: {output} (config.yaml, metrics.jsonl, loss.png, checkpoints)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -352,7 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(load_config(args.config))
     except MegallamaError as e:
-        print(f"error (rank {os.environ.get('RANK', 0)}): {e}", file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK", "0")
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        # torchrun reports any failing rank as exit 1; this file lets the CLI keep "bad input" as exit 2.
+        (args.config.parent / f"error-rank{rank}.json").write_text(
+            json.dumps({"message": str(e), "exit_code": e.exit_code}))
         return e.exit_code
     finally:
         destroy_distributed()
