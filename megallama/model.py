@@ -62,6 +62,39 @@ def transformer_config(spec: ModelSpec, *, dtype: str = "float32", sequence_para
     return TransformerConfig(**kwargs)
 
 
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm that megatron-core's sequence parallelism accepts (the local spec's norm refuses it).
+
+    Built by megatron-core like every spec norm: `(config, hidden_size, eps=...)`, other keywords ignored. The
+    maths is torch.nn.RMSNorm's, per token, so it runs unchanged on the [s/TP, b, h] slice each TP rank holds;
+    under sequence parallelism each rank's weight gradient covers only its slice of the sequence, and the
+    `sequence_parallel` attribute makes megatron-core's finalize_model_grads sum those gradients across TP.
+    State dict: the same single `weight` as torch.nn.RMSNorm, so checkpoints load either way.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__(hidden_size, eps=eps)  # as WrappedTorchNorm builds it (fp32; Float16Module casts)
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True  # what finalize_model_grads looks for
+
+
+def gpt_layer_spec(config):
+    """The local GPT layer spec; with sequence parallelism a block spec whose three norms (input, pre-MLP and the
+    block's final one) are SequenceParallelRMSNorm. Without it the spec megatron-core's local path uses as-is."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if not config.sequence_parallel:
+        return layer
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(
+        layer.submodules, input_layernorm=SequenceParallelRMSNorm, pre_mlp_layernorm=SequenceParallelRMSNorm))
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelRMSNorm)
+
+
 def check_rope_supported(spec: ModelSpec) -> None:
     """megatron-core makes only the llama3 `factor` configurable; the other three are hard-coded."""
     if spec.rope_scaling:
@@ -79,7 +112,6 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megallama.runtime import device
 
@@ -91,7 +123,7 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
     config = transformer_config(spec, dtype=dtype, **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=gpt_layer_spec(config),
         vocab_size=padded_vocab_size,
         max_sequence_length=max_seq_length or spec.max_position_embeddings,
         pre_process=pre_process,

@@ -40,7 +40,20 @@ class Reader(Protocol):
     def close(self) -> None: ...
 
 
-class DictReader:
+class ContextReader:
+    """`with open_x(path) as reader:` for every reader: leaving the block calls `close()`."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DictReader(ContextReader):
     """A Reader over an in-memory dict: the test double."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
@@ -53,15 +66,6 @@ class DictReader:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def check_complete(reader: Reader) -> None:

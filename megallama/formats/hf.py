@@ -20,6 +20,7 @@ from megallama.errors import InputError
 from megallama.formats.base import (
     TOKENIZER_FILES,
     TORCH_DTYPES,
+    ContextReader,
     OnTensor,
     WriteReport,
     cast,
@@ -203,7 +204,7 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-class HFReader:
+class HFReader(ContextReader):
     """Canonical tensors straight from an HF folder, one at a time."""
 
     def __init__(self, folder: Path, spec: ModelSpec, files: list[Path]):
@@ -264,11 +265,6 @@ class HFReader:
         for f in self._files:
             f.close()
 
-    def __enter__(self) -> HFReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------- writer

@@ -28,6 +28,7 @@ from megallama.formats.base import (
     MANIFEST,
     TOKENIZER_FILES,
     TORCH_DTYPES,
+    ContextReader,
     OnTensor,
     Reader,
     WriteReport,
@@ -212,7 +213,7 @@ def _notes(spec: ModelSpec, padded: int, tokenizer_type: str | None) -> list[str
 
 
 # ---------------------------------------------------------------- reader
-class MegatronReader:
+class MegatronReader(ContextReader):
     """A canonical Reader over a TP x PP grid of rank `model` dicts (files, or dicts already in memory).
 
     `load_state(tp_rank, pp_rank)` returns one rank's `model` dict. Tensors of one layer are merged from all TP
@@ -266,11 +267,6 @@ class MegatronReader:
     def close(self) -> None:
         self._loaded, self._pending = {}, {}
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def canonical_from_ranks(states: list[list[dict]], spec: ModelSpec) -> dict[str, torch.Tensor]:

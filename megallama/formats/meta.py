@@ -21,6 +21,7 @@ from megallama.errors import InputError
 from megallama.formats.base import (
     TOKENIZER_FILES,
     TORCH_DTYPES,
+    ContextReader,
     OnTensor,
     WriteReport,
     cast,
@@ -162,7 +163,7 @@ def find_tokenizer_files(folder: Path) -> list[Path]:
     return files
 
 
-class MetaReader:
+class MetaReader(ContextReader):
     """Canonical tensors from Meta MP shards: concatenated per formats.md 1.4, q/k rows permuted to HF order."""
 
     def __init__(self, folder: Path, params: dict, shard_files: list[Path]):
@@ -273,11 +274,6 @@ class MetaReader:
         for s in self._shards:
             s.close()
 
-    def __enter__(self) -> MetaReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------- writer

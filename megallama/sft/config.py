@@ -214,9 +214,11 @@ def validate(cfg: dict) -> list[str]:
         problems.append("train.adam_beta1 and train.adam_beta2 must lie in [0, 1)")
     if t["weight_decay"] < 0 or t["clip_grad"] < 0:
         problems.append("train.weight_decay and train.clip_grad must be >= 0 (clip_grad 0 turns clipping off)")
-    if cfg["parallel"]["sequence_parallel"] and cfg["parallel"]["tp"] > 1:
-        problems.append("parallel.sequence_parallel needs megatron-core's Transformer Engine layers: the local "
-                        "RMSNorm of the spec megallama builds refuses it; set it to false")
+    tp, seq_length = cfg["parallel"]["tp"], cfg["data"]["seq_length"]
+    if (cfg["parallel"]["sequence_parallel"] and isinstance(tp, int) and tp > 1 and isinstance(seq_length, int)
+            and seq_length % tp):
+        problems.append(f"parallel.sequence_parallel splits the sequence over TP: data.seq_length {seq_length} "
+                        f"is not divisible by TP {tp}; choose a multiple of {tp} or set sequence_parallel to false")
     if cfg["parallel"]["dp"] is not None and cfg["parallel"]["dp"] < 1:
         problems.append(f"parallel.dp must be >= 1 (got {cfg['parallel']['dp']})")
     for key in ("load", "tokenizer", "data.train", "data.eval"):
