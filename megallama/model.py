@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from megallama.errors import InputError
+from megallama.formats.base import TORCH_DTYPES
 from megallama.spec import LLAMA3_ROPE_DEFAULTS, ModelSpec
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def transformer_config(spec: ModelSpec, *, dtype: str = "float32", sequence_parallel: bool = False,

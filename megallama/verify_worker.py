@@ -54,16 +54,10 @@ def add_hooks(model, captures: dict) -> list:
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
-    """Vocab-parallel [b, s, Vp/t] -> [b, s, Vp]: all-gather over the TP group, concatenate in rank order."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    """Vocab-parallel [b, s, Vp/t] -> [b, s, Vp], with megatron-core's own TP gather (last dim, rank order)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(tp)]
-    dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+    return gather_from_tensor_model_parallel_region(logits.contiguous())
 
 
 def load_model(job: dict, dtype: str):

@@ -26,9 +26,9 @@ import torch
 import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
 from megallama.errors import InputError, MegallamaError
 from megallama.sft.config import load_config
+from megallama.sft.data import IGNORE_INDEX
+from megallama.spec import normalize_dtype
 
-PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-IGNORE_INDEX = -100
 DATA_CACHE = "tokenized.pt"  # written by the CLI before launch, so ranks do not each tokenize the data
 
 
@@ -225,7 +225,7 @@ def train(cfg: dict) -> None:
     start = ckpt.find_start(Path(cfg["load"]), output, resume=cfg["resume"])
     manifest = read_manifest(start.root)
     spec = ModelSpec.from_dict(manifest["spec"])
-    gpt = build_gpt_model(spec, padded_vocab_size=manifest["padded_vocab_size"], dtype=PRECISION_DTYPE[t["precision"]],
+    gpt = build_gpt_model(spec, padded_vocab_size=manifest["padded_vocab_size"], dtype=normalize_dtype(t["precision"]),
                           sequence_parallel=p["sequence_parallel"], recompute=t["recompute"],
                           calculate_per_token_loss=True)
     state = ckpt.load_rank_state(start)
@@ -320,7 +320,7 @@ def build_optimizer(model, cfg: dict):
         optimizer="adam", lr=t["lr"], min_lr=t["min_lr"], weight_decay=t["weight_decay"],
         adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_eps=t["adam_eps"], clip_grad=t["clip_grad"],
         fp16=t["precision"] == "fp16", bf16=t["precision"] == "bf16",
-        params_dtype=TORCH_DTYPES[PRECISION_DTYPE[t["precision"]]], initial_loss_scale=t["initial_loss_scale"],
+        params_dtype=TORCH_DTYPES[normalize_dtype(t["precision"])], initial_loss_scale=t["initial_loss_scale"],
         loss_scale=t["loss_scale"], use_distributed_optimizer=cfg["parallel"]["distributed_optimizer"])
     optimizer = get_megatron_optimizer(opt_config, [model])
     scheduler = OptimizerParamScheduler(
