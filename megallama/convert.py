@@ -5,10 +5,12 @@ N formats need N readers and N writers; `convert()` is the one function that wir
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from megallama.errors import InputError
 from megallama.formats.base import (
+    TORCH_DTYPES,
     OnTensor,
     Timer,
     WriteReport,
@@ -41,8 +43,11 @@ def open_reader(path: Path, fmt: str):
 
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int = 1, pp: int = 1, shards: int = 1,
             dtype: str | None = None, divisible_by: int = 128, force: bool = False,
-            on_tensor: OnTensor | None = None) -> WriteReport:
-    """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails."""
+            on_tensor: OnTensor | None = None, on_start: Callable[[int], None] | None = None) -> WriteReport:
+    """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
+
+    `on_start(nbytes)` hears the tensor bytes about to be written, once the input is open (for a progress bar).
+    """
     dtype = normalize_dtype(dtype)
     dst = Path(dst)
     src_abs, dst_abs = Path(src).resolve(), dst.resolve()
@@ -58,6 +63,9 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
             if dst_format == "megatron":
                 check_parallel(reader.spec, tp=tp, pp=pp)
             bytes_read = sum(p.stat().st_size for p in reader.source_files)
+            if on_start is not None:
+                out_dtype = TORCH_DTYPES[dtype or reader.spec.dtype]
+                on_start(reader.spec.num_parameters() * out_dtype.itemsize)
             with staged_output(dst, force=force) as tmp:
                 report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
                                 divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst)

@@ -45,8 +45,11 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def byte_progress(description: str, total_bytes: int) -> Iterator[Callable[[str, int], None]]:
-    """A rich progress bar over tensor bytes; yields the `on_tensor(name, nbytes)` callback."""
+def byte_progress(description: str, total_bytes: int | None = None) -> Iterator[Callable[[str, int], None]]:
+    """A rich progress bar over tensor bytes; yields the `on_tensor(name, nbytes)` callback.
+
+    The callback's `set_total(nbytes)` sizes the bar once the total is known (after the input is opened).
+    """
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                         TimeRemainingColumn(), TextColumn("{task.fields[name]}"), console=err,
                         disable=not sys.stderr.isatty(), transient=True)
@@ -56,6 +59,7 @@ def byte_progress(description: str, total_bytes: int) -> Iterator[Callable[[str,
         def on_tensor(name: str, nbytes: int) -> None:
             progress.update(task, advance=nbytes, name=name)
 
+        on_tensor.set_total = lambda nbytes: progress.update(task, total=nbytes)
         yield on_tensor
 
 

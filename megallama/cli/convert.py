@@ -23,15 +23,11 @@ def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
 
 
 def _run(src: Path, dst: Path, *, src_format: str, dst_format: str, title: str, **kwargs) -> None:
-    from megallama.convert import convert, open_reader
+    from megallama.convert import convert
 
-    with open_reader(src, src_format) as probe:  # size the progress bar without reading tensors
-        spec = probe.spec
-    from megallama.formats.base import TORCH_DTYPES
-
-    total = spec.num_parameters() * TORCH_DTYPES[spec.dtype].itemsize
-    with byte_progress(title, total) as on_tensor:
-        report = convert(src, dst, src_format=src_format, dst_format=dst_format, on_tensor=on_tensor, **kwargs)
+    with byte_progress(title) as on_tensor:
+        report = convert(src, dst, src_format=src_format, dst_format=dst_format, on_tensor=on_tensor,
+                         on_start=on_tensor.set_total, **kwargs)
     print_write_report(title, report)
     return report
 
