@@ -36,7 +36,7 @@ def open_reader(path: Path, fmt: str):
         from megallama.formats.meta import open_meta
         return open_meta(path)
     if fmt == "megatron":
-        from megallama.formats.megatron import open_megatron
+        from megallama.formats.megatron.torch_format import open_megatron
         return open_megatron(path)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
@@ -88,7 +88,7 @@ def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_
         from megallama.formats.meta import write_meta
         return write_meta(reader, out_dir, shards=shards, dtype=dtype, on_tensor=on_tensor)
     if fmt == "megatron":
-        from megallama.formats.megatron import write_megatron
+        from megallama.formats.megatron.torch_format import write_megatron
         return write_megatron(reader, out_dir, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
                               on_tensor=on_tensor, final_dir=final_dir)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

@@ -74,7 +74,7 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
             batch: int = 2) -> Job:
     """Validate both folders and build the token batch; every problem here is an InputError (exit 2)."""
     from megallama.formats.base import read_manifest
-    from megallama.formats.megatron import load_rank_file, open_megatron
+    from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
 
     reference, megatron = Path(reference), Path(megatron)
     if seq_len < 2 or batch < 1:

@@ -64,7 +64,7 @@ def load_model(job: dict, dtype: str):
     """The GPTModel of this rank with its own rank file loaded strictly (every key, every shape)."""
     from megatron.core import parallel_state as ps
 
-    from megallama.formats.megatron import load_rank_file
+    from megallama.formats.megatron.torch_format import load_rank_file
     from megallama.model import build_gpt_model
     from megallama.spec import ModelSpec
 

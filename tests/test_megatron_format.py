@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from megallama.errors import InputError
 from megallama.formats.base import DictReader, read_manifest
-from megallama.formats.megatron import (
+from megallama.formats.megatron.torch_format import (
     MODEL_FILE,
     TRACKER,
     canonical_from_ranks,

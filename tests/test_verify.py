@@ -20,7 +20,7 @@ from megallama import transforms as T
 from megallama.cli import app
 from megallama.convert import convert
 from megallama.errors import InputError
-from megallama.formats.megatron import MODEL_FILE, checkpoint_dir
+from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir
 from megallama.tiny import make_hf_checkpoint
 from megallama.verify import (
     TOLERANCES,

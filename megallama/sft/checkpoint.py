@@ -27,7 +27,8 @@ import torch
 from megallama import __version__
 from megallama.errors import InputError
 from megallama.formats.base import MANIFEST, TOKENIZER_FILES, read_manifest
-from megallama.formats.megatron import (
+from megallama.formats.megatron.local import launch_flags, megatron_args
+from megallama.formats.megatron.torch_format import (
     ARGS_FILE,
     CHECKPOINT_VERSION,
     MODEL_FILE,
@@ -38,7 +39,6 @@ from megallama.formats.megatron import (
     load_rank_file,
     write_tracker,
 )
-from megallama.formats.megatron_rules import launch_flags, megatron_args
 from megallama.spec import ModelSpec
 
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"

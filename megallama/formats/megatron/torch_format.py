@@ -3,7 +3,7 @@
 Layout (formats.md 3.1, 3.2, 4.1-4.4): `latest_checkpointed_iteration.txt` ("release" or an iteration),
 `release/` or `iter_NNNNNNN/`, one `mp_rank_TT` (PP=1) or `mp_rank_TT_PPP` folder per rank holding
 `model_optim_rng.pt` = {args, checkpoint_version 3.0, iteration, model}. Which canonical tensors make which key,
-and how each is split, is the rule table in `megatron_rules.py`; this module only does files and metadata.
+and how each is split, is the rule table in `local.py`; this module only does files and metadata.
 
 Both directions stream: the writer saves each rank file's layout first and fills in one tensor at a time
 (`streaming.py`); the reader maps the rank files of one layer at a time and drops them before the next.
@@ -37,7 +37,7 @@ from megallama.formats.base import (
     read_manifest,
     write_manifest,
 )
-from megallama.formats.megatron_rules import (
+from megallama.formats.megatron.local import (
     Kind,
     Rule,
     from_ranks,
