@@ -17,6 +17,7 @@ from megallama.formats.base import (
     check_complete,
     folder_bytes,
     peak_rss_bytes,
+    require_folder,
     staged_output,
 )
 from megallama.spec import check_parallel, normalize_dtype
@@ -26,9 +27,7 @@ FORMATS = ("hf", "meta", "megatron")
 
 def open_reader(path: Path, fmt: str):
     """Open a checkpoint folder of format `fmt` as a canonical Reader."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"input folder {path} does not exist")
+    path = require_folder(path)
     if fmt == "hf":
         from megallama.formats.hf import open_hf
         return open_hf(path)
@@ -56,6 +55,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
                          "(and not containing it)")
     if divisible_by < 1:
         raise InputError(f"--make-vocab-size-divisible-by must be >= 1 (got {divisible_by})")
+    notes: list[str] = []  # stale staging of killed runs, removed by staged_output
     with Timer() as timer:
         reader = open_reader(src, src_format)
         try:
@@ -66,12 +66,13 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
             if on_start is not None:
                 out_dtype = TORCH_DTYPES[dtype or reader.spec.dtype]
                 on_start(reader.spec.num_parameters() * out_dtype.itemsize)
-            with staged_output(dst, force=force) as tmp:
+            with staged_output(dst, force=force, notes=notes) as tmp:
                 report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
                                 divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst)
         finally:
             reader.close()
     report.output = dst
+    report.notes[:0] = notes
     report.seconds = timer.seconds
     report.bytes_read = bytes_read
     report.bytes_written = folder_bytes(dst)

@@ -41,9 +41,9 @@ Encoder = Callable[[str], list[int]]
 # ---------------------------------------------------------------- reference format
 def reference_format(path: Path) -> str:
     """'hf' for a folder with config.json, 'meta' for params.json (directly or in its single sub-folder)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"reference folder {path} does not exist")
+    from megallama.formats.base import require_folder
+
+    path = require_folder(path, "reference folder")
     if (path / "config.json").is_file():
         return "hf"
     if (path / "params.json").is_file() or any((d / "params.json").is_file() for d in path.iterdir() if d.is_dir()):
@@ -73,7 +73,7 @@ class Job:
 def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64,
             batch: int = 2) -> Job:
     """Validate both folders and build the token batch; every problem here is an InputError (exit 2)."""
-    from megallama.formats.base import read_manifest
+    from megallama.formats.base import read_manifest, require_folder
     from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
 
     reference, megatron = Path(reference), Path(megatron)
@@ -81,8 +81,7 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
         raise InputError(f"--seq-len must be >= 2 and --batch >= 1 (got {seq_len}, {batch})")
     fmt = reference_format(reference)
     ref_spec = _reference_spec(reference, fmt)
-    if not megatron.is_dir():
-        raise InputError(f"Megatron folder {megatron} does not exist")
+    require_folder(megatron, "Megatron folder")
     with open_megatron(megatron) as meg:
         spec, tp, pp, files, notes = meg.spec, meg.tp, meg.pp, [str(f) for f in meg.source_files], list(meg.notes)
     manifest = read_manifest(megatron) or read_manifest(megatron.parent) or {}
@@ -98,6 +97,9 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
                      f"of {padded} logit columns")
     check_same_shapes(ref_spec, spec)
     check_launchable(spec, tp=tp, pp=pp)
+    if seq_len > spec.max_position_embeddings:
+        raise InputError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{spec.max_position_embeddings}: pass --seq-len {spec.max_position_embeddings} or less")
     notes += spec_differences(ref_spec, spec)
     tokens, source = sample_tokens([megatron, reference], vocab_size=spec.vocab_size, data=data,
                                    seq_len=seq_len, batch=batch)
