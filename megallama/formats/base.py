@@ -92,6 +92,16 @@ def check_complete(reader: Reader) -> None:
         raise InputError("checkpoint does not match its config: " + "; ".join(problems))
 
 
+def check_float_dtypes(dtypes: dict[str, str], source: str) -> None:
+    """Every weight must be fp32, bf16 or fp16: an integer or fp8 tensor is not something to cast silently."""
+    bad = {name: dtype for name, dtype in dtypes.items() if dtype not in TORCH_DTYPES}
+    if bad:
+        name, dtype = next(iter(sorted(bad.items())))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InputError(f"tensor {name} in {source} is {dtype}{more}: only fp32, bf16 and fp16 weights are "
+                         "supported")
+
+
 def check_shape(name: str, tensor: torch.Tensor, spec: ModelSpec) -> None:
     want = expected_shapes(spec).get(name)
     if want is not None and tuple(tensor.shape) != want:
