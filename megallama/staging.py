@@ -104,23 +104,39 @@ def _unwritable(path: Path, e: OSError) -> InputError:
                       "folder")
 
 
+def _probe(folder: Path, name: str) -> None:
+    """Create and remove an empty folder in `folder`: the one test of writability that holds for root too."""
+    probe = folder / f".{name}.probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise _unwritable(folder, e) from None
+
+
 def check_writable_file(path: Path) -> None:
     """Before a long run: can `path` (a report file) be written? Creates nothing."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path} is a folder: give a file name for the report")
-    missing = missing_folders(path.parent)
-    probe_in = (missing[0].parent if missing else path.parent)
-    try:
-        if path.exists():
+    if path.exists():
+        try:
             with open(path, "a"):
                 pass
-        else:
-            probe = probe_in / staging_name(path, "probe")
-            probe.mkdir()
-            probe.rmdir()
-    except OSError as e:
-        raise _unwritable(probe_in if not path.exists() else path, e) from None
+        except OSError as e:
+            raise _unwritable(path, e) from None
+        return
+    missing = missing_folders(path.parent)
+    _probe(missing[0].parent if missing else path.parent, path.name)
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Before a long run: can `folder` be created, or written into? Creates nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"output {folder} is a file, not a folder: choose another output folder")
+    missing = missing_folders(folder)
+    _probe(missing[0].parent if missing else folder, folder.name)
 
 
 # ---------------------------------------------------------------- the staged write

@@ -170,7 +170,7 @@ def human_bytes(n: float) -> str:
 def print_write_report(title: str, report) -> None:
     """The summary every converter prints: bytes, seconds, GB/s, peak RSS."""
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_row("output", Text(str(report.output)))
+    table.add_row("output", Text(str(report.output), overflow="fold"))
     table.add_row("files", Text(", ".join(report.files) if len(report.files) <= 6 else f"{len(report.files)} files"))
     table.add_row("read", human_bytes(report.bytes_read))
     table.add_row("written", human_bytes(report.bytes_written))
@@ -178,5 +178,5 @@ def print_write_report(title: str, report) -> None:
     table.add_row("throughput", f"{report.gb_per_s:.3f} GB/s (read + written)")
     table.add_row("peak RSS", human_bytes(report.peak_rss))
     for note in report.notes:
-        table.add_row("note", Text(note))
+        table.add_row("note", Text(note, overflow="fold"))  # paths in full, never cut with an ellipsis
     out.print(table)

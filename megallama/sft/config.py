@@ -135,8 +135,8 @@ def coerce(key: str, value):
             return number
         return str(value)
     except (TypeError, ValueError, OverflowError):
-        what = "a finite number" if kind is float else "an integer" if kind is int else kind.__name__
-        raise InputError(f"config key {key}={value!r}: expected {what}") from None
+        finite = " (finite)" if kind in (int, float) else ""
+        raise InputError(f"config key {key}={value!r}: expected {kind.__name__}{finite}") from None
 
 
 def _unknown(key: str) -> InputError:
