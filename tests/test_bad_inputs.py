@@ -415,3 +415,17 @@ def test_killed_between_the_two_renames_restores_the_previous_output(world, tmp_
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert tree(out) == tree(world["pth"])
     assert any("restored the previous output" in n for n in notes) and len(notes) == 2
+
+
+# ---------------------------------------------------------------- internal errors: exit 3, not 1 (a FAIL verdict)
+def test_crashed_verify_worker_exits_3(world, monkeypatch):
+    import megallama.launch
+
+    def crashed(target, *, nproc, extra=None, capture=False):
+        return subprocess.CompletedProcess(target, -9, stdout="", stderr="Killed")
+
+    monkeypatch.setattr(megallama.launch, "run_torchrun", crashed)
+    result = runner.invoke(app, ["verify", "layer-diff", "--reference", str(world["hf"]), "--megatron",
+                                 str(world["meg"])])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines() == ["error: Megatron workers (TP=1, PP=1) exited with -9: Killed"]
