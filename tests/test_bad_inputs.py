@@ -430,3 +430,44 @@ def test_crashed_verify_worker_exits_3(world, monkeypatch):
     assert result.exit_code == 3, result.output
     assert result.stderr.strip().splitlines()[-1] == "error: Megatron workers (TP=1, PP=1) exited with -9: Killed"
     assert "Traceback" not in result.output
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # an unreaped zombie has stopped too
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_sigterm_stops_the_torchrun_ranks_too(tmp_path):
+    """A SIGTERM to megallama (not to its process group) must not leave verify / sft / doctor ranks running."""
+    rank = tmp_path / "sleepy_rank.py"
+    rank.write_text(f"import os, time\nopen({str(tmp_path)!r} + f'/rank-{{os.getpid()}}', 'w').close()\n"
+                    "time.sleep(120)\n")
+    driver = ("from megallama.cli.common import stop_signals_interrupt\nfrom megallama.launch import run_torchrun\n"
+              f"with stop_signals_interrupt():\n    run_torchrun([{str(rank)!r}], nproc=2)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    log = (tmp_path / "driver.log").open("w")  # not a pipe: orphaned ranks would hold it open
+    proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=log, stderr=log)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(ranks := [int(p.name[5:]) for p in tmp_path.glob("rank-*")]) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()
+            time.sleep(0.1)
+        assert all(alive(pid) for pid in ranks)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in ranks), "torchrun's ranks outlived megallama"
+    finally:
+        for pid in ranks:  # never leave them to the rest of the test session
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        log.close()
