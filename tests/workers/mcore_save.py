@@ -48,7 +48,7 @@ def save_case(case: dict) -> None:
     iteration = case["iteration"]
     args = megatron_args(spec, tp=tp, pp=pp, padded_vocab_size=case["padded"], divisible_by=128,
                          iteration=iteration, ckpt_format="torch_dist")
-    model_sd = model.sharded_state_dict()
+    model_sd = gpt.sharded_state_dict()  # Megatron-LM's save_checkpoint unwraps DDP / Float16Module first
     rng = ShardedObject("rng_state", [{"random_rng_state": torch.get_rng_state()}], (pp, tp), (pp_rank, tp_rank),
                         replica_id=ps.get_data_parallel_rank())
     state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model_sd,
