@@ -216,3 +216,14 @@ def test_bad_input_exits_2_one_line_nothing_written(dist_llama2, hf_dirs, tmp_pa
                tmp_path / "llama1").exit_code == 0
     shutil.copytree(tmp_path / "llama1" / "release", other / "release")
     assert "linear_qkv" in _fails_cleanly(other, tmp_path / "out3")
+
+
+@pytest.mark.slow
+def test_verify_layer_diff_passes_on_torch_dist(hf_dirs, tmp_path):
+    """verify reads torch_dist: each rank loads its slices with megatron-core's dist_checkpointing (1 x 1 here)."""
+    meg = tmp_path / "meg"
+    assert cli("convert", "hf2megatron", "--input-dir", hf_dirs["tied"], "--output-dir", meg).exit_code == 0
+    result = cli("verify", "layer-diff", "--reference", hf_dirs["tied"], "--megatron", meg,
+                 "--seq-len", "16")
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
