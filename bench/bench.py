@@ -364,4 +364,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["torch_dist"]:  # just this part: python bench/bench.py torch_dist
+        WORK.mkdir(parents=True, exist_ok=True)
+        try:
+            print(json.dumps(bench_torch_dist(), indent=2))
+        finally:
+            shutil.rmtree(WORK, ignore_errors=True)
+    else:
+        main()
