@@ -188,8 +188,13 @@ def write_items(get: Callable[[str], torch.Tensor], spec: ModelSpec, *, padded: 
                 row += rows
         else:
             def make(r=rule, s=one + local):
-                return cast(to_rank(r.kind, [get(n) for n in r.sources], spec, tp_rank=0, tp=1,
-                                    padded_vocab_size=padded), spec.dtype).reshape(s)
+                tensors = [get(n) for n in r.sources]
+                if r.kind is Kind.VOCAB and tensors[0].shape[0] == padded:
+                    piece = tensors[0]  # nothing to pad: no second copy of the largest tensor
+                else:
+                    piece = to_rank(r.kind, tensors, spec, tp_rank=0, tp=1, padded_vocab_size=padded)
+                del tensors
+                return cast(piece, spec.dtype).reshape(s)
 
             items.append(_tensor_item(fqn, lead + (0,) * len(local), one + local, global_shape, dtype, make))
         if layer is not None and rule.extra_state:
@@ -203,6 +208,9 @@ def save_dcp(out_dir: Path, items: list[_Item], *, on_tensor: OnTensor | None = 
     Items go into megatron-core's two buckets (`_split_by_size_and_type`) and are written in state-dict order,
     each made just before it is written and dropped after; `.metadata` comes last (FileSystemWriter.finish).
     """
+    import megallama.runtime  # noqa: F401  (filters megatron-core's start-up warnings before it is imported)
+
+    # isort: split
     from megatron.core.dist_checkpointing.strategies.filesystem_async import _split_by_size_and_type
 
     out_dir = Path(out_dir)
@@ -227,6 +235,8 @@ def save_dcp(out_dir: Path, items: list[_Item], *, on_tensor: OnTensor | None = 
                     continue
                 f = file_of[id(it.write_item)]
                 data = it.make()
+                if torch.is_tensor(data) and data.untyped_storage().nbytes() != data.numel() * data.element_size():
+                    data = data.clone()  # a view: torch.save would write its whole storage (megatron-core clones too)
                 results.append(_write_item(transforms, streams[f], data, it.write_item, names[f],
                                            serialization_format=SerializationFormat.TORCH_SAVE))
                 if on_tensor is not None and torch.is_tensor(data):
