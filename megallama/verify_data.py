@@ -64,7 +64,7 @@ class Job:
     pp: int
     padded_vocab_size: int
     rotary_interleaved: bool
-    rank_files: list[str]  # index pp_rank * tp + tp_rank
+    rank_files: list[str]  # index pp_rank * tp + tp_rank; for torch_dist the iteration folder, for every rank
     tokens: torch.Tensor  # [b, s]
     token_source: str
     notes: list[str] = field(default_factory=list)
@@ -82,10 +82,23 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
     fmt = reference_format(reference)
     ref_spec = _reference_spec(reference, fmt)
     require_folder(megatron, "Megatron folder")
-    with open_megatron(megatron) as meg:
+    from megallama.formats.megatron.torch_dist import find_iteration_dir, open_torch_dist
+
+    dist_dir = find_iteration_dir(megatron)
+    with (open_torch_dist if dist_dir else open_megatron)(megatron) as meg:
         spec, tp, pp, files, notes = meg.spec, meg.tp, meg.pp, [str(f) for f in meg.source_files], list(meg.notes)
     manifest = read_manifest(megatron) or read_manifest(megatron.parent) or {}
     padded = manifest.get("padded_vocab_size")
+    if dist_dir is not None:
+        # torch_dist loads at any TP x PP: run it at the one it was written for (megallama.json), else 1 x 1;
+        # every rank reads its own slices of the iteration folder with megatron-core's dist_checkpointing
+        tp, pp = int(manifest.get("tp", 1)), int(manifest.get("pp", 1))
+        from megallama.formats.megatron.torch_dist import DistCheckpoint
+        from megallama.spec import padded_vocab_size
+
+        rows = DistCheckpoint(dist_dir).tensors["embedding.word_embeddings.weight"].size[0]
+        padded = rows if rows % tp == 0 else padded_vocab_size(spec.vocab_size, tp)
+        files = [str(dist_dir)] * (tp * pp)
     if not padded:
         padded = load_rank_file(Path(files[0]))["model"]["embedding.word_embeddings.weight"].shape[0] * tp
     if "vocab_size" not in manifest and spec.vocab_size == padded and ref_spec.vocab_size <= padded:

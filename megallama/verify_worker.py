@@ -73,7 +73,12 @@ def load_model(job: dict, dtype: str):
                             rotary_interleaved=job["rotary_interleaved"]).eval()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
-    state = load_rank_file(path).get("model")
+    if path.is_dir():  # a torch_dist iteration folder: megatron-core reads this rank's slices, as Megatron-LM does
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"]
+    else:
+        state = load_rank_file(path).get("model")
     if not isinstance(state, dict):
         raise InputError(f"{path} has no 'model' state dict")
     try:

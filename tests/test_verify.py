@@ -172,7 +172,8 @@ def meg_dirs(hf_dirs, verify_root):
     """{(preset, tp, pp): Megatron folder converted from the HF fixture} (GQA and Llama 3 at every grid, tied 1x2)."""
     wanted = [(p, tp, pp) for p in ("llama2", "llama3") for tp, pp in GRIDS] + [("tied", 1, 2)]
     return {key: convert(hf_dirs[key[0]], verify_root / "meg-{}-tp{}-pp{}".format(*key), src_format="hf",
-                         dst_format="megatron", tp=key[1], pp=key[2]).output for key in wanted}
+                         dst_format="megatron", tp=key[1], pp=key[2], ckpt_format="torch").output
+            for key in wanted}
 
 
 @pytest.fixture(scope="session")
