@@ -43,7 +43,8 @@ def open_reader(path: Path, fmt: str):
 
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int = 1, pp: int = 1, shards: int = 1,
             dtype: str | None = None, divisible_by: int = 128, force: bool = False,
-            on_tensor: OnTensor | None = None, on_start: Callable[[int], None] | None = None) -> WriteReport:
+            on_tensor: OnTensor | None = None, on_start: Callable[[int], None] | None = None,
+            transformer_impl: str = "local") -> WriteReport:
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
 
     `on_start(nbytes)` hears the tensor bytes about to be written, once the input is open (for a progress bar).
@@ -68,7 +69,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
                 on_start(reader.spec.num_parameters() * out_dtype.itemsize)
             with staged_output(dst, force=force) as tmp:
                 report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
-                                divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst)
+                                divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst,
+                                transformer_impl=transformer_impl)
         finally:
             reader.close()
     report.output = dst
@@ -80,7 +82,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
 
 
 def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_by, on_tensor,
-           final_dir: Path) -> WriteReport:
+           final_dir: Path, transformer_impl: str = "local") -> WriteReport:
     if fmt == "hf":
         from megallama.formats.hf import write_hf
         return write_hf(reader, out_dir, dtype=dtype, on_tensor=on_tensor)
@@ -90,5 +92,5 @@ def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_
     if fmt == "megatron":
         from megallama.formats.megatron.torch_format import write_megatron
         return write_megatron(reader, out_dir, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
-                              on_tensor=on_tensor, final_dir=final_dir)
+                              on_tensor=on_tensor, final_dir=final_dir, transformer_impl=transformer_impl)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

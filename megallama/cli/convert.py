@@ -81,14 +81,18 @@ def pth2megatron(
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
     divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
                                      help="Pad the vocab to a multiple of this x TP (Megatron's default 128)."),
+    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl",
+                                         help="Key layout for Megatron-LM's --transformer-impl: local or "
+                                              "transformer_engine."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
-    """Meta pth -> Megatron torch-format checkpoint split for TP x PP (megatron-core GPTModel, local spec).
+    """Meta pth -> Megatron torch-format checkpoint split for TP x PP (megatron-core GPTModel, local or TE spec).
 
     Example: megallama convert pth2megatron --input-dir llama-2-7b --output-dir llama-2-7b-tp2-pp2 --tp 2 --pp 2
     """
     _run(_resolve_model_size(input_dir, model_size), output_dir, src_format="meta", dst_format="megatron",
-         title="pth2megatron", tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by, force=force)
+         title="pth2megatron", tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by, force=force,
+         transformer_impl=transformer_impl)
     launch_flags = output_dir / "megatron_args.txt"
     if launch_flags.exists():
         err.print("Megatron-LM launch flags (also in megatron_args.txt):")
