@@ -1,0 +1,91 @@
+"""Every Megatron dialect megallama reads (formats.md §3-4): HF -> dialect fixture (built by test code from the
+documented layout, tests/dialect_fixtures.py) -> megallama -> HF is bit-exact; detection, `--layout`, refusals;
+the TE-spec writer's keys and shapes against the documented layout; and one batched layer-diff over all of them."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from dialect_fixtures import DIALECTS, build, hf_model
+from safetensors.torch import load_file
+
+from megallama.convert import convert
+from megallama.errors import InputError
+from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
+
+HF_FOR = {"te": "llama2", "legacy": "llama2", "legacy_old": "llama2", "fork": "llama1", "fork_distopt": "llama1",
+          "alibaba": "llama1"}
+LAYOUT_OF = {"te": "mcore-te", "legacy": "legacy", "legacy_old": "legacy", "fork": "llama-fork",
+             "fork_distopt": "llama-fork", "alibaba": "alibaba"}
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("tp,pp", [(2, 2), (1, 1)])
+def test_dialect_to_hf_is_bit_exact(dialect, tp, pp, hf_dirs, tmp_path):
+    hf = hf_dirs[HF_FOR[dialect]]
+    src = build(dialect, hf, tmp_path / dialect, tp=tp, pp=pp)
+    with open_megatron(src) as reader:
+        assert (reader.layout.name, reader.tp, reader.pp) == (LAYOUT_OF[dialect], tp, pp)
+    out = tmp_path / "hf"
+    convert(src, out, src_format="megatron", dst_format="hf")
+    spec, want = hf_model(hf)
+    got = load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == spec.vocab_size and config["rms_norm_eps"] == spec.norm_eps
+    assert config["num_key_value_heads"] == spec.num_kv_heads and config["rope_theta"] == spec.rope_theta
+
+
+def test_layout_can_be_forced_and_a_wrong_one_is_refused(hf_dirs, tmp_path):
+    src = build("legacy", hf_dirs["llama2"], tmp_path / "legacy", tp=1, pp=1)
+    with open_megatron(src, layout="legacy") as reader:
+        assert reader.layout.name == "legacy"
+    with pytest.raises(InputError, match=r"has no embedding.word_embeddings.weight: not a mcore-local checkpoint"):
+        open_megatron(src, layout="mcore-local")
+    with pytest.raises(InputError, match="unknown Megatron layout 'megatron-deepspeed'"):
+        open_megatron(src, layout="megatron-deepspeed")
+
+
+def test_unknown_keys_are_refused_by_name(hf_dirs, tmp_path):
+    src = build("te", hf_dirs["llama2"], tmp_path / "te", tp=1, pp=1)
+    rank = src / "release/mp_rank_00/model_optim_rng.pt"
+    ckpt = torch.load(rank, weights_only=False)
+    ckpt["model"]["decoder.layers.0.mlp.0.weight"] = ckpt["model"].pop("decoder.layers.0.mlp.linear_fc1.weight")
+    torch.save(ckpt, rank)
+    with pytest.raises(InputError, match=r"missing decoder.layers.0.mlp.linear_fc1.weight; "
+                                         r"mp_rank_00: cannot place decoder.layers.0.mlp.0.weight"):
+        open_megatron(src)
+    ckpt["model"] = {"transformer.h.0.attn.c_attn.weight": torch.zeros(2)}
+    torch.save(ckpt, rank)
+    with pytest.raises(InputError, match=r"no known Megatron layout .* has these keys: transformer.h.0.attn.c_attn"):
+        open_megatron(src)
+
+
+def test_fork_without_args_or_config_is_refused(hf_dirs, tmp_path):
+    src = build("fork", hf_dirs["llama1"], tmp_path / "fork", tp=1, pp=1)
+    (src / "params.json").unlink()
+    with pytest.raises(InputError, match="put the model's config.json .* or params.json"):
+        open_megatron(src)
+
+
+def test_extra_state_is_never_unpickled(hf_dirs, tmp_path):
+    """A pickled `_extra_state` tensor that would run code is read as bytes only (weights_only and never loaded)."""
+    src = build("te", hf_dirs["llama2"], tmp_path / "te", tp=1, pp=1)
+    rank = src / "release/mp_rank_00/model_optim_rng.pt"
+    ckpt = torch.load(rank, weights_only=False)
+    evil = pickle.dumps(Boom())
+    ckpt["model"]["decoder.final_layernorm._extra_state"] = torch.frombuffer(bytearray(evil), dtype=torch.uint8)
+    torch.save(ckpt, rank)
+    with open_megatron(src) as reader:
+        reader.get("model.norm.weight")
+    assert load_rank_file(rank)["model"]["decoder.final_layernorm._extra_state"].dtype == torch.uint8
+
+
+class Boom:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('unpickled')",))
