@@ -27,8 +27,9 @@ from megallama.errors import InputError, MegallamaError
 
 
 def to_bsh(t: torch.Tensor) -> torch.Tensor:
-    """[s, b, ...] -> [b, s, ...] on the CPU, detached from the graph."""
-    return t.detach().transpose(0, 1).contiguous().to("cpu")
+    """[s, b, ...] -> [b, s, ...] on the CPU, detached from the graph. Always a copy: with b = 1 the transpose is
+    already contiguous, and the residual add that follows the hook would change the captured tensor in place."""
+    return t.detach().transpose(0, 1).to("cpu").clone(memory_format=torch.contiguous_format)
 
 
 def add_hooks(model, captures: dict) -> list:

@@ -89,3 +89,92 @@ def test_extra_state_is_never_unpickled(hf_dirs, tmp_path):
 class Boom:
     def __reduce__(self):
         return (exec, ("raise SystemExit('unpickled')",))
+
+
+# ---------------------------------------------------------------- the TE-spec writer
+def test_te_writer_matches_the_documented_layout(hf_dirs, tmp_path):
+    """Every rank file equals, key for key (in order), tensor for tensor, the TE layout of formats.md 4.1 built by
+    the test: fused layer_norm_weight keys, empty uint8 `_extra_state` for TE modules, None for output_layer."""
+    from dialect_fixtures import padded_size, te_rank
+
+    from megallama.formats.base import read_manifest
+    from megallama.formats.hf import open_hf
+    from megallama.formats.megatron.torch_format import write_megatron
+
+    out = tmp_path / "te"
+    out.mkdir()
+    with open_hf(hf_dirs["llama2"]) as reader:
+        write_megatron(reader, out, tp=2, pp=2, transformer_impl="transformer_engine")
+    spec, sd = hf_model(hf_dirs["llama2"])
+    padded = padded_size(spec.vocab_size, 2, 128)
+    for s in range(2):
+        for t in range(2):
+            ckpt = load_rank_file(out / f"release/mp_rank_{t:02d}_{s:03d}/model_optim_rng.pt")
+            want = te_rank(sd, spec, tp=2, pp=2, t=t, s=s, padded=padded,
+                           extra=lambda n: torch.empty(0, dtype=torch.uint8))
+            assert list(ckpt["model"]) == list(want)
+            for key, value in want.items():
+                got = ckpt["model"][key]
+                if value is None:
+                    assert got is None, key
+                else:
+                    assert got.dtype == value.dtype and torch.equal(got, value), key
+            assert ckpt["args"].transformer_impl == "transformer_engine"
+    assert "--transformer-impl transformer_engine" in (out / "megatron_args.txt").read_text().splitlines()
+    assert read_manifest(out)["layout"] == "mcore-te"
+    with open_megatron(out) as reader:
+        assert reader.layout.name == "mcore-te"
+
+
+def test_pth2megatron_transformer_impl_option(hf_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from megallama.cli import app
+
+    meta_dir = convert(hf_dirs["llama2"], tmp_path / "meta", src_format="hf", dst_format="meta").output
+    runner = CliRunner()
+    out = tmp_path / "te"
+    result = runner.invoke(app, ["convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(out),
+                                 "--transformer-impl", "transformer_engine"])
+    assert result.exit_code == 0, result.output
+    assert "--transformer-impl transformer_engine" in result.stdout
+    bad = tmp_path / "bad"
+    result = runner.invoke(app, ["convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(bad),
+                                 "--transformer-impl", "te"])
+    assert result.exit_code == 2
+    assert "--transformer-impl 'te': expected one of local, transformer_engine" in result.output
+    assert not bad.exists()
+
+
+def test_te_file_loads_strictly_into_the_te_gpt_model(hf_dirs, tmp_path):
+    """Extra, where Transformer Engine and CUDA exist (GPU machines): the real TE-spec GPTModel loads the file."""
+    pytest.importorskip("transformer_engine")
+    if not torch.cuda.is_available():
+        pytest.skip("Transformer Engine needs CUDA")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megallama.formats.hf import open_hf
+    from megallama.formats.megatron.torch_format import write_megatron
+
+    out = tmp_path / "te"
+    out.mkdir()
+    with open_hf(hf_dirs["llama2"]) as reader:
+        write_megatron(reader, out, tp=1, pp=1, transformer_impl="transformer_engine")
+    worker = Path(__file__).parent / "workers" / "te_strict_load.py"
+    proc = subprocess.run([sys.executable, str(worker), str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- layer-diff after reading each dialect
+def test_layer_diff_passes_for_every_dialect(hf_dirs, tmp_path):
+    """One torchrun launch (all TP1 x PP1) runs every dialect against its HF model through megatron-core."""
+    from megallama.verify import layer_diff_many
+
+    dialects = ["te", "legacy", "fork", "alibaba"]
+    pairs = [(hf_dirs[HF_FOR[d]], build(d, hf_dirs[HF_FOR[d]], tmp_path / d, tp=1, pp=1)) for d in dialects]
+    reports = layer_diff_many(pairs, seq_len=16, batch=1)
+    for dialect, report in zip(dialects, reports, strict=True):
+        assert report.passed, (dialect, report.to_json())
+        assert report.max_abs_logits_diff < 1e-3, dialect
