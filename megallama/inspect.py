@@ -38,8 +38,9 @@ class Inspection:
         return asdict(self)
 
 
-def inspect_checkpoint(path: Path) -> Inspection:
-    """Place `path` as an HF, Meta or Megatron (torch / torch_dist) checkpoint; InputError if it is none."""
+def inspect_checkpoint(path: Path, *, layout: str | None = None) -> Inspection:
+    """Place `path` as an HF, Meta or Megatron (torch / torch_dist) checkpoint; InputError if it is none.
+    `layout` forces a Megatron torch-format layout instead of detecting it."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path} is not a folder")
@@ -49,7 +50,7 @@ def inspect_checkpoint(path: Path) -> Inspection:
         return _torch_dist(path, dist)
     if (path / "latest_checkpointed_iteration.txt").is_file() or any(d.name.startswith("mp_rank_")
                                                                       for d in _subdirs(path)):
-        return _megatron(path)
+        return _megatron(path, layout)
     if (path / "config.json").is_file():
         return _hf(path)
     if (path / "params.json").is_file() or any((d / "params.json").is_file() for d in _subdirs(path)):
@@ -85,10 +86,10 @@ def _meta(path: Path) -> Inspection:
     return report
 
 
-def _megatron(path: Path) -> Inspection:
+def _megatron(path: Path, layout: str | None) -> Inspection:
     from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
 
-    with open_megatron(path) as r:
+    with open_megatron(path, layout=layout) as r:
         report = _base(path, "megatron", r.spec, r.tokenizer_files)
         report.ckpt_format, report.layout, report.tp, report.pp = "torch", r.layout.name, r.tp, r.pp
         report.padded_vocab_size, report.notes = r.padded_vocab_size, list(r.notes)

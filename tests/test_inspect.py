@@ -109,3 +109,10 @@ def test_unplaceable_folder_is_exit_2(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path)])
     assert result.exit_code == 2
     assert "is no checkpoint megallama knows" in result.output and "found: notes.txt, weights/" in result.output
+
+
+def test_layout_can_be_forced(folders):
+    result = runner.invoke(app, ["inspect", str(folders["legacy"]), "--json", "--layout", "legacy"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["layout"] == "legacy"
+    result = runner.invoke(app, ["inspect", str(folders["legacy"]), "--layout", "alibaba"])
+    assert result.exit_code == 2 and "not match the alibaba layout" in result.output

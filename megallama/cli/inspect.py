@@ -18,6 +18,8 @@ def register(app: typer.Typer) -> None:
     def inspect(
         path: Path = typer.Argument(..., help="An HF, Meta pth or Megatron (torch / torch_dist) checkpoint folder."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        layout: str = typer.Option(None, "--layout", help="Force a Megatron layout: mcore-local, mcore-te, legacy, "
+                                                          "llama-fork or alibaba (default: detect from the keys)."),
     ) -> None:
         """Detect a checkpoint's format, ckpt format, Megatron layout, TP x PP, iteration, dtype, model, parameter
         count, true and padded vocab, tokenizer and optimizer state. Exit 2 if the folder is none of them.
@@ -26,7 +28,7 @@ def register(app: typer.Typer) -> None:
         """
         from megallama.inspect import inspect_checkpoint
 
-        report = inspect_checkpoint(path)
+        report = inspect_checkpoint(path, layout=layout)
         if as_json:
             print(json.dumps(report.to_json(), indent=2))
             return
