@@ -30,7 +30,8 @@ class Inspection:
     num_parameters: int | None = None
     vocab_size: int | None = None  # true vocab
     padded_vocab_size: int | None = None
-    tokenizer: list[str] = field(default_factory=list)
+    tokenizer: list[str] = field(default_factory=list)  # tokenizer files in the folder
+    tokenizer_type: str | None = None  # as Megatron-LM's --tokenizer-type would name it
     optimizer_state: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -65,9 +66,12 @@ def _subdirs(path: Path) -> list[Path]:
 
 
 def _base(path: Path, fmt: str, spec: ModelSpec, tokenizer_files) -> Inspection:
+    from megallama.formats.megatron.torch_format import detect_tokenizer
+
+    files = [Path(f) for f in tokenizer_files]
     return Inspection(path=str(path), format=fmt, dtype=spec.dtype, spec=spec.to_dict(),
                       num_parameters=spec.num_parameters(), vocab_size=spec.vocab_size,
-                      tokenizer=[Path(f).name for f in tokenizer_files])
+                      tokenizer=[f.name for f in files], tokenizer_type=detect_tokenizer(files, path)[0])
 
 
 def _hf(path: Path) -> Inspection:

@@ -45,6 +45,7 @@ def test_hf_and_meta(folders):
     assert (hf["format"], hf["dtype"], hf["vocab_size"], hf["num_parameters"]) == (
         "hf", "float32", 320, spec.num_parameters())
     assert hf["spec"]["num_kv_heads"] == 2 and "tokenizer.model" in hf["tokenizer"]
+    assert hf["tokenizer_type"] == "Llama2Tokenizer"
     meta = inspect_json(folders["meta"])
     assert (meta["format"], meta["shards"], meta["num_parameters"]) == ("meta", 2, spec.num_parameters())
 
