@@ -178,3 +178,23 @@ def test_layer_diff_passes_for_every_dialect(hf_dirs, tmp_path):
     for dialect, report in zip(dialects, reports, strict=True):
         assert report.passed, (dialect, report.to_json())
         assert report.max_abs_logits_diff < 1e-3, dialect
+
+
+def test_cli_refuses_an_unplaceable_checkpoint_without_output(hf_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from megallama.cli import app
+
+    src = build("alibaba", hf_dirs["llama1"], tmp_path / "alibaba", tp=2, pp=1)
+    rank = src / "release/mp_rank_01/model_optim_rng.pt"
+    ckpt = torch.load(rank, weights_only=False)
+    encoder = ckpt["model"]["language_model"]["encoder"]
+    encoder["layers.0.self_attention.rotary_emb.inv_freq"] = torch.zeros(4)  # a buffer some forks save: ignored
+    encoder["layers.0.self_attention.dense.bias"] = torch.zeros(64)
+    torch.save(ckpt, rank)
+    out = tmp_path / "pth"
+    result = CliRunner().invoke(app, ["convert", "megatron2pth", "--input-dir", str(src), "--output-dir", str(out)])
+    assert result.exit_code == 2
+    assert ("checkpoint does not match the alibaba layout and its config (1 problems): mp_rank_01: cannot place "
+            "language_model.encoder.layers.0.self_attention.dense.bias") in " ".join(result.output.split())
+    assert not out.exists()

@@ -59,6 +59,9 @@ MODEL_FILE = "model_optim_rng.pt"
 FORK_MODEL_FILE = "model_rng.pt"  # 2023-era forks with --use-distributed-optimizer (optimizer in mp_rank_*_DDD/)
 ARGS_FILE = "megatron_args.txt"
 CHECKPOINT_VERSION = 3.0  # < 2.0 makes Megatron silently re-order linear_qkv rows (formats.md P4)
+# `_extra_state` (FP8 metadata, never unpickled) and rotary inverse frequencies some forks save as buffers
+# (formats.md P14): derived from the config, nothing to convert.
+IGNORED_SUFFIXES = ("_extra_state", "rotary_emb.inv_freq")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 # `args`, plus what the RNG state of an sft / Megatron-LM checkpoint holds (numpy's MT19937 state array), plus
 # BytesIO (older Transformer Engine `_extra_state`, never unpickled further); everything else in these files is
@@ -468,7 +471,7 @@ def _model(ckpt: dict, path: Path) -> dict:
 
 def _validate(files: dict, spec: ModelSpec, *, tp: int, pp: int, padded: int, layout: Layout) -> None:
     """Every rank holds exactly the keys and shapes its stage needs; collect all problems, raise once.
-    Keys no rule places are refused (named), except `_extra_state`, whose content is never read."""
+    Keys no rule places are refused (named), except those with nothing to convert (`IGNORED_SUFFIXES`)."""
     shapes = expected_shapes(spec)
     problems: list[str] = []
     for (_, pp_rank), path in sorted(files.items(), key=lambda kv: kv[0][::-1]):
@@ -485,7 +488,7 @@ def _validate(files: dict, spec: ModelSpec, *, tp: int, pp: int, padded: int, la
                 problems.append(f"{where}: missing {key}")
             elif tuple(t.shape) != shape:
                 problems.append(f"{where}: {key} has shape {tuple(t.shape)}, expected {shape}")
-        unplaced = [k for k in model if k not in want and not k.endswith("_extra_state")]
+        unplaced = [k for k in model if k not in want and not k.endswith(IGNORED_SUFFIXES)]
         problems += [f"{where}: cannot place {k}" for k in unplaced]
     if problems:
         raise InputError(f"checkpoint does not match the {layout.name} layout and its config ({len(problems)} "
