@@ -1,4 +1,5 @@
-"""The `args` Namespace a Megatron checkpoint carries, its launch flags, and a ModelSpec read back from it.
+"""The `args` Namespace a Megatron checkpoint carries, its launch flags, and a ModelSpec read back from it
+(or from the config file beside a fork's checkpoint whose args lack it).
 
 Megatron-LM (core_v0.16.1) reads these fields from a checkpoint's `args`; every one is saved, so that
 `--use-checkpoint-args`, `check_checkpoint_args` and `tools/checkpoint` (which re-applies every saved field to its
@@ -169,3 +170,30 @@ def spec_from_args(args, *, padded_vocab_size: int, dtype: str, notes: list[str]
         tie_embeddings=not a.get("untie_embeddings_and_output_weights", False), dtype=dtype,
         max_position_embeddings=int(a.get("max_position_embeddings") or a.get("seq_length") or 4096),
     )
+
+
+def spec_from_config_file(root: Path, dtype: str) -> ModelSpec | None:
+    """The architecture from a config.json (HF) or params.json (Meta) placed beside a checkpoint whose args
+    do not give it (the forks); None when there is neither."""
+    from megallama.formats.hf import read_json
+
+    if (root / "config.json").is_file():
+        return ModelSpec.from_hf_config(read_json(root / "config.json", "expected an HF config")).replace(dtype=dtype)
+    if (root / "params.json").is_file():
+        params = read_json(root / "params.json", "expected Meta params")
+        vocab = params.get("vocab_size") if params.get("vocab_size", -1) > 0 else tokenizer_vocab(root)
+        if not vocab:
+            raise InputError(f"{root / 'params.json'} has no vocab_size and there is no tokenizer.model to count")
+        return ModelSpec.from_meta_params(params, vocab_size=vocab, dtype=dtype)
+    return None
+
+
+def tokenizer_vocab(root: Path) -> int | None:
+    """The true vocab of a SentencePiece tokenizer.model beside the checkpoint (addendum: the fork's args: None)."""
+    path = root / "tokenizer.model"
+    if not path.is_file():
+        return None
+    from megallama.formats.hf import load_sentencepiece
+
+    sp = load_sentencepiece(path)
+    return sp.vocab_size() if sp is not None else None

@@ -45,6 +45,8 @@ from megallama.formats.megatron.args import (
     launch_flags,
     megatron_args,
     spec_from_args,
+    spec_from_config_file,
+    tokenizer_vocab,
 )
 from megallama.formats.megatron.detect import WRITABLE, detect_layout, layout_named
 from megallama.formats.megatron.local import LOCAL
@@ -382,37 +384,12 @@ def _spec(root: Path, args, *, padded: int, dtype: str) -> tuple[ModelSpec, list
         return spec.replace(vocab_size=manifest.get("vocab_size", spec.vocab_size)), notes
     if args_describe_model(args):
         return spec_from_args(args, padded_vocab_size=padded, dtype=dtype, notes=notes,
-                              fallback_vocab=_tokenizer_vocab(root)), notes
-    spec = _spec_from_config_file(root, dtype)
+                              fallback_vocab=tokenizer_vocab(root)), notes
+    spec = spec_from_config_file(root, dtype)
     if spec is None:
         raise InputError(f"{root}: the checkpoint's args do not give the architecture (norm eps, sizes): put the "
                          "model's config.json (HF) or params.json (Meta) into the checkpoint folder")
     return spec, notes
-
-
-def _spec_from_config_file(root: Path, dtype: str) -> ModelSpec | None:
-    import json
-
-    if (root / "config.json").is_file():
-        return ModelSpec.from_hf_config(json.loads((root / "config.json").read_text())).replace(dtype=dtype)
-    if (root / "params.json").is_file():
-        params = json.loads((root / "params.json").read_text())
-        vocab = params.get("vocab_size") if params.get("vocab_size", -1) > 0 else _tokenizer_vocab(root)
-        if not vocab:
-            raise InputError(f"{root / 'params.json'} has no vocab_size and there is no tokenizer.model to count")
-        return ModelSpec.from_meta_params(params, vocab_size=vocab, dtype=dtype)
-    return None
-
-
-def _tokenizer_vocab(root: Path) -> int | None:
-    """The true vocab of a SentencePiece tokenizer.model beside the checkpoint (addendum: the fork's args: None)."""
-    path = root / "tokenizer.model"
-    if not path.is_file():
-        return None
-    from megallama.formats.hf import load_sentencepiece
-
-    sp = load_sentencepiece(path)
-    return sp.vocab_size() if sp is not None else None
 
 
 def _iteration_dir(root: Path) -> Path:
