@@ -46,7 +46,7 @@ def open_reader(path: Path, fmt: str):
 
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int | None = None, pp: int | None = None,
             shards: int = 1, dtype: str | None = None, divisible_by: int = 128, force: bool = False,
-            ckpt_format: str = "torch_dist", on_tensor: OnTensor | None = None,
+            ckpt_format: str = "torch_dist", transformer_impl: str = "local", on_tensor: OnTensor | None = None,
             on_start: Callable[[int], None] | None = None) -> WriteReport:
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
 
@@ -79,7 +79,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
             with staged_output(dst, force=force, notes=notes) as tmp:
                 report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
                                 divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst,
-                                ckpt_format=ckpt_format)
+                                ckpt_format=ckpt_format, transformer_impl=transformer_impl)
         finally:
             reader.close()
     report.output = dst
@@ -92,7 +92,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
 
 
 def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_by, on_tensor,
-           final_dir: Path, ckpt_format: str = "torch_dist") -> WriteReport:
+           final_dir: Path, ckpt_format: str = "torch_dist", transformer_impl: str = "local") -> WriteReport:
     if fmt == "hf":
         from megallama.formats.hf import write_hf
         return write_hf(reader, out_dir, dtype=dtype, on_tensor=on_tensor)
@@ -102,9 +102,10 @@ def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_
     if fmt == "megatron" and ckpt_format == "torch_dist":
         from megallama.formats.megatron.torch_dist import write_torch_dist
         return write_torch_dist(reader, out_dir, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
-                                on_tensor=on_tensor, final_dir=final_dir)
+                                on_tensor=on_tensor, final_dir=final_dir,
+                                args_overrides={"transformer_impl": transformer_impl})
     if fmt == "megatron":
         from megallama.formats.megatron.torch_format import write_megatron
         return write_megatron(reader, out_dir, tp=tp or 1, pp=pp or 1, dtype=dtype, divisible_by=divisible_by,
-                              on_tensor=on_tensor, final_dir=final_dir)
+                              on_tensor=on_tensor, final_dir=final_dir, transformer_impl=transformer_impl)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

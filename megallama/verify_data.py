@@ -63,17 +63,19 @@ class Job:
     tp: int
     pp: int
     padded_vocab_size: int
-    rotary_interleaved: bool
+    rotary_interleaved: bool  # of the model the workers build (False when they convert through canonical tensors)
     rank_files: list[str]  # index pp_rank * tp + tp_rank; for torch_dist the iteration folder, for every rank
     tokens: torch.Tensor  # [b, s]
     token_source: str
     notes: list[str] = field(default_factory=list)
+    layout: str = "mcore-local"  # other layouts are converted to local-spec rank dicts by the workers
 
 
 def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64,
             batch: int = 2) -> Job:
     """Validate both folders and build the token batch; every problem here is an InputError (exit 2)."""
     from megallama.formats.base import read_manifest, require_folder
+    from megallama.formats.megatron.local import LOCAL
     from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
 
     reference, megatron = Path(reference), Path(megatron)
@@ -87,8 +89,9 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
     dist_dir = find_iteration_dir(megatron)
     with (open_torch_dist if dist_dir else open_megatron)(megatron) as meg:
         spec, tp, pp, files, notes = meg.spec, meg.tp, meg.pp, [str(f) for f in meg.source_files], list(meg.notes)
+        layout, padded, interleaved = meg.layout.name, meg.padded_vocab_size, meg.rotary_interleaved
     manifest = read_manifest(megatron) or read_manifest(megatron.parent) or {}
-    padded = manifest.get("padded_vocab_size")
+    padded = manifest.get("padded_vocab_size") or padded
     if dist_dir is not None:
         # torch_dist loads at any TP x PP: run it at the one it was written for (megallama.json), else 1 x 1;
         # every rank reads its own slices of the iteration folder with megatron-core's dist_checkpointing
@@ -116,8 +119,11 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
     notes += spec_differences(ref_spec, spec)
     tokens, source = sample_tokens([megatron, reference], vocab_size=spec.vocab_size, data=data,
                                    seq_len=seq_len, batch=batch)
-    interleaved = bool(manifest.get("rotary_interleaved", False))
-    return Job(reference, fmt, megatron, spec, tp, pp, int(padded), interleaved, files, tokens, source, notes)
+    if layout != LOCAL.name:
+        notes.append(f"{layout} layout: the Megatron side loads it converted to the megatron-core local spec")
+        interleaved = False  # the canonical tensors are in HF order
+    return Job(reference, fmt, megatron, spec, tp, pp, int(padded), interleaved, files, tokens, source, notes,
+               layout)
 
 
 def _reference_spec(path: Path, fmt: str) -> ModelSpec:

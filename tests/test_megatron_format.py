@@ -285,7 +285,7 @@ def test_no_manifest_no_vocab_keeps_padded_rows(tmp_path):
     ("no_tracker", "not a Megatron torch-format checkpoint folder"),
     ("truncate", "is not a readable torch checkpoint"),
     ("missing_rank", "is missing model_optim_rng.pt for mp_rank_01_001"),
-    ("te_keys", "Transformer Engine layer spec"),
+    ("te_keys", "mp_rank_01_001: cannot place decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"),
     ("missing_key", "missing decoder.layers.1.mlp.linear_fc2.weight"),
 ])
 def test_reader_refusals(tmp_path, damage, message):

@@ -313,9 +313,11 @@ def broken(meg_dirs, verify_root):
 
 @pytest.fixture(scope="session")
 def megatron_lm_style(meg_dirs, verify_root):
-    """A checkpoint as other tools write it: no megallama.json, and args without the true vocab size."""
+    """A checkpoint as other tools write it: no megallama.json, and args without the true vocab size (and no
+    tokenizer.model beside it, which the reader would otherwise count the true vocab from)."""
     folder = broken_copy(meg_dirs["llama2", 2, 1], verify_root / "no-manifest", lambda models, manifest: None)
     (folder / "megallama.json").unlink()
+    (folder / "tokenizer.model").unlink()
     for f in folder.glob("release/*/" + MODEL_FILE):
         ckpt = torch.load(f, weights_only=False)
         del ckpt["args"].vocab_size

@@ -75,6 +75,8 @@ PP_HELP = "Pipeline-parallel size (torch_dist: only fills the launch flags; torc
 CKPT_FORMAT_HELP = ("Megatron --ckpt-format to write: torch_dist (default, as Megatron-LM; loads at any TP x PP) or "
                     "torch (per-rank mp_rank_* files for exactly --tp x --pp).")
 DIVISIBLE_HELP = "Pad the vocab to a multiple of this x TP (Megatron's default 128)."
+IMPL_HELP = ("Megatron-LM's --transformer-impl the torch-format keys are for: local or transformer_engine "
+             "(torch_dist stores the same keys for both).")
 
 
 def _to_megatron(src: Path, dst: Path, *, src_format: str, title: str, **kwargs) -> None:
@@ -98,6 +100,7 @@ def pth2megatron(
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
     divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
                                      help=DIVISIBLE_HELP),
+    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """Meta pth -> Megatron checkpoint (megatron-core GPTModel): torch_dist by default, or torch format split for
@@ -106,7 +109,8 @@ def pth2megatron(
     Example: megallama convert pth2megatron --input-dir llama-2-7b --output-dir llama-2-7b-mcore --tp 2 --pp 2
     """
     _to_megatron(_resolve_model_size(input_dir, model_size), output_dir, src_format="meta", title="pth2megatron",
-                 tp=tp, pp=pp, ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force)
+                 tp=tp, pp=pp, ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
+                 transformer_impl=transformer_impl)
 
 
 @app.command("hf2megatron")
@@ -121,6 +125,7 @@ def hf2megatron(
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
     divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
                                      help=DIVISIBLE_HELP),
+    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """HuggingFace LLaMA -> Megatron checkpoint (torch_dist by default), without a pth step in between.
@@ -128,7 +133,8 @@ def hf2megatron(
     Example: megallama convert hf2megatron --input-dir llama-2-7b-hf --output-dir llama-2-7b-mcore
     """
     _to_megatron(input_dir, output_dir, src_format="hf", title="hf2megatron", tp=tp, pp=pp,
-                 ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force)
+                 ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
+                 transformer_impl=transformer_impl)
 
 
 @app.command("megatron2megatron")
@@ -143,6 +149,7 @@ def megatron2megatron(
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
     divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
                                      help=DIVISIBLE_HELP),
+    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """Megatron -> Megatron: re-shard to another TP x PP and/or change the ckpt format (weights only).
@@ -150,7 +157,8 @@ def megatron2megatron(
     Example: megallama convert megatron2megatron --input-dir runs/sft --output-dir sft-tp4 --ckpt-format torch --tp 4
     """
     _to_megatron(input_dir, output_dir, src_format="megatron", title="megatron2megatron", tp=tp, pp=pp,
-                 ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force)
+                 ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
+                 transformer_impl=transformer_impl)
 
 
 @app.command("megatron2pth")
