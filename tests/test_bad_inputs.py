@@ -41,7 +41,7 @@ def world(hf_dirs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad-inputs")
     pth, meg = root / "pth", root / "meg"
     convert(hf_dirs["llama2"], pth, src_format="hf", dst_format="meta")
-    convert(pth, meg, src_format="meta", dst_format="megatron")
+    convert(pth, meg, src_format="meta", dst_format="megatron", ckpt_format="torch")
     return {"root": root, "hf": hf_dirs["llama2"], "hf1": hf_dirs["llama1"], "pth": pth, "meg": meg,
             "data": make_learnable_dataset(root / "train.jsonl", n=16, seed=0), "cfg": CONFIG}
 
