@@ -271,3 +271,42 @@ def test_writer_memory_stays_near_one_tensor(tmp_path):
     assert model_bytes > 190e6
     grew = int(run.stdout.split()[-1])
     assert grew < 20e6, (grew, model_bytes)
+
+
+def test_reads_te_spec_extras_and_unstacked_layers(hf_dirs, tmp_path):
+    """What the TE spec adds on disk (core_attention and final-norm `_extra_state` objects) is ignored, and a
+    checkpoint whose layers keep their number (singleton_local_shards) reads the same tensors."""
+    from megallama.formats.megatron.local import megatron_args
+    from megallama.formats.megatron.torch_dist import _bytes_item, _tensor_item, common_state, save_dcp, write_items
+
+    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    padded = padded_vocab_size(spec.vocab_size, 1)
+    items = write_items(tensors.__getitem__, spec, padded=padded)
+    te = [_bytes_item(f"decoder.layers.self_attention.core_attention._extra_state/shard_{i}_{spec.num_layers}",
+                      torch.empty(0, dtype=torch.uint8)) for i in range(spec.num_layers)]
+    save_dcp(tmp_path / "te", items + te + [_bytes_item("decoder.final_layernorm._extra_state")])
+
+    unstacked = []  # the same chunks, keyed decoder.layers.<i>.… without the leading layer axis
+    for it in items:
+        w = it.write_item
+        if w.tensor_data is None or not w.index.fqn.startswith("decoder.layers."):
+            unstacked.append(it)
+            continue
+        fqn = w.index.fqn.replace("decoder.layers.", f"decoder.layers.{w.index.offset[0]}.")
+        unstacked.append(_tensor_item(fqn, tuple(w.index.offset)[1:], tuple(w.tensor_data.chunk.sizes)[1:],
+                                      tuple(w.tensor_data.size)[1:], w.tensor_data.properties.dtype,
+                                      lambda make=it.make: make()[0]))
+    save_dcp(tmp_path / "unstacked", unstacked)
+
+    for folder in ("te", "unstacked"):
+        (tmp_path / folder / "latest_checkpointed_iteration.txt").write_text("release")
+        (tmp_path / folder / "release").mkdir()
+        for f in list((tmp_path / folder).iterdir()):
+            if f.is_file() and f.name != "latest_checkpointed_iteration.txt":
+                f.rename(tmp_path / folder / "release" / f.name)
+        args = megatron_args(spec, tp=1, pp=1, padded_vocab_size=padded, divisible_by=128,
+                             transformer_impl="transformer_engine", ckpt_format="torch_dist")
+        torch.save(common_state(args, None), tmp_path / folder / "release" / "common.pt")
+        with open_torch_dist(tmp_path / folder) as reader:
+            for name, t in tensors.items():
+                assert torch.equal(reader.get(name), t), (folder, name)
