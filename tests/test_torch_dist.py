@@ -227,3 +227,86 @@ def test_verify_layer_diff_passes_on_torch_dist(hf_dirs, tmp_path):
                  "--seq-len", "16")
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output
+
+
+_STREAM_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from megallama.formats.megatron.torch_dist import write_torch_dist
+from megallama.names import expected_shapes
+from megallama.spec import ModelSpec
+
+class Generated:  # makes each canonical tensor when asked: nothing is mapped or cached
+    def __init__(self, layers):
+        self.spec = ModelSpec(hidden_size=512, num_layers=layers, num_heads=8, num_kv_heads=8, ffn_hidden_size=1408,
+                              vocab_size=1024)
+    tokenizer_files, source_files = [], []
+    def names(self):
+        return list(expected_shapes(self.spec))
+    def get(self, name):
+        return torch.full(expected_shapes(self.spec)[name], float(len(name)))
+
+def kib(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+
+for n, layers in enumerate((1, 16)):  # the first pass pays for lazy imports; report the second
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = kib("VmRSS")
+    write_torch_dist(Generated(layers), Path(sys.argv[1]) / f"out{n}")
+print((kib("VmHWM") - before) * 1024)
+"""
+
+
+def test_writer_memory_stays_near_one_tensor(tmp_path):
+    """A 200 MB model written as torch_dist: the process grows by a few tensors (2.9 MB each), not the model."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to reset the peak RSS")
+    run = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    model_bytes = sum(p.stat().st_size for p in (tmp_path / "out1" / "release").glob("*.distcp"))
+    assert model_bytes > 190e6
+    grew = int(run.stdout.split()[-1])
+    assert grew < 20e6, (grew, model_bytes)
+
+
+def test_reads_te_spec_extras_and_unstacked_layers(hf_dirs, tmp_path):
+    """What the TE spec adds on disk (core_attention and final-norm `_extra_state` objects) is ignored, and a
+    checkpoint whose layers keep their number (singleton_local_shards) reads the same tensors."""
+    from megallama.formats.megatron.local import megatron_args
+    from megallama.formats.megatron.torch_dist import _bytes_item, _tensor_item, common_state, save_dcp, write_items
+
+    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    padded = padded_vocab_size(spec.vocab_size, 1)
+    items = write_items(tensors.__getitem__, spec, padded=padded)
+    te = [_bytes_item(f"decoder.layers.self_attention.core_attention._extra_state/shard_{i}_{spec.num_layers}",
+                      torch.empty(0, dtype=torch.uint8)) for i in range(spec.num_layers)]
+    save_dcp(tmp_path / "te", items + te + [_bytes_item("decoder.final_layernorm._extra_state")])
+
+    unstacked = []  # the same chunks, keyed decoder.layers.<i>.… without the leading layer axis
+    for it in items:
+        w = it.write_item
+        if w.tensor_data is None or not w.index.fqn.startswith("decoder.layers."):
+            unstacked.append(it)
+            continue
+        fqn = w.index.fqn.replace("decoder.layers.", f"decoder.layers.{w.index.offset[0]}.")
+        unstacked.append(_tensor_item(fqn, tuple(w.index.offset)[1:], tuple(w.tensor_data.chunk.sizes)[1:],
+                                      tuple(w.tensor_data.size)[1:], w.tensor_data.properties.dtype,
+                                      lambda make=it.make: make()[0]))
+    save_dcp(tmp_path / "unstacked", unstacked)
+
+    for folder in ("te", "unstacked"):
+        (tmp_path / folder / "latest_checkpointed_iteration.txt").write_text("release")
+        (tmp_path / folder / "release").mkdir()
+        for f in list((tmp_path / folder).iterdir()):
+            if f.is_file() and f.name != "latest_checkpointed_iteration.txt":
+                f.rename(tmp_path / folder / "release" / f.name)
+        args = megatron_args(spec, tp=1, pp=1, padded_vocab_size=padded, divisible_by=128,
+                             transformer_impl="transformer_engine", ckpt_format="torch_dist")
+        torch.save(common_state(args, None), tmp_path / folder / "release" / "common.pt")
+        with open_torch_dist(tmp_path / folder) as reader:
+            for name, t in tensors.items():
+                assert torch.equal(reader.get(name), t), (folder, name)

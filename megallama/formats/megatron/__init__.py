@@ -9,6 +9,7 @@
     detect.py        which layout a checkpoint is, from its keys: one line per layout
     args.py          the saved `args` Namespace (every field Megatron-LM reads), launch flags, spec from args
     torch_format.py  `--ckpt-format torch`: per-rank `mp_rank_*/model_optim_rng.pt` reader and writer
+    torch_dist.py    `--ckpt-format torch_dist`: PyTorch DCP as megatron-core's dist_checkpointing writes it
 
 Everything speaks canonical tensors (`megallama.names`); a new dialect is one new table plus a detector line.
 """
