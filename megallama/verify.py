@@ -233,6 +233,7 @@ def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path) -> list[dict
             torch.save(jobs[n].tokens, out / "tokens.pt")
             specs.append({"spec": job.spec.to_dict(), "tp": tp, "pp": pp, "padded_vocab_size": job.padded_vocab_size,
                           "rotary_interleaved": job.rotary_interleaved, "rank_files": job.rank_files,
+                          "layout": job.layout, "megatron": str(job.megatron),
                           "tokens": str(out / "tokens.pt"), "out": str(out)})
         job_file = workdir / f"jobs-tp{tp}-pp{pp}.json"
         job_file.write_text(json.dumps({"dtype": dtype, "jobs": specs}))

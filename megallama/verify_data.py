@@ -63,17 +63,19 @@ class Job:
     tp: int
     pp: int
     padded_vocab_size: int
-    rotary_interleaved: bool
-    rank_files: list[str]  # index pp_rank * tp + tp_rank
+    rotary_interleaved: bool  # of the model the workers build (False when they convert through canonical tensors)
+    rank_files: list[str]  # index pp_rank * tp + tp_rank; for torch_dist the iteration folder, for every rank
     tokens: torch.Tensor  # [b, s]
     token_source: str
     notes: list[str] = field(default_factory=list)
+    layout: str = "mcore-local"  # other layouts are converted to local-spec rank dicts by the workers
 
 
 def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64,
             batch: int = 2) -> Job:
     """Validate both folders and build the token batch; every problem here is an InputError (exit 2)."""
     from megallama.formats.base import read_manifest, require_folder
+    from megallama.formats.megatron.local import LOCAL
     from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
 
     reference, megatron = Path(reference), Path(megatron)
@@ -82,10 +84,24 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
     fmt = reference_format(reference)
     ref_spec = _reference_spec(reference, fmt)
     require_folder(megatron, "Megatron folder")
-    with open_megatron(megatron) as meg:
+    from megallama.formats.megatron.torch_dist import find_iteration_dir, open_torch_dist
+
+    dist_dir = find_iteration_dir(megatron)
+    with (open_torch_dist if dist_dir else open_megatron)(megatron) as meg:
         spec, tp, pp, files, notes = meg.spec, meg.tp, meg.pp, [str(f) for f in meg.source_files], list(meg.notes)
+        layout, padded, interleaved = meg.layout.name, meg.padded_vocab_size, meg.rotary_interleaved
     manifest = read_manifest(megatron) or read_manifest(megatron.parent) or {}
-    padded = manifest.get("padded_vocab_size")
+    padded = manifest.get("padded_vocab_size") or padded
+    if dist_dir is not None:
+        # torch_dist loads at any TP x PP: run it at the one it was written for (megallama.json), else 1 x 1;
+        # every rank reads its own slices of the iteration folder with megatron-core's dist_checkpointing
+        tp, pp = int(manifest.get("tp", 1)), int(manifest.get("pp", 1))
+        from megallama.formats.megatron.torch_dist import DistCheckpoint
+        from megallama.spec import padded_vocab_size
+
+        rows = DistCheckpoint(dist_dir).tensors["embedding.word_embeddings.weight"].size[0]
+        padded = rows if rows % tp == 0 else padded_vocab_size(spec.vocab_size, tp)
+        files = [str(dist_dir)] * (tp * pp)
     if not padded:
         padded = load_rank_file(Path(files[0]))["model"]["embedding.word_embeddings.weight"].shape[0] * tp
     if "vocab_size" not in manifest and spec.vocab_size == padded and ref_spec.vocab_size <= padded:
@@ -103,8 +119,11 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
     notes += spec_differences(ref_spec, spec)
     tokens, source = sample_tokens([megatron, reference], vocab_size=spec.vocab_size, data=data,
                                    seq_len=seq_len, batch=batch)
-    interleaved = bool(manifest.get("rotary_interleaved", False))
-    return Job(reference, fmt, megatron, spec, tp, pp, int(padded), interleaved, files, tokens, source, notes)
+    if layout != LOCAL.name:
+        notes.append(f"{layout} layout: the Megatron side loads it converted to the megatron-core local spec")
+        interleaved = False  # the canonical tensors are in HF order
+    return Job(reference, fmt, megatron, spec, tp, pp, int(padded), interleaved, files, tokens, source, notes,
+               layout)
 
 
 def _reference_spec(path: Path, fmt: str) -> ModelSpec:

@@ -8,7 +8,9 @@ only TP rank 0 of each stage writes them; the vocab-parallel logits are all-gath
 
 Usage: python -m torch.distributed.run --nproc-per-node TP*PP -m megallama.verify_worker JOBS.json
 JOBS.json = {"dtype", "jobs": [{"spec", "tp", "pp", "padded_vocab_size", "rotary_interleaved", "rank_files",
-"tokens", "out"}, ...]}; writes OUT/capture-PPP.pt per stage, or OUT/error.json when a job cannot run.
+"layout", "megatron", "tokens", "out"}, ...]}; writes OUT/capture-PPP.pt per stage, or OUT/error.json when a job
+cannot run. A checkpoint of another layout (TE, legacy, forks) is read as canonical tensors and re-split into this
+rank's local-spec dict in memory: one model engine, every dialect.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from megallama.errors import InputError, MegallamaError
 
 
 def to_bsh(t: torch.Tensor) -> torch.Tensor:
-    """[s, b, ...] -> [b, s, ...] on the CPU, detached from the graph."""
-    return t.detach().transpose(0, 1).contiguous().to("cpu")
+    """[s, b, ...] -> [b, s, ...] on the CPU, detached from the graph. Always a copy: with b = 1 the transpose is
+    already contiguous, and the residual add that follows the hook would change the captured tensor in place."""
+    return t.detach().transpose(0, 1).to("cpu").clone(memory_format=torch.contiguous_format)
 
 
 def add_hooks(model, captures: dict) -> list:
@@ -60,11 +63,26 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(logits.contiguous())
 
 
+def rank_state(job: dict, spec, *, tp_rank: int, pp_rank: int) -> tuple[dict, Path]:
+    """This rank's local-spec `model` dict: its own file, or built from another layout's canonical tensors."""
+    from megallama.formats.megatron.local import LOCAL
+    from megallama.formats.megatron.torch_format import load_rank_file, open_megatron, rank_state_dict
+
+    path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
+    if job.get("layout", LOCAL.name) != LOCAL.name:
+        with open_megatron(Path(job["megatron"]), layout=job["layout"]) as reader:
+            return rank_state_dict(reader, spec, tp_rank=tp_rank, tp=job["tp"], pp_rank=pp_rank, pp=job["pp"],
+                                   padded_vocab_size=job["padded_vocab_size"]), path
+    state = load_rank_file(path).get("model")
+    if not isinstance(state, dict):
+        raise InputError(f"{path} has no 'model' state dict")
+    return state, path
+
+
 def load_model(job: dict, dtype: str):
     """The GPTModel of this rank with its own rank file loaded strictly (every key, every shape)."""
     from megatron.core import parallel_state as ps
 
-    from megallama.formats.megatron.torch_format import load_rank_file
     from megallama.model import build_gpt_model
     from megallama.spec import ModelSpec
 
@@ -73,9 +91,12 @@ def load_model(job: dict, dtype: str):
                             rotary_interleaved=job["rotary_interleaved"]).eval()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
-    state = load_rank_file(path).get("model")
-    if not isinstance(state, dict):
-        raise InputError(f"{path} has no 'model' state dict")
+    if path.is_dir():  # a torch_dist iteration folder: megatron-core reads this rank's slices, as Megatron-LM does
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"]
+    else:
+        state, path = rank_state(job, spec, tp_rank=tp_rank, pp_rank=pp_rank)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

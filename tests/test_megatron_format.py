@@ -285,7 +285,7 @@ def test_no_manifest_no_vocab_keeps_padded_rows(tmp_path):
     ("no_tracker", "not a Megatron torch-format checkpoint folder"),
     ("truncate", "is not a readable torch checkpoint"),
     ("missing_rank", "is missing model_optim_rng.pt for mp_rank_01_001"),
-    ("te_keys", "Transformer Engine layer spec"),
+    ("te_keys", "mp_rank_01_001: cannot place decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"),
     ("missing_key", "missing decoder.layers.1.mlp.linear_fc2.weight"),
 ])
 def test_reader_refusals(tmp_path, damage, message):
@@ -342,7 +342,7 @@ def pth_dirs(hf_dirs, tmp_path_factory):
 def test_cli_hf_pth_megatron_pth_hf_bit_exact(hf_dirs, pth_dirs, tmp_path, preset, tp, pp):
     meg, pth, hf = tmp_path / "meg", tmp_path / "pth", tmp_path / "hf"
     result = cli("convert", "pth2megatron", "--input_dir", pth_dirs[preset], "--output_dir", meg,
-                 "--tensor_size", tp, "--pipeline_size", pp)
+                 "--tensor_size", tp, "--pipeline_size", pp, "--ckpt-format", "torch")
     assert result.exit_code == 0, result.output
     assert "GB/s" in result.stdout and "peak RSS" in result.stdout
     assert f"--load {meg.resolve()}" in result.stdout  # the launch flags are printed, and saved
@@ -363,7 +363,7 @@ def test_cli_model_size_folder_convention(pth_dirs, tmp_path):
     # the reference scripts' --input_dir X --model_size 7B reads X/7B/
     shutil.copytree(pth_dirs["llama2"], tmp_path / "weights" / "7B")
     result = cli("convert", "pth2megatron", "--input_dir", tmp_path / "weights", "--model_size", "7B",
-                 "--output_dir", tmp_path / "meg", "--tensor_size", 2)
+                 "--output_dir", tmp_path / "meg", "--tensor_size", 2, "--ckpt-format", "torch")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "meg/release/mp_rank_01" / MODEL_FILE).is_file()
 

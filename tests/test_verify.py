@@ -172,7 +172,8 @@ def meg_dirs(hf_dirs, verify_root):
     """{(preset, tp, pp): Megatron folder converted from the HF fixture} (GQA and Llama 3 at every grid, tied 1x2)."""
     wanted = [(p, tp, pp) for p in ("llama2", "llama3") for tp, pp in GRIDS] + [("tied", 1, 2)]
     return {key: convert(hf_dirs[key[0]], verify_root / "meg-{}-tp{}-pp{}".format(*key), src_format="hf",
-                         dst_format="megatron", tp=key[1], pp=key[2]).output for key in wanted}
+                         dst_format="megatron", tp=key[1], pp=key[2], ckpt_format="torch").output
+            for key in wanted}
 
 
 @pytest.fixture(scope="session")
@@ -312,9 +313,11 @@ def broken(meg_dirs, verify_root):
 
 @pytest.fixture(scope="session")
 def megatron_lm_style(meg_dirs, verify_root):
-    """A checkpoint as other tools write it: no megallama.json, and args without the true vocab size."""
+    """A checkpoint as other tools write it: no megallama.json, and args without the true vocab size (and no
+    tokenizer.model beside it, which the reader would otherwise count the true vocab from)."""
     folder = broken_copy(meg_dirs["llama2", 2, 1], verify_root / "no-manifest", lambda models, manifest: None)
     (folder / "megallama.json").unlink()
+    (folder / "tokenizer.model").unlink()
     for f in folder.glob("release/*/" + MODEL_FILE):
         ckpt = torch.load(f, weights_only=False)
         del ckpt["args"].vocab_size

@@ -1,9 +1,10 @@
-"""Megatron torch-format checkpoints for the megatron-core GPTModel (local spec): writer and reader.
+"""Megatron torch-format checkpoints: writer (megatron-core local or TE spec) and reader (every layout).
 
 Layout (formats.md 3.1, 3.2, 4.1-4.4): `latest_checkpointed_iteration.txt` ("release" or an iteration),
 `release/` or `iter_NNNNNNN/`, one `mp_rank_TT` (PP=1) or `mp_rank_TT_PPP` folder per rank holding
 `model_optim_rng.pt` = {args, checkpoint_version 3.0, iteration, model}. Which canonical tensors make which key,
-and how each is split, is the rule table in `local.py`; this module only does files and metadata.
+and how each is split, is the layout's rule table (`local.py`, `te.py`, `legacy.py`, `llama_fork.py`,
+`alibaba.py`; `detect.py` picks one from the keys); this module only does files and metadata.
 
 Both directions stream: the writer saves each rank file's layout first and fills in one tensor at a time
 (`streaming.py`); the reader maps the rank files of one layer at a time and drops them before the next.
@@ -13,6 +14,7 @@ Memory stays near one whole tensor plus its rank piece, whatever the model size.
 from __future__ import annotations
 
 import argparse
+import io
 import pickle
 import re
 import types
@@ -37,17 +39,18 @@ from megallama.formats.base import (
     read_manifest,
     write_manifest,
 )
-from megallama.formats.megatron.local import (
-    Kind,
-    Rule,
-    from_ranks,
+from megallama.formats.megatron.args import (
+    TRANSFORMER_IMPLS,
+    args_describe_model,
     launch_flags,
     megatron_args,
-    rank_shape,
     spec_from_args,
-    stage_rules,
-    to_rank,
+    spec_from_config_file,
+    tokenizer_vocab,
 )
+from megallama.formats.megatron.detect import WRITABLE, detect_layout, layout_named
+from megallama.formats.megatron.local import LOCAL
+from megallama.formats.megatron.rules import Kind, Layout, Rule, from_ranks, rank_shape, stage_rules, to_rank
 from megallama.formats.streaming import save_streamed
 from megallama.names import canonical_names, expected_shapes
 from megallama.spec import LLAMA3_ROPE_DEFAULTS, ModelSpec, check_parallel, normalize_dtype, padded_vocab_size
@@ -55,14 +58,19 @@ from megallama.transforms import meta_to_hf_rotary
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
+FORK_MODEL_FILE = "model_rng.pt"  # 2023-era forks with --use-distributed-optimizer (optimizer in mp_rank_*_DDD/)
 ARGS_FILE = "megatron_args.txt"
 CHECKPOINT_VERSION = 3.0  # < 2.0 makes Megatron silently re-order linear_qkv rows (formats.md P4)
+# `_extra_state` (FP8 metadata, never unpickled) and rotary inverse frequencies some forks save as buffers
+# (formats.md P14): derived from the config, nothing to convert.
+IGNORED_SUFFIXES = ("_extra_state", "rotary_emb.inv_freq")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-# `args`, plus what the RNG state of an sft / Megatron-LM checkpoint holds (numpy's MT19937 state array);
-# everything else in these files is tensors, numbers, strings and torch.dtype.
+# `args`, plus what the RNG state of an sft / Megatron-LM checkpoint holds (numpy's MT19937 state array), plus
+# BytesIO (older Transformer Engine `_extra_state`, never unpickled further); everything else in these files is
+# tensors, numbers, strings and torch.dtype.
 _NP_CORE = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core
 _SAFE_GLOBALS = [argparse.Namespace, types.SimpleNamespace, PosixPath, _NP_CORE.multiarray._reconstruct, np.ndarray,
-                 np.dtype, type(np.dtype(np.uint32))]
+                 np.dtype, type(np.dtype(np.uint32)), io.BytesIO]
 
 
 # ---------------------------------------------------------------- paths
@@ -99,42 +107,44 @@ def detect_tokenizer(files: list[Path], final_dir: Path) -> tuple[str | None, st
 
 # ---------------------------------------------------------------- writer
 def rank_tensors(source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec, *, tp_rank: int, tp: int,
-                 pp_rank: int, pp: int, padded_vocab_size: int,
-                 dtype: str | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+                 pp_rank: int, pp: int, padded_vocab_size: int, dtype: str | None = None,
+                 layout: Layout = LOCAL) -> Iterator[tuple[str, torch.Tensor | None]]:
     """One rank's `(key, tensor)` pairs, keyed and ordered exactly like megatron-core's `GPTModel.state_dict()`.
 
     `source` is a Reader or any `name -> canonical tensor` function. Each tensor is fresh and rank-sized (never a
-    view of a whole tensor, which torch.save would store in full); `_extra_state` entries are None, as the local
-    spec's ColumnParallelLinear / RowParallelLinear save them.
+    view of a whole tensor, which torch.save would store in full); `_extra_state` entries are what a fresh model
+    of `layout` saves (`Layout.extra_state_value`).
     """
     get = source.get if hasattr(source, "get") else source
-    for rule, _ in stage_rules(spec, pp_rank=pp_rank, pp=pp):
+    for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
         if rule.sources:
             tensors = [get(name) for name in rule.sources]
             piece = to_rank(rule.kind, tensors, spec, tp_rank=tp_rank, tp=tp, padded_vocab_size=padded_vocab_size)
             del tensors
             yield rule.target, cast(piece, dtype)
         if rule.extra_state:
-            yield rule.extra_state_key, None
+            yield rule.extra_state_key, layout.extra_state_value(rule.extra_state_key)
 
 
 def rank_state_dict(source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec, *, tp_rank: int, tp: int,
-                    pp_rank: int, pp: int, padded_vocab_size: int, dtype: str | None = None) -> dict:
-    """The `model` dict of one rank, in memory (for `sft` and tests; the writer streams instead)."""
+                    pp_rank: int, pp: int, padded_vocab_size: int, dtype: str | None = None,
+                    layout: Layout = LOCAL) -> dict:
+    """The `model` dict of one rank, in memory (for `sft`, verify and tests; the writer streams instead)."""
     return dict(rank_tensors(source, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                             padded_vocab_size=padded_vocab_size, dtype=dtype))
+                             padded_vocab_size=padded_vocab_size, dtype=dtype, layout=layout))
 
 
-def rank_placeholders(spec: ModelSpec, *, tp: int, pp_rank: int, pp: int, padded_vocab_size: int) -> dict:
+def rank_placeholders(spec: ModelSpec, *, tp: int, pp_rank: int, pp: int, padded_vocab_size: int,
+                      layout: Layout = LOCAL) -> dict:
     """One rank's keys with untouched `torch.empty` tensors of their final shape and dtype (never resident)."""
     shapes, dtype = expected_shapes(spec), TORCH_DTYPES[spec.dtype]
     out: dict = {}
-    for rule, _ in stage_rules(spec, pp_rank=pp_rank, pp=pp):
+    for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
         if rule.sources:
             shape = rank_shape(rule.kind, spec, shapes[rule.sources[0]], tp=tp, padded_vocab_size=padded_vocab_size)
             out[rule.target] = torch.empty(shape, dtype=dtype)
         if rule.extra_state:
-            out[rule.extra_state_key] = None
+            out[rule.extra_state_key] = layout.extra_state_value(rule.extra_state_key)
     return out
 
 
@@ -145,27 +155,34 @@ def checkpoint_dict(model: dict, args: argparse.Namespace, iteration: int | None
 
 def save_rank_file(path: Path, source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec,
                    args: argparse.Namespace, *, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab_size: int,
-                   iteration: int | None = None, on_tensor: OnTensor | None = None) -> None:
+                   iteration: int | None = None, on_tensor: OnTensor | None = None, layout: Layout = LOCAL) -> None:
     """Write one rank's `model_optim_rng.pt` without ever holding the whole rank in memory (`save_streamed`)."""
     tensors = rank_tensors(source, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                           padded_vocab_size=padded_vocab_size, dtype=spec.dtype)
+                           padded_vocab_size=padded_vocab_size, dtype=spec.dtype, layout=layout)
     # the skeleton is built inline so that save_streamed holds its only reference and can drop it before filling
     save_streamed(path, checkpoint_dict(rank_placeholders(spec, tp=tp, pp_rank=pp_rank, pp=pp,
-                                                          padded_vocab_size=padded_vocab_size), args, iteration),
+                                                          padded_vocab_size=padded_vocab_size, layout=layout),
+                                        args, iteration),
                   tensors, flat=lambda ckpt: ckpt["model"], on_tensor=on_tensor)
 
 
 def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: str | None = None,
                    divisible_by: int = 128, on_tensor: OnTensor | None = None, iteration: int | None = None,
-                   args_overrides: dict | None = None, final_dir: Path | None = None) -> WriteReport:
+                   args_overrides: dict | None = None, final_dir: Path | None = None,
+                   transformer_impl: str = "local") -> WriteReport:
     """Write `reader`'s model as a megatron-core torch checkpoint split for TP x PP into the empty `out_dir`.
 
-    `final_dir` is where `out_dir` will be renamed to (for the absolute paths in megatron_args.txt).
+    `transformer_impl` is Megatron-LM's `--transformer-impl` the checkpoint is for: "local" (local spec keys) or
+    "transformer_engine" (TE spec keys). `final_dir` is where `out_dir` will be renamed to (for the absolute
+    paths in megatron_args.txt).
 
     Example:
         >>> with open_meta(Path("llama-2-7b")) as r:
         ...     write_megatron(r, Path("out"), tp=2, pp=2)
     """
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise InputError(f"--transformer-impl {transformer_impl!r}: expected one of {', '.join(TRANSFORMER_IMPLS)}")
+    layout = WRITABLE[transformer_impl]
     check_parallel(reader.spec, tp=tp, pp=pp)
     out_dir = Path(out_dir)
     final_dir = Path(final_dir or _staged_target(out_dir)).resolve()
@@ -175,17 +192,18 @@ def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: st
     tokenizer_type, tokenizer_model = detect_tokenizer(reader.tokenizer_files, final_dir)
     args = megatron_args(spec, tp=tp, pp=pp, padded_vocab_size=padded, divisible_by=divisible_by,
                          iteration=iteration or 0, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
-                         **(args_overrides or {}))
+                         transformer_impl=transformer_impl,
+                         **{"no_save_optim": True, "no_save_rng": True, **(args_overrides or {})})
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             path = checkpoint_dir(out_dir, iteration, tp_rank, pp_rank, pp) / MODEL_FILE
             save_rank_file(path, reader, spec, args, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                           padded_vocab_size=padded, iteration=iteration, on_tensor=on_tensor)
+                           padded_vocab_size=padded, iteration=iteration, on_tensor=on_tensor, layout=layout)
             report.files.append(str(path.relative_to(out_dir)))
     report.files += copy_tokenizer(reader.tokenizer_files, out_dir)
     write_manifest(out_dir, spec=spec, fmt="megatron", sources=reader.source_files, tp=tp, pp=pp,
                    vocab_size=spec.vocab_size, padded_vocab_size=padded, divisible_by=divisible_by,
-                   rotary_interleaved=False, transformer_impl="local", layout="mcore-local",
+                   rotary_interleaved=False, transformer_impl=transformer_impl, layout=layout.name,
                    iteration="release" if iteration is None else iteration)
     (out_dir / ARGS_FILE).write_text("\n".join(launch_flags(args, load_dir=final_dir)) + "\n")
     report.files += [MANIFEST, ARGS_FILE, TRACKER]
@@ -216,20 +234,23 @@ def _notes(spec: ModelSpec, padded: int, tokenizer_type: str | None) -> list[str
 class MegatronReader(ContextReader):
     """A canonical Reader over a TP x PP grid of rank `model` dicts (files, or dicts already in memory).
 
-    `load_state(tp_rank, pp_rank)` returns one rank's `model` dict. Tensors of one layer are merged from all TP
-    ranks of its stage; the loaded dicts are dropped when the next layer is requested (mmap'd files then unmap).
+    `load_state(tp_rank, pp_rank)` returns one rank's flat `model` dict keyed as `layout`'s table. Tensors of one
+    layer are merged from all TP ranks of its stage; the loaded dicts are dropped when the next layer is
+    requested (mmap'd files then unmap).
     """
 
     def __init__(self, spec: ModelSpec, *, tp: int, pp: int, load_state: Callable[[int, int], dict],
-                 rotary_interleaved: bool = False):
-        self.spec, self.tp, self.pp = spec, tp, pp
+                 rotary_interleaved: bool | None = None, layout: Layout = LOCAL):
+        self.spec, self.tp, self.pp, self.layout = spec, tp, pp, layout
         self.tokenizer_files: list[Path] = []
         self.source_files: list[Path] = []
         self.notes: list[str] = []
-        self._load_state, self._interleaved = load_state, rotary_interleaved
+        self.padded_vocab_size: int | None = None
+        self.rotary_interleaved = layout.rotary_interleaved if rotary_interleaved is None else rotary_interleaved
+        self._load_state = load_state
         self._index: dict[str, tuple[Rule, int, int | None]] = {}
         for pp_rank in range(pp):
-            for rule, layer in stage_rules(spec, pp_rank=pp_rank, pp=pp):
+            for rule, layer in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
                 for name in rule.sources:  # tied, PP>1: the embedding comes from stage 0, not the output copy
                     self._index.setdefault(name, (rule, pp_rank, layer))
         self._loaded: dict[int, dict] = {}
@@ -249,7 +270,7 @@ class MegatronReader(ContextReader):
         tensors = dict(zip(rule.sources, from_ranks(rule.kind, parts, self.spec, vocab_size=self.spec.vocab_size),
                            strict=True))
         del parts
-        if self._interleaved and rule.kind is Kind.QKV:  # --rotary-interleaved keeps Meta's pair order
+        if self.rotary_interleaved and rule.kind in (Kind.QKV, Kind.QKV_BLOCKS):  # Meta's pair order on disk
             q, k, _ = rule.sources
             tensors[q] = meta_to_hf_rotary(tensors[q], self.spec.num_heads)
             tensors[k] = meta_to_hf_rotary(tensors[k], self.spec.num_kv_heads)
@@ -268,10 +289,10 @@ class MegatronReader(ContextReader):
         self._loaded, self._pending = {}, {}
 
 
-
-def canonical_from_ranks(states: list[list[dict]], spec: ModelSpec) -> dict[str, torch.Tensor]:
+def canonical_from_ranks(states: list[list[dict]], spec: ModelSpec, layout: Layout = LOCAL) -> dict[str, torch.Tensor]:
     """Inverse of `rank_state_dict` for in-memory dicts: `states[pp_rank][tp_rank]` -> canonical tensors."""
-    reader = MegatronReader(spec, tp=len(states[0]), pp=len(states), load_state=lambda t, p: states[p][t])
+    reader = MegatronReader(spec, tp=len(states[0]), pp=len(states), layout=layout,
+                            load_state=lambda t, p: layout.rename(flatten(states[p][t])))
     return {name: reader.get(name) for name in reader.names()}
 
 
@@ -293,12 +314,24 @@ def load_rank_file(path: Path) -> dict:
         raise InputError(f"{path} is not a readable torch checkpoint: {first}") from None
 
 
-# ---------------------------------------------------------------- opening a folder
-def open_megatron(path: Path) -> MegatronReader:
-    """Open a Megatron torch-format checkpoint (from pth2megatron or `megallama sft`) as a canonical Reader.
+def flatten(model: dict, prefix: str = "") -> dict:
+    """A nested `model` dict (legacy: model['language_model']['encoder'][...]) as one dict of dotted keys."""
+    out: dict = {}
+    for key, value in model.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
-    `path` is the checkpoint root (with latest_checkpointed_iteration.txt) or one iteration folder. Shapes
-    and keys of every rank are checked up front; optimizer and RNG state in the files are ignored.
+
+# ---------------------------------------------------------------- opening a folder
+def open_megatron(path: Path, *, layout: str | None = None) -> MegatronReader:
+    """Open a Megatron torch-format checkpoint of any known layout as a canonical Reader.
+
+    `path` is the checkpoint root (with latest_checkpointed_iteration.txt) or one iteration folder. The layout
+    is detected from the keys unless `layout` names one (`detect.LAYOUTS`). Keys and shapes of every rank are
+    checked up front; optimizer and RNG state in the files are ignored.
     """
     root = Path(path)
     if not root.is_dir():
@@ -307,35 +340,56 @@ def open_megatron(path: Path) -> MegatronReader:
     root = it_dir.parent  # the checkpoint root, also when `path` named an iteration folder
     files, tp, pp = _rank_files(it_dir)
     first = load_rank_file(files[0, 0])
-    manifest = read_manifest(root) or {}
-    if manifest.get("format") != "megatron":
-        manifest = {}
-    model = _model(first, files[0, 0])
-    embedding = model.get("embedding.word_embeddings.weight")
+    args = first.get("args") if isinstance(first, dict) else None
+    stage_keys = [flatten(_model(load_rank_file(files[0, p]), files[0, p])) for p in range(pp)]
+    chosen = layout_named(layout) if layout else detect_layout(k for keys in stage_keys for k in keys)
+    model = chosen.rename(stage_keys[0])
+    del stage_keys
+    embedding = model.get(chosen.embedding.target)
     if not torch.is_tensor(embedding):
-        raise InputError(f"{files[0, 0]} has no embedding.word_embeddings.weight: not a megatron-core GPTModel "
-                         "checkpoint (legacy Megatron layouts are not supported)")
+        raise InputError(f"{files[0, 0]} has no {chosen.embedding.target}: not a {chosen.name} checkpoint")
     padded = embedding.shape[0] * tp
     dtype = normalize_dtype(str(embedding.dtype))
-    args = first.get("args")
-    notes: list[str] = []
-    if manifest.get("spec"):
-        spec = ModelSpec.from_dict({**manifest["spec"], "dtype": dtype})
-        spec = spec.replace(vocab_size=manifest.get("vocab_size", spec.vocab_size))
-    else:
-        spec = spec_from_args(args, padded_vocab_size=padded, dtype=dtype, notes=notes)
     del first, model, embedding
+    spec, notes = _spec(root, args, padded=padded, dtype=dtype)
     if padded < spec.vocab_size:
         raise InputError(f"embedding has {padded} rows but the vocab is {spec.vocab_size}")
     check_parallel(spec, tp=tp, pp=pp)
-    _validate(files, spec, tp=tp, pp=pp, padded=padded)
-    interleaved = bool(manifest.get("rotary_interleaved", getattr(args, "rotary_interleaved", False)))
-    reader = MegatronReader(spec, tp=tp, pp=pp, rotary_interleaved=interleaved,
-                            load_state=lambda t, p: _model(load_rank_file(files[t, p]), files[t, p]))
+    _validate(files, spec, tp=tp, pp=pp, padded=padded, layout=chosen)
+    manifest = _manifest(root)
+    interleaved = bool(manifest.get("rotary_interleaved", getattr(args, "rotary_interleaved", False))
+                       or chosen.rotary_interleaved)
+    reader = MegatronReader(spec, tp=tp, pp=pp, rotary_interleaved=interleaved, layout=chosen,
+                            load_state=lambda t, p: chosen.rename(flatten(_model(load_rank_file(files[t, p]),
+                                                                                 files[t, p]))))
     reader.tokenizer_files = [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
     reader.source_files = [files[t, p] for p in range(pp) for t in range(tp)]
     reader.notes = notes
+    reader.padded_vocab_size = padded
     return reader
+
+
+def _manifest(root: Path) -> dict:
+    manifest = read_manifest(root) or {}
+    return manifest if manifest.get("format") == "megatron" else {}
+
+
+def _spec(root: Path, args, *, padded: int, dtype: str) -> tuple[ModelSpec, list[str]]:
+    """The architecture: megallama.json, else the saved args, else a config.json / params.json beside the
+    checkpoint (the forks save no or partial args)."""
+    notes: list[str] = []
+    manifest = _manifest(root)
+    if manifest.get("spec"):
+        spec = ModelSpec.from_dict({**manifest["spec"], "dtype": dtype})
+        return spec.replace(vocab_size=manifest.get("vocab_size", spec.vocab_size)), notes
+    if args_describe_model(args):
+        return spec_from_args(args, padded_vocab_size=padded, dtype=dtype, notes=notes,
+                              fallback_vocab=tokenizer_vocab(root)), notes
+    spec = spec_from_config_file(root, dtype)
+    if spec is None:
+        raise InputError(f"{root}: the checkpoint's args do not give the architecture (norm eps, sizes): put the "
+                         "model's config.json (HF) or params.json (Meta) into the checkpoint folder")
+    return spec, notes
 
 
 def _iteration_dir(root: Path) -> Path:
@@ -356,13 +410,22 @@ def _iteration_dir(root: Path) -> Path:
     return it_dir
 
 
+def model_file(rank_dir: Path) -> Path:
+    """`model_optim_rng.pt`, or the forks' `model_rng.pt` (distributed optimizer on)."""
+    fork = rank_dir / FORK_MODEL_FILE
+    return fork if fork.is_file() and not (rank_dir / MODEL_FILE).is_file() else rank_dir / MODEL_FILE
+
+
 def _rank_files(it_dir: Path) -> tuple[dict[tuple[int, int], Path], int, int]:
     """{(tp_rank, pp_rank): model file}, TP, PP; every rank of the grid must be present."""
     found = {}
     for p in it_dir.iterdir():
         m = _RANK_DIR.match(p.name)
-        if m and p.is_dir():
-            found[int(m.group(1)), int(m.group(2) or 0)] = (p / MODEL_FILE, m.group(2) is None)
+        if not m or not p.is_dir():
+            continue
+        if (p / "optim.pt").is_file() and not model_file(p).is_file():
+            continue  # a fork's per-DP optimizer shard folder (mp_rank_TT[_PPP]_DDD), no model in it
+        found[int(m.group(1)), int(m.group(2) or 0)] = (model_file(p), m.group(2) is None)
     if not found:
         raise InputError(f"{it_dir} has no mp_rank_* folders")
     if len({plain for _, plain in found.values()}) > 1:
@@ -383,14 +446,15 @@ def _model(ckpt: dict, path: Path) -> dict:
     return ckpt["model"]
 
 
-def _validate(files: dict, spec: ModelSpec, *, tp: int, pp: int, padded: int) -> None:
-    """Every rank holds exactly the keys and shapes its stage needs; collect all problems, raise once."""
+def _validate(files: dict, spec: ModelSpec, *, tp: int, pp: int, padded: int, layout: Layout) -> None:
+    """Every rank holds exactly the keys and shapes its stage needs; collect all problems, raise once.
+    Keys no rule places are refused (named), except those with nothing to convert (`IGNORED_SUFFIXES`)."""
     shapes = expected_shapes(spec)
     problems: list[str] = []
     for (_, pp_rank), path in sorted(files.items(), key=lambda kv: kv[0][::-1]):
-        model = _model(load_rank_file(path), path)
+        model = layout.rename(flatten(_model(load_rank_file(path), path)))
         want = {}
-        for rule, _ in stage_rules(spec, pp_rank=pp_rank, pp=pp):
+        for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
             if rule.sources:
                 want[rule.target] = rank_shape(rule.kind, spec, shapes.get(rule.sources[0], ()), tp=tp,
                                                padded_vocab_size=padded)
@@ -401,10 +465,8 @@ def _validate(files: dict, spec: ModelSpec, *, tp: int, pp: int, padded: int) ->
                 problems.append(f"{where}: missing {key}")
             elif tuple(t.shape) != shape:
                 problems.append(f"{where}: {key} has shape {tuple(t.shape)}, expected {shape}")
-        extra = [k for k in model if k not in want and not k.endswith("_extra_state")]
-        problems += [f"{where}: unexpected {k}" for k in extra]
-        if any("layer_norm_weight" in k for k in extra):
-            problems.insert(0, "written with the Transformer Engine layer spec; only the local spec is supported")
+        unplaced = [k for k in model if k not in want and not k.endswith(IGNORED_SUFFIXES)]
+        problems += [f"{where}: cannot place {k}" for k in unplaced]
     if problems:
-        raise InputError(f"checkpoint does not match its config ({len(problems)} problems): "
-                         + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+        raise InputError(f"checkpoint does not match the {layout.name} layout and its config ({len(problems)} "
+                         "problems): " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))

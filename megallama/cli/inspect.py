@@ -1,0 +1,48 @@
+"""`megallama inspect PATH`: what a checkpoint folder is. Docs: README.md#inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from megallama.cli.common import handle_errors, out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inspect")
+    @handle_errors
+    def inspect(
+        path: Path = typer.Argument(..., help="An HF, Meta pth or Megatron (torch / torch_dist) checkpoint folder."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        layout: str = typer.Option(None, "--layout", help="Force a Megatron layout: mcore-local, mcore-te, legacy, "
+                                                          "llama-fork or alibaba (default: detect from the keys)."),
+    ) -> None:
+        """Detect a checkpoint's format, ckpt format, Megatron layout, TP x PP, iteration, dtype, model, parameter
+        count, true and padded vocab, tokenizer and optimizer state. Exit 2 if the folder is none of them.
+
+        Example: megallama inspect runs/sft --json
+        """
+        from megallama.inspect import inspect_checkpoint
+
+        report = inspect_checkpoint(path, layout=layout)
+        if as_json:
+            print(json.dumps(report.to_json(), indent=2))
+            return
+        table = Table(title=f"megallama inspect {path}", show_header=False, title_justify="left")
+        data = report.to_json()
+        spec = data.pop("spec")
+        for key, value in data.items():
+            if key == "notes" or value in (None, [], ""):
+                continue
+            if key == "num_parameters":
+                value = f"{value:,}"
+            table.add_row(key, Text(", ".join(value) if isinstance(value, list) else str(value)))
+        table.add_row("model", Text(", ".join(f"{k}={v}" for k, v in spec.items()
+                                              if k not in ("dtype", "vocab_size") and v is not None)))
+        for note in report.notes:
+            table.add_row("note", Text(note))
+        out.print(table)

@@ -1,0 +1,166 @@
+"""`inspect`: what a checkpoint folder is (format, ckpt format, layout, TP x PP, iteration, dtype, model, vocab,
+tokenizer, optimizer state), found from its files without reading tensor data (readers open lazily)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from megallama.errors import InputError
+from megallama.spec import ModelSpec, padded_vocab_size
+
+DIST_FILES = (".metadata", "common.pt", "metadata.json")  # a torch_dist iteration folder (formats.md addendum)
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # the distributed optimizer's state beside a rank's model file
+
+
+@dataclass
+class Inspection:
+    """Everything `megallama inspect` reports; None where the format does not have it."""
+
+    path: str
+    format: str  # hf | meta | megatron
+    ckpt_format: str | None = None  # megatron: torch | torch_dist
+    layout: str | None = None  # megatron: mcore-local | mcore-te | legacy | llama-fork | alibaba | mcore (torch_dist)
+    tp: int | None = None
+    pp: int | None = None
+    shards: int | None = None  # meta: consolidated.NN.pth files
+    iteration: int | str | None = None  # "release" or a number
+    dtype: str | None = None
+    spec: dict = field(default_factory=dict)
+    num_parameters: int | None = None
+    vocab_size: int | None = None  # true vocab
+    padded_vocab_size: int | None = None
+    tokenizer: list[str] = field(default_factory=list)  # tokenizer files in the folder
+    tokenizer_type: str | None = None  # as Megatron-LM's --tokenizer-type would name it
+    optimizer_state: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def inspect_checkpoint(path: Path, *, layout: str | None = None) -> Inspection:
+    """Place `path` as an HF, Meta or Megatron (torch / torch_dist) checkpoint; InputError if it is none.
+    `layout` forces a Megatron torch-format layout instead of detecting it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path} is not a folder")
+    # Megatron first: the forks' folders also hold the config.json / params.json their args lack
+    dist = _torch_dist_dir(path)
+    if dist is not None:
+        return _torch_dist(path, dist)
+    if (path / "latest_checkpointed_iteration.txt").is_file() or any(d.name.startswith("mp_rank_")
+                                                                      for d in _subdirs(path)):
+        return _megatron(path, layout)
+    if (path / "config.json").is_file():
+        return _hf(path)
+    if (path / "params.json").is_file() or any((d / "params.json").is_file() for d in _subdirs(path)):
+        return _meta(path)
+    found = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())[:12]) or "nothing"
+    raise InputError(f"{path} is no checkpoint megallama knows (HF config.json, Meta params.json, Megatron "
+                     f"latest_checkpointed_iteration.txt + mp_rank_*/ or torch_dist .metadata); found: {found}")
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return [d for d in path.iterdir() if d.is_dir()]
+
+
+def _base(path: Path, fmt: str, spec: ModelSpec, tokenizer_files) -> Inspection:
+    from megallama.formats.megatron.torch_format import detect_tokenizer
+
+    files = [Path(f) for f in tokenizer_files]
+    return Inspection(path=str(path), format=fmt, dtype=spec.dtype, spec=spec.to_dict(),
+                      num_parameters=spec.num_parameters(), vocab_size=spec.vocab_size,
+                      tokenizer=[f.name for f in files], tokenizer_type=detect_tokenizer(files, path)[0])
+
+
+def _hf(path: Path) -> Inspection:
+    from megallama.formats.hf import open_hf
+
+    with open_hf(path) as r:
+        return _base(path, "hf", r.spec, r.tokenizer_files)
+
+
+def _meta(path: Path) -> Inspection:
+    from megallama.formats.meta import open_meta
+
+    with open_meta(path) as r:
+        report = _base(path, "meta", r.spec, r.tokenizer_files)
+        report.shards = len(r.source_files)
+    return report
+
+
+def _megatron(path: Path, layout: str | None) -> Inspection:
+    from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
+
+    with open_megatron(path, layout=layout) as r:
+        report = _base(path, "megatron", r.spec, r.tokenizer_files)
+        report.ckpt_format, report.layout, report.tp, report.pp = "torch", r.layout.name, r.tp, r.pp
+        report.padded_vocab_size, report.notes = r.padded_vocab_size, list(r.notes)
+        first = r.source_files[0]
+    it_dir = first.parent.parent
+    report.iteration = "release" if it_dir.name == "release" else int(it_dir.name.removeprefix("iter_"))
+    ckpt = load_rank_file(first)
+    optimizer = ckpt.get("optimizer") if isinstance(ckpt, dict) else None
+    # a real optimizer state dict has per-parameter "state"; alibaba's converter stores a dummy without it
+    report.optimizer_state = (isinstance(optimizer, dict) and bool(optimizer.get("state") or
+                                                                    optimizer.get("optimizer"))
+                              or (first.parent / DISTRIB_OPTIM_FILE).is_file()
+                              or any(it_dir.glob("mp_rank_*/optim.pt")))
+    return report
+
+
+def _torch_dist_dir(path: Path) -> Path | None:
+    """The torch_dist iteration folder under `path` (tracker-named), or `path` itself when it is one."""
+    if any((path / f).is_file() for f in DIST_FILES) or any(path.glob("*.distcp")):
+        return path
+    tracker = path / "latest_checkpointed_iteration.txt"
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        it_dir = path / ("release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else text)
+        if it_dir.is_dir() and ((it_dir / ".metadata").is_file() or any(it_dir.glob("*.distcp"))):
+            return it_dir
+    return None
+
+
+def _torch_dist(path: Path, it_dir: Path) -> Inspection:
+    """torch_dist: the architecture from common.pt's args, tensor dtype and sizes from the DCP `.metadata`."""
+    from megallama.formats.megatron.args import spec_from_args
+    from megallama.formats.megatron.torch_format import load_rank_file
+
+    if not (it_dir / "common.pt").is_file():
+        raise InputError(f"{it_dir} looks like torch_dist (.metadata / *.distcp) but has no common.pt")
+    common = load_rank_file(it_dir / "common.pt")
+    args = common.get("args") if isinstance(common, dict) else None
+    tensors = _dcp_tensors(it_dir)
+    embed = tensors.get("embedding.word_embeddings.weight")
+    padded = embed[0][0] if embed else getattr(args, "padded_vocab_size", None)
+    dtype = embed[1] if embed else "float32"
+    notes: list[str] = []
+    spec = spec_from_args(args, padded_vocab_size=padded or 0, dtype=dtype, notes=notes)
+    from megallama.formats.base import TOKENIZER_FILES
+
+    report = _base(path, "megatron", spec, [path / n for n in TOKENIZER_FILES if (path / n).is_file()])
+    report.ckpt_format, report.layout = "torch_dist", "mcore"
+    report.tp = getattr(args, "tensor_model_parallel_size", None)
+    report.pp = getattr(args, "pipeline_model_parallel_size", None)
+    report.iteration = "release" if it_dir.name == "release" else common.get("iteration")
+    report.padded_vocab_size = padded or padded_vocab_size(spec.vocab_size, report.tp or 1)
+    report.optimizer_state = any(k.startswith("optimizer.") for k in tensors)
+    report.notes = notes + ["torch_dist holds global tensors: any TP x PP can load it; tp/pp are the saving run's"]
+    return report
+
+
+def _dcp_tensors(it_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (global shape, dtype)} from a PyTorch Distributed Checkpoint's `.metadata` (no tensor data read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megallama.spec import normalize_dtype
+
+    try:
+        metadata = FileSystemReader(str(it_dir)).read_metadata()
+    except Exception as e:  # unreadable metadata: one line, like every other bad input
+        raise InputError(f"{it_dir / '.metadata'} is not readable DCP metadata: {type(e).__name__}: {e}") from None
+    return {k: (tuple(m.size), normalize_dtype(str(m.properties.dtype)))
+            for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
