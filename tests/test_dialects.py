@@ -135,7 +135,7 @@ def test_pth2megatron_transformer_impl_option(hf_dirs, tmp_path):
     runner = CliRunner()
     out = tmp_path / "te"
     result = runner.invoke(app, ["convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(out),
-                                 "--transformer-impl", "transformer_engine"])
+                                 "--transformer-impl", "transformer_engine", "--ckpt-format", "torch"])
     assert result.exit_code == 0, result.output
     assert "--transformer-impl transformer_engine" in result.stdout
     bad = tmp_path / "bad"

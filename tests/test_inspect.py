@@ -31,7 +31,8 @@ def folders(hf_dirs, tmp_path_factory):
     return {
         "hf": hf,
         "meta": convert(hf, root / "meta", src_format="hf", dst_format="meta", shards=2).output,
-        "local": convert(hf, root / "local", src_format="hf", dst_format="megatron", tp=2, pp=2).output,
+        "local": convert(hf, root / "local", src_format="hf", dst_format="megatron", tp=2, pp=2,
+                         ckpt_format="torch").output,
         "te": build("te", hf, root / "te", tp=2, pp=1),
         "legacy": build("legacy", hf, root / "legacy", tp=1, pp=2),
         "fork": build("fork_distopt", hf_dirs["llama1"], root / "fork", tp=1, pp=1),

@@ -282,7 +282,7 @@ def write_torch_dist(reader: Reader, out_dir: Path, *, tp: int | None = None, pp
     report.files += copy_tokenizer(reader.tokenizer_files, out_dir)
     write_manifest(out_dir, spec=spec, fmt="megatron", sources=reader.source_files, tp=tp or 1, pp=pp or 1,
                    ckpt_format="torch_dist", vocab_size=spec.vocab_size, padded_vocab_size=padded,
-                   divisible_by=divisible_by, rotary_interleaved=False, transformer_impl="local",
+                   divisible_by=divisible_by, rotary_interleaved=False, transformer_impl=args.transformer_impl,
                    layout="mcore-local", iteration="release" if iteration is None else iteration)
     (out_dir / ARGS_FILE).write_text("\n".join(dist_launch_flags(args, final_dir, tp=tp, pp=pp)) + "\n")
     report.files += [MANIFEST, ARGS_FILE, TRACKER]
