@@ -69,7 +69,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
     if divisible_by < 1:
         raise InputError(f"--make-vocab-size-divisible-by must be >= 1 (got {divisible_by})")
     notes: list[str] = []  # stale staging of killed runs, removed by staged_output
-    with Timer() as timer:
+    # The output is checked and its staging folder made first: an unwritable target fails before any reading.
+    with Timer() as timer, staged_output(dst, force=force, notes=notes) as tmp:
         reader = open_reader(src, src_format)
         try:
             check_complete(reader)
@@ -79,10 +80,9 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
             if on_start is not None:
                 out_dtype = TORCH_DTYPES[dtype or reader.spec.dtype]
                 on_start(reader.spec.num_parameters() * out_dtype.itemsize)
-            with staged_output(dst, force=force, notes=notes) as tmp:
-                report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
-                                divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst,
-                                ckpt_format=ckpt_format, transformer_impl=transformer_impl)
+            report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
+                            divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst,
+                            ckpt_format=ckpt_format, transformer_impl=transformer_impl)
         finally:
             reader.close()
     report.output = dst

@@ -116,8 +116,9 @@ def _torch_dist_dir(path: Path) -> Path | None:
         return path
     tracker = path / "latest_checkpointed_iteration.txt"
     if tracker.is_file():
-        text = tracker.read_text().strip()
-        it_dir = path / ("release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else text)
+        text = tracker.read_text(encoding="utf-8", errors="replace").strip()  # a binary file: not torch_dist
+        it_dir = path / ("release" if text == "release" else f"iter_{int(text):07d}"
+                         if text.isascii() and text.isdigit() else text)
         if it_dir.is_dir() and ((it_dir / ".metadata").is_file() or any(it_dir.glob("*.distcp"))):
             return it_dir
     return None

@@ -39,10 +39,11 @@ BINARY = bytes(range(256)) * 4  # not UTF-8, not JSON, not YAML
 def world(hf_dirs, tmp_path_factory) -> dict[str, Path]:
     """Valid inputs every case starts from: HF (llama2, llama1), Meta pth, Megatron TP1 x PP1, SFT data."""
     root = tmp_path_factory.mktemp("bad-inputs")
-    pth, meg = root / "pth", root / "meg"
+    pth, meg, dist = root / "pth", root / "meg", root / "dist"
     convert(hf_dirs["llama2"], pth, src_format="hf", dst_format="meta")
-    convert(pth, meg, src_format="meta", dst_format="megatron", ckpt_format="torch")
-    return {"root": root, "hf": hf_dirs["llama2"], "hf1": hf_dirs["llama1"], "pth": pth, "meg": meg,
+    convert(pth, meg, src_format="meta", dst_format="megatron", ckpt_format="torch")  # what sft loads
+    convert(pth, dist, src_format="meta", dst_format="megatron", ckpt_format="torch_dist")
+    return {"root": root, "hf": hf_dirs["llama2"], "hf1": hf_dirs["llama1"], "pth": pth, "meg": meg, "dist": dist,
             "data": make_learnable_dataset(root / "train.jsonl", n=16, seed=0), "cfg": CONFIG}
 
 
@@ -131,9 +132,9 @@ def int32_weight(w, tmp, lock):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def tracker(text: bytes) -> Callable:
+def tracker(text: bytes, key: str = "meg") -> Callable:
     def setup(w, tmp, lock):
-        folder = copy_of("meg")(w, tmp, lock)
+        folder = copy_of(key)(w, tmp, lock)
         (folder / "latest_checkpointed_iteration.txt").write_bytes(text)
 
     return setup
@@ -165,7 +166,7 @@ def both(*setups: Callable) -> Callable:
 @dataclass
 class Case:
     id: str
-    args: str  # split on spaces after formatting: {hf} {hf1} {pth} {meg} {data} {cfg} {tmp}
+    args: str  # split on spaces after formatting: {hf} {hf1} {pth} {meg} {dist} {data} {cfg} {tmp}
     message: str  # expected in the one stderr line (whitespace-normalised)
     code: int = 2
     setup: Callable | None = None
@@ -199,8 +200,8 @@ CASES = [
          setup=edit_json("hf", "config.json", num_hidden_layers=3)),
     Case("hf-int32-weight", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out",
          "model.layers.1.mlp.up_proj.weight", setup=int32_weight),
-    Case("hf-bad-dtype", HF2PTH + " --dtype fp8", "fp8"),
-    Case("hf-shards-3", HF2PTH + " --shards 3", "3"),
+    Case("hf-bad-dtype", HF2PTH + " --dtype fp8", "unsupported dtype 'fp8'"),
+    Case("hf-shards-3", HF2PTH + " --shards 3", "--shards 3 does not divide"),
     Case("pth-string-dim", "convert pth2hf --input-dir {tmp}/in --output-dir {tmp}/out",
          "dim is '64x', expected an integer", setup=edit_json("pth", "params.json", dim="64x")),
     Case("pth-list-eps", "convert pth2hf --input-dir {tmp}/in --output-dir {tmp}/out",
@@ -218,6 +219,10 @@ CASES = [
          "holds 'latest'", setup=tracker(b"latest\n")),
     Case("m2p-tracker-missing-iteration", "convert megatron2pth --input-dir {tmp}/in --output-dir {tmp}/out",
          "which does not exist", setup=tracker(b"7\n")),
+    Case("m2p-dist-binary-tracker", "convert megatron2pth --input-dir {tmp}/in --output-dir {tmp}/out",
+         "expected 'release' or an iteration number", setup=tracker(BINARY, "dist")),
+    Case("m2p-dist-shards-3", "convert megatron2pth --input-dir {dist} --output-dir {tmp}/out --shards 3",
+         "--shards 3 does not divide"),
     Case("m2p-pth-as-megatron", "convert megatron2pth --input-dir {pth} --output-dir {tmp}/out",
          "latest_checkpointed_iteration.txt"),
     # output side: refused before any work, with what to do
@@ -243,8 +248,10 @@ CASES = [
          setup=write("f", "x")),
     Case("verify-megatron-missing", "verify layer-diff --reference {hf} --megatron {tmp}/nope", "does not exist"),
     Case("verify-seq-len-beyond-max", VERIFY + " --seq-len 100000", "exceeds the model's max_position_embeddings"),
+    Case("verify-dist-seq-len-beyond-max", "verify layer-diff --reference {pth} --megatron {dist} --seq-len 5000",
+         "--seq-len 5000 exceeds the model's max_position_embeddings 4096"),
     Case("verify-seq-len-1", VERIFY + " --seq-len 1", "--seq-len must be >= 2"),
-    Case("verify-bad-dtype", VERIFY + " --dtype fp8", "fp8"),
+    Case("verify-bad-dtype", VERIFY + " --dtype fp8", "unsupported dtype 'fp8'"),
     Case("verify-data-missing", VERIFY + " --data {tmp}/nope.txt", "does not exist"),
     Case("verify-other-model", "verify layer-diff --reference {hf1} --megatron {meg}", "different models"),
     Case("verify-json-is-a-folder", VERIFY + " --json {tmp}", "is a folder"),
@@ -277,7 +284,7 @@ def test_bad_input(case: Case, world, tmp_path, locked):
         case.setup(world, tmp_path, locked)
     paths = {k: v for k, v in world.items() if k != "root"}
     args = case.args.format(tmp=tmp_path, **paths).split()
-    inputs = [world["hf"], world["hf1"], world["pth"], world["meg"], world["data"], tmp_path]
+    inputs = [world["hf"], world["hf1"], world["pth"], world["meg"], world["dist"], world["data"], tmp_path]
     before = snapshot(*inputs)
     beside = sorted(os.listdir(world["root"]))
 

@@ -418,8 +418,8 @@ def find_iteration_dir(path: Path) -> Path | None:
         return path
     tracker = path / TRACKER
     if tracker.is_file():
-        text = tracker.read_text(encoding="utf-8", errors="replace").strip()  # a binary file: refused later
-        if text == "release" or text.isdigit():
+        text = tracker.read_text(encoding="utf-8", errors="replace").strip()  # a binary file: not torch_dist
+        if text == "release" or (text.isascii() and text.isdigit()):
             it_dir = iteration_dir(path, None if text == "release" else int(text))
             if (it_dir / DCP_METADATA).is_file() or (it_dir / CONFIG_FILE).is_file():
                 return it_dir
