@@ -175,7 +175,7 @@ def bench_conversion() -> dict:
     (WORK / "copy.bin").unlink()
     hf2pth = measure(megallama("convert", "hf2pth", "--input-dir", str(hf), "--output-dir", str(pth), "--force"))
     pth2meg = measure(megallama("convert", "pth2megatron", "--input-dir", str(pth), "--output-dir", str(meg),
-                                "--tp", "2", "--force"))
+                                "--tp", "2", "--ckpt-format", "torch", "--force"))
     naive_run = measure([PY, "-c", NAIVE_SPLIT, str(hf), str(naive), "2"])
     shutil.rmtree(naive, ignore_errors=True)
 
@@ -220,7 +220,8 @@ def bench_sft_throughput() -> dict:
             f.write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
     pth, meg, out = WORK / "sft-pth", WORK / "sft-meg", WORK / "sft-out"
     measure(megallama("convert", "hf2pth", "--input-dir", str(hf), "--output-dir", str(pth), "--force"))
-    measure(megallama("convert", "pth2megatron", "--input-dir", str(pth), "--output-dir", str(meg), "--force"))
+    measure(megallama("convert", "pth2megatron", "--input-dir", str(pth), "--output-dir", str(meg),
+                      "--ckpt-format", "torch", "--force"))
     shutil.rmtree(out, ignore_errors=True)
     measure(megallama("sft", "--config", str(ROOT.parent / "configs/sft/tiny-cpu.yaml"), f"load={meg}",
                       f"data.train={data}", "data.eval=null", "data.format=pretokenized", f"data.seq_length={seq}",
@@ -244,7 +245,7 @@ def bench_verify() -> dict:
     tiny_pth, tiny_meg = WORK / "tiny-pth", WORK / "tiny-meg"
     measure(megallama("convert", "hf2pth", "--input-dir", str(tiny), "--output-dir", str(tiny_pth), "--force"))
     measure(megallama("convert", "pth2megatron", "--input-dir", str(tiny_pth), "--output-dir", str(tiny_meg),
-                      "--tp", "2", "--pp", "2", "--force"))
+                      "--tp", "2", "--pp", "2", "--ckpt-format", "torch", "--force"))
     results = {}
     for name, ref, meg in (("tiny_tp2_pp2", tiny, tiny_meg), ("1b_tp2", WORK / "hf-1b", WORK / "meg-1b-tp2")):
         run = measure(megallama("verify", "layer-diff", "--reference", str(ref), "--megatron", str(meg),
@@ -253,6 +254,93 @@ def bench_verify() -> dict:
         results[name] = {"seconds": run["seconds"], "peak_rss_gb": run["peak_rss"] / 1e9,
                          "verdict": report["verdict"], "max_abs_logits_diff": report["max_abs_logits_diff"]}
     return results
+
+
+WHOLE_MODEL_DIST_SAVE = r"""
+import sys, torch
+from pathlib import Path
+import megallama.runtime
+from megallama.formats.hf import open_hf
+from megallama.formats.megatron.torch_format import rank_state_dict
+from megallama.model import build_gpt_model
+from megallama.runtime import init_distributed
+from megallama.spec import padded_vocab_size
+
+def main():
+    from megatron.core import dist_checkpointing
+    init_distributed()
+    with open_hf(Path(sys.argv[1])) as r:
+        spec = r.spec
+        padded = padded_vocab_size(spec.vocab_size, 1)
+        model = build_gpt_model(spec, padded_vocab_size=padded, dtype=spec.dtype)  # the whole model in RAM
+        model.load_state_dict(rank_state_dict(r, spec, tp_rank=0, tp=1, pp_rank=0, pp=1, padded_vocab_size=padded))
+    out = Path(sys.argv[2]) / "release"
+    out.mkdir(parents=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(out))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+READ_ALL = r"""
+import sys
+from megallama.convert import open_reader
+with open_reader(sys.argv[1], "megatron") as r:
+    for name in r.names():
+        r.get(name)  # canonical tensor, dropped at once
+"""
+
+
+def bench_torch_dist() -> dict:
+    """torch_dist write (hf2megatron) and read (the reader alone, and megatron2hf end to end) on the 1B shape,
+    next to the torch-format writer, a whole-model megatron-core dist_checkpointing.save and the copy floor.
+    Memory above "the same command on the tiny model" (imports, not tensors) is compared with the largest tensor
+    written at once (the embedding / output layer); file-backed pages of the mapped input count only in RSS."""
+    from megallama.tiny import make_hf_checkpoint
+
+    hf = build_hf_1b(WORK / "hf-1b")
+    tiny = make_hf_checkpoint(WORK / "tiny-hf-td", "llama2")
+    dist, torch_fmt, back, whole = WORK / "dist-1b", WORK / "torch-1b", WORK / "dist-1b-hf", WORK / "whole-1b"
+    model_bytes = folder_bytes(hf, "*.safetensors")
+    floor = measure([PY, "-c", f"import shutil; shutil.copyfile({str(hf / 'model.safetensors')!r}, "
+                     f"{str(WORK / 'copy.bin')!r})"])
+    (WORK / "copy.bin").unlink()
+
+    def write(src: Path, out: Path, *extra: str) -> dict:
+        return measure(megallama("convert", "hf2megatron", "--input-dir", str(src), "--output-dir", str(out),
+                                 "--force", *extra))
+
+    base_write = write(tiny, WORK / "tiny-dist")
+    base_torch = write(tiny, WORK / "tiny-torch", "--ckpt-format", "torch")
+    base_read = measure([PY, "-c", READ_ALL, str(WORK / "tiny-dist")])
+    runs = {  # name: (run, output folder or None, baseline run)
+        "torch_dist_write": (write(hf, dist), dist, base_write),
+        "torch_write": (write(hf, torch_fmt, "--ckpt-format", "torch"), torch_fmt, base_torch),
+        "torch_dist_read": (measure([PY, "-c", READ_ALL, str(dist)]), None, base_read),
+        "torch_dist_to_hf": (measure(megallama("convert", "megatron2hf", "--input-dir", str(dist), "--output-dir",
+                                               str(back), "--force")), back, base_write),
+        "whole_model_dist_save": (measure([PY, "-c", WHOLE_MODEL_DIST_SAVE, str(hf), str(whole)]), whole,
+                                  base_write),
+    }
+    largest = 32000 * 2048 * 2  # the embedding (and output layer) chunk: the largest tensor written at once
+    out = {"model_gb": model_bytes / 1e9, "copy_floor_seconds": floor["seconds"], "largest_tensor_gb": largest / 1e9}
+    for name, (run, folder, base) in runs.items():
+        moved = model_bytes + (folder_bytes(folder) if folder else 0)
+        out[name] = {"seconds": run["seconds"], "x_floor": run["seconds"] / (floor["seconds"] * (2 if folder else 1)),
+                     "gb_per_s": moved / 1e9 / run["seconds"],
+                     "peak_rss_gb": run["peak_rss"] / 1e9, "peak_anon_gb": run["peak_anon"] / 1e9,
+                     "baseline_anon_gb": base["peak_anon"] / 1e9,
+                     "anon_above_baseline_over_largest_tensor": (run["peak_anon"] - base["peak_anon"]) / largest}
+    return out
+
+
+def torch_dist_rows(table, td: dict) -> None:
+    for name in ("torch_dist_write", "torch_write", "torch_dist_read", "torch_dist_to_hf", "whole_model_dist_save"):
+        s = td[name]
+        table.add_row(f"{name} 1B bf16", f"{s['seconds']:.1f} s, {s['x_floor']:.1f}x floor",
+                      f"peak RSS {s['peak_rss_gb']:.2f} GB (anon {s['peak_anon_gb']:.2f})",
+                      f"anon above tiny run = {s['anon_above_baseline_over_largest_tensor']:.2f}x largest tensor")
 
 
 def print_table(results: dict) -> None:
@@ -277,6 +365,8 @@ def print_table(results: dict) -> None:
     for name, v in ver.items():
         table.add_row(f"verify {name}", f"{v['seconds']:.1f} s ({v['verdict']})",
                       f"max |dlogits| {v['max_abs_logits_diff']:.2e}", "")
+    if "torch_dist" in results:
+        torch_dist_rows(table, results["torch_dist"])
     Console().print(table)
 
 
@@ -285,7 +375,8 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     try:
         results = {"machine": machine, "date": time.strftime("%Y-%m-%d"),
-                   "conversion": bench_conversion(), "sft": bench_sft_throughput(), "verify": bench_verify()}
+                   "conversion": bench_conversion(), "torch_dist": bench_torch_dist(), "sft": bench_sft_throughput(),
+                   "verify": bench_verify()}
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
     (ROOT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -294,4 +385,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["torch_dist"]:  # just this part: python bench/bench.py torch_dist
+        WORK.mkdir(parents=True, exist_ok=True)
+        try:
+            print(json.dumps(bench_torch_dist(), indent=2))
+        finally:
+            shutil.rmtree(WORK, ignore_errors=True)
+    else:
+        main()

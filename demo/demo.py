@@ -104,7 +104,8 @@ def main() -> None:
     pth, meg, sft = OUT / "base-pth", OUT / "base-tp2-pp2", OUT / "sft"
     step("convert hf2pth", megallama("convert", "hf2pth", "--input-dir", str(hf), "--output-dir", str(pth)))
     step("convert pth2megatron --tp 2 --pp 2", megallama("convert", "pth2megatron", "--input-dir", str(pth),
-                                                          "--output-dir", str(meg), "--tp", "2", "--pp", "2"))
+                                                          "--output-dir", str(meg), "--tp", "2", "--pp", "2",
+                                                          "--ckpt-format", "torch"))
     step("verify layer-diff (HF vs Megatron TP2xPP2)",
          megallama("verify", "layer-diff", "--reference", str(hf), "--megatron", str(meg),
                    "--json", str(OUT / "verify.json")))

@@ -17,35 +17,41 @@ from megallama.formats.base import (
     check_complete,
     folder_bytes,
     peak_rss_bytes,
+    require_folder,
     staged_output,
 )
 from megallama.spec import check_parallel, normalize_dtype
 
 FORMATS = ("hf", "meta", "megatron")
+CKPT_FORMATS = ("torch_dist", "torch")  # Megatron --ckpt-format; torch_dist is Megatron-LM's default
 
 
 def open_reader(path: Path, fmt: str):
     """Open a checkpoint folder of format `fmt` as a canonical Reader."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"input folder {path} does not exist")
+    path = require_folder(path)
     if fmt == "hf":
         from megallama.formats.hf import open_hf
         return open_hf(path)
     if fmt == "meta":
         from megallama.formats.meta import open_meta
         return open_meta(path)
-    if fmt == "megatron":
+    if fmt == "megatron":  # torch_dist or torch format, told apart by the files
+        from megallama.formats.megatron.torch_dist import find_iteration_dir, open_torch_dist
+        if find_iteration_dir(path) is not None:
+            return open_torch_dist(path)
         from megallama.formats.megatron.torch_format import open_megatron
         return open_megatron(path)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
-def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int = 1, pp: int = 1, shards: int = 1,
-            dtype: str | None = None, divisible_by: int = 128, force: bool = False,
-            on_tensor: OnTensor | None = None, on_start: Callable[[int], None] | None = None,
-            transformer_impl: str = "local") -> WriteReport:
+def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int | None = None, pp: int | None = None,
+            shards: int = 1, dtype: str | None = None, divisible_by: int = 128, force: bool = False,
+            ckpt_format: str = "torch_dist", transformer_impl: str = "local", on_tensor: OnTensor | None = None,
+            on_start: Callable[[int], None] | None = None) -> WriteReport:
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
+
+    Megatron output is `ckpt_format` "torch_dist" (loads at any TP x PP; `tp`/`pp` only pad the vocab and fill
+    the launch flags) or "torch" (per-rank files split for `tp` x `pp`, default 1 x 1).
 
     `on_start(nbytes)` hears the tensor bytes about to be written, once the input is open (for a progress bar).
     """
@@ -55,25 +61,29 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
     if src_abs == dst_abs or dst_abs in src_abs.parents or src_abs in dst_abs.parents:
         raise InputError(f"input {src} and output {dst} overlap: choose an output folder outside the input "
                          "(and not containing it)")
+    if ckpt_format not in CKPT_FORMATS:
+        raise InputError(f"unknown --ckpt-format {ckpt_format!r}: expected one of {', '.join(CKPT_FORMATS)}")
     if divisible_by < 1:
         raise InputError(f"--make-vocab-size-divisible-by must be >= 1 (got {divisible_by})")
+    notes: list[str] = []  # stale staging of killed runs, removed by staged_output
     with Timer() as timer:
         reader = open_reader(src, src_format)
         try:
             check_complete(reader)
             if dst_format == "megatron":
-                check_parallel(reader.spec, tp=tp, pp=pp)
+                check_parallel(reader.spec, tp=tp or 1, pp=pp or 1)
             bytes_read = sum(p.stat().st_size for p in reader.source_files)
             if on_start is not None:
                 out_dtype = TORCH_DTYPES[dtype or reader.spec.dtype]
                 on_start(reader.spec.num_parameters() * out_dtype.itemsize)
-            with staged_output(dst, force=force) as tmp:
+            with staged_output(dst, force=force, notes=notes) as tmp:
                 report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
                                 divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst,
-                                transformer_impl=transformer_impl)
+                                ckpt_format=ckpt_format, transformer_impl=transformer_impl)
         finally:
             reader.close()
     report.output = dst
+    report.notes[:0] = notes
     report.seconds = timer.seconds
     report.bytes_read = bytes_read
     report.bytes_written = folder_bytes(dst)
@@ -82,15 +92,20 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
 
 
 def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_by, on_tensor,
-           final_dir: Path, transformer_impl: str = "local") -> WriteReport:
+           final_dir: Path, ckpt_format: str = "torch_dist", transformer_impl: str = "local") -> WriteReport:
     if fmt == "hf":
         from megallama.formats.hf import write_hf
         return write_hf(reader, out_dir, dtype=dtype, on_tensor=on_tensor)
     if fmt == "meta":
         from megallama.formats.meta import write_meta
         return write_meta(reader, out_dir, shards=shards, dtype=dtype, on_tensor=on_tensor)
+    if fmt == "megatron" and ckpt_format == "torch_dist":
+        from megallama.formats.megatron.torch_dist import write_torch_dist
+        return write_torch_dist(reader, out_dir, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
+                                on_tensor=on_tensor, final_dir=final_dir,
+                                args_overrides={"transformer_impl": transformer_impl})
     if fmt == "megatron":
         from megallama.formats.megatron.torch_format import write_megatron
-        return write_megatron(reader, out_dir, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
+        return write_megatron(reader, out_dir, tp=tp or 1, pp=pp or 1, dtype=dtype, divisible_by=divisible_by,
                               on_tensor=on_tensor, final_dir=final_dir, transformer_impl=transformer_impl)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

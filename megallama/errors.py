@@ -1,14 +1,18 @@
-"""The three error types the library raises; the CLI turns each into one line and its exit code."""
+"""The error types the library raises; the CLI turns each into one line and its exit code.
+
+Exit codes (README.md#exit-codes): 0 success, 1 a check ran and failed (CheckFailed, a FAIL verdict),
+2 bad input (InputError, usage errors), 3 megallama itself broke (MegallamaError, any unexpected exception).
+"""
 
 
 class MegallamaError(Exception):
-    """Base error. `exit_code` is what the CLI exits with."""
+    """Base error, and the one for internal failures (a crashed worker): exit code 3."""
 
-    exit_code = 1
+    exit_code = 3
 
 
 class InputError(MegallamaError):
-    """Bad input: missing files, contradicting shapes, impossible TP/PP. Exit code 2."""
+    """Bad input: missing files, contradicting shapes, impossible TP/PP, an unwritable output. Exit code 2."""
 
     exit_code = 2
 
@@ -17,3 +21,6 @@ class CheckFailed(MegallamaError):
     """A check ran and failed (verdict FAIL, smoke test failure). Exit code 1."""
 
     exit_code = 1
+
+
+INTERNAL_ERROR = MegallamaError.exit_code

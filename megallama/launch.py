@@ -6,7 +6,9 @@ NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT variables; extra torchrun argumen
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -48,9 +50,36 @@ def launch_env(nproc: int = 1) -> dict[str, str]:
 
 def run_torchrun(target: list[str], *, nproc: int, extra: list[str] | None = None,
                  capture: bool = False) -> subprocess.CompletedProcess:
-    """Run `target` on `nproc` local ranks and wait. Output streams through unless `capture`."""
+    """Run `target` on `nproc` local ranks and wait. Output streams through unless `capture`.
+
+    torchrun and its ranks get a process group of their own: if this process is interrupted (Ctrl-C, SIGTERM),
+    the whole group is stopped with it, not just torchrun (whose ranks would run on as orphans).
+    """
     cmd = torchrun_command(target, nproc=nproc, extra=extra)
-    return subprocess.run(cmd, env=launch_env(nproc), text=True, capture_output=capture)
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(cmd, env=launch_env(nproc), text=True, stdout=pipe, stderr=pipe, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        stop_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to torchrun and its ranks (torchrun then stops its ranks itself); SIGKILL whatever is left."""
+    from megallama.staging import signals_deferred
+
+    with signals_deferred():  # a second Ctrl-C must not cut this short and leave ranks behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def is_torchrun_worker() -> bool:

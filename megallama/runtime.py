@@ -13,12 +13,17 @@ GPTModel, pipeline schedules, DDP and optimizer on CPU with the gloo backend, `a
    separate generator keeps those swaps from disturbing the default CPU generator that data shuffling uses.
 3. `torch.cuda.synchronize`, `torch.cuda.Stream/Event/current_stream/stream` -> no-ops: CPU work is synchronous
    (distributed_data_parallel.py creates a communication stream; p2p_communication.py synchronizes).
-4. Tensor factories called with `device="cuda"` (`torch.zeros/empty/ones/full/tensor/arange`) -> CPU:
-   pipeline_parallel/schedules.py allocates `total_num_tokens` with a literal `device="cuda"`, and
-   distributed/param_and_grad_buffer.py a warm-up tensor.
+4. Tensor factories called with `device="cuda"` (`torch.zeros/empty/ones/full/tensor/arange`) -> CPU, for
+   megatron-core's modules only: pipeline_parallel/schedules.py allocates `total_num_tokens` with a literal
+   `device="cuda"`, distributed/param_and_grad_buffer.py a warm-up tensor, optimizer/*.py their scalars. Those
+   modules' global `torch` becomes a proxy of the real module whose factories do the redirect (`_CpuTorch`);
+   `torch.zeros` itself is never replaced, because other code keys on the identity of those functions (torch's
+   device context does; replacing `torch.tensor` left transformers' rotary `inv_freq` uninitialised).
 5. `Tensor.cuda()` -> identity: optimizer.py / distrib_optimizer.py move state with `.cuda()`.
-6. `Tensor.type()` reports CPU tensors under their CUDA names ('torch.cuda.FloatTensor'): optimizer.py,
-   distrib_optimizer.py and clip_grads.py recognise parameter dtypes by those strings.
+6. `Tensor.type()` reports CPU tensors under their CUDA names ('torch.cuda.FloatTensor') when megatron-core
+   asks: optimizer.py, distrib_optimizer.py and clip_grads.py recognise parameter dtypes by those strings.
+
+Outside megatron-core only code that itself names CUDA (`torch.cuda.*`, `.cuda()`) sees a difference.
 
 Each CPU rank gets cores / local ranks intra-op threads (one each when ranks outnumber cores),
 otherwise the ranks fight over the cores.
@@ -29,7 +34,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import importlib.abc
 import os
+import sys
+import types
 import warnings
 
 import torch
@@ -43,6 +51,7 @@ for _msg in ("Apex is not installed", "full scope is deprecated", "When using as
 
 _APPLIED = False
 _CPU_CUDA_GENERATOR: torch.Generator | None = None
+_MCORE = "megatron.core"
 _FACTORIES = ("zeros", "empty", "ones", "full", "tensor", "arange", "randn", "rand", "empty_strided")
 
 
@@ -77,6 +86,52 @@ def _cpu_factory(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+class _CpuTorch(types.ModuleType):
+    """What megatron-core's modules see as `torch`: the real module, with CUDA-placing factories sent to the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _redirect_factories(module, proxy: _CpuTorch) -> None:
+    if getattr(module, "__name__", "").startswith(_MCORE) and getattr(module, "torch", None) is torch:
+        module.torch = proxy
+
+
+class _MegatronImports(importlib.abc.MetaPathFinder):
+    """Gives megatron-core modules imported after `apply_cpu_compat()` the proxy too."""
+
+    def __init__(self, proxy: _CpuTorch):
+        self.proxy = proxy
+
+    def find_spec(self, name, path, target=None):
+        if not name.startswith(_MCORE):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is not None and hasattr(loader, "exec_module"):
+            exec_module = loader.exec_module
+
+            def exec_and_redirect(module):
+                exec_module(module)
+                _redirect_factories(module, self.proxy)
+
+            loader.exec_module = exec_and_redirect
+        return spec
 
 
 class _NoOpStream:
@@ -138,9 +193,11 @@ def apply_cpu_compat() -> None:
     torch.cuda.Event = _NoOpStream
     torch.cuda.current_stream = lambda device=None: _NoOpStream()
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()
-    # (4) literal device="cuda" factories
-    for name in _FACTORIES:
-        setattr(torch, name, _cpu_factory(getattr(torch, name)))
+    # (4) literal device="cuda" factories, in megatron-core's modules (loaded now or later) only
+    proxy = _CpuTorch()
+    for module in list(sys.modules.values()):
+        _redirect_factories(module, proxy)
+    sys.meta_path.insert(0, _MegatronImports(proxy))
     # (5) .cuda() on tensors
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     # (6) dtype names as the optimizer expects them on GPU
@@ -150,7 +207,8 @@ def apply_cpu_compat() -> None:
 def _cuda_named_type(original):
     def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
         name = original(self, dtype, non_blocking, **kwargs)
-        if dtype is None and isinstance(name, str) and name.startswith("torch.") and self.device.type == "cpu":
+        if (dtype is None and isinstance(name, str) and name.startswith("torch.") and self.device.type == "cpu"
+                and sys._getframe(1).f_globals.get("__name__", "").startswith(_MCORE)):
             return "torch.cuda." + name.removeprefix("torch.")
         return name
 

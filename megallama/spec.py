@@ -134,6 +134,7 @@ class ModelSpec:
                                "vocab_size") if k not in cfg]
         if missing:
             raise InputError(f"config.json is missing {', '.join(missing)}")
+        check_numbers("config.json", cfg, HF_NUMBERS)
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise InputError("config.json has attention_bias/mlp_bias: biased LLaMA variants are not supported")
         if cfg.get("hidden_act", "silu") != "silu":
@@ -216,6 +217,7 @@ class ModelSpec:
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
         if missing:
             raise InputError(f"params.json is missing {', '.join(missing)}")
+        check_numbers("params.json", params, META_NUMBERS)
         dim = params["dim"]
         ffn = meta_ffn_size(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
         vocab = params.get("vocab_size", -1)
@@ -286,6 +288,28 @@ class ModelSpec:
     def from_dict(cls, data: dict) -> ModelSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+# Numeric keys of each config file: checked by name first, so a string or list gets a message naming its key.
+HF_NUMBERS = {"hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "num_key_value_heads": int,
+              "intermediate_size": int, "vocab_size": int, "head_dim": int, "max_position_embeddings": int,
+              "rms_norm_eps": float, "rope_theta": float}
+META_NUMBERS = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "vocab_size": int,
+                "multiple_of": int, "norm_eps": float, "rope_theta": float, "ffn_dim_multiplier": float}
+
+
+def check_numbers(source: str, data: dict, kinds: dict[str, type]) -> None:
+    """Every present, non-null key of `kinds` must be a finite number of its kind; one line naming each one."""
+    bad = []
+    for key, kind in kinds.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (kind is int and value != int(value)):
+            bad.append(f"{key} is {value!r}, expected {'an integer' if kind is int else 'a number'}")
+    if bad:
+        raise InputError(f"{source}: {'; '.join(bad)}")
 
 
 def _parsed(source: str, parse, *args, **kwargs) -> ModelSpec:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -325,6 +326,12 @@ def write_json(report: LayerDiffReport, path: Path) -> None:
             return [clean(v) for v in obj]
         return obj
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(clean(report.to_json()), indent=2) + "\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # a reader never sees half a report
+    try:
+        tmp.write_text(json.dumps(clean(report.to_json()), indent=2) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 

@@ -41,9 +41,9 @@ Encoder = Callable[[str], list[int]]
 # ---------------------------------------------------------------- reference format
 def reference_format(path: Path) -> str:
     """'hf' for a folder with config.json, 'meta' for params.json (directly or in its single sub-folder)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"reference folder {path} does not exist")
+    from megallama.formats.base import require_folder
+
+    path = require_folder(path, "reference folder")
     if (path / "config.json").is_file():
         return "hf"
     if (path / "params.json").is_file() or any((d / "params.json").is_file() for d in path.iterdir() if d.is_dir()):
@@ -64,7 +64,7 @@ class Job:
     pp: int
     padded_vocab_size: int
     rotary_interleaved: bool  # of the model the workers build (False when they convert through canonical tensors)
-    rank_files: list[str]  # index pp_rank * tp + tp_rank
+    rank_files: list[str]  # index pp_rank * tp + tp_rank; for torch_dist the iteration folder, for every rank
     tokens: torch.Tensor  # [b, s]
     token_source: str
     notes: list[str] = field(default_factory=list)
@@ -74,22 +74,36 @@ class Job:
 def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64,
             batch: int = 2) -> Job:
     """Validate both folders and build the token batch; every problem here is an InputError (exit 2)."""
-    from megallama.formats.base import read_manifest
+    from megallama.formats.base import read_manifest, require_folder
     from megallama.formats.megatron.local import LOCAL
-    from megallama.formats.megatron.torch_format import open_megatron
+    from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
 
     reference, megatron = Path(reference), Path(megatron)
     if seq_len < 2 or batch < 1:
         raise InputError(f"--seq-len must be >= 2 and --batch >= 1 (got {seq_len}, {batch})")
     fmt = reference_format(reference)
     ref_spec = _reference_spec(reference, fmt)
-    if not megatron.is_dir():
-        raise InputError(f"Megatron folder {megatron} does not exist")
-    with open_megatron(megatron) as meg:
+    require_folder(megatron, "Megatron folder")
+    from megallama.formats.megatron.torch_dist import find_iteration_dir, open_torch_dist
+
+    dist_dir = find_iteration_dir(megatron)
+    with (open_torch_dist if dist_dir else open_megatron)(megatron) as meg:
         spec, tp, pp, files, notes = meg.spec, meg.tp, meg.pp, [str(f) for f in meg.source_files], list(meg.notes)
         layout, padded, interleaved = meg.layout.name, meg.padded_vocab_size, meg.rotary_interleaved
     manifest = read_manifest(megatron) or read_manifest(megatron.parent) or {}
     padded = manifest.get("padded_vocab_size") or padded
+    if dist_dir is not None:
+        # torch_dist loads at any TP x PP: run it at the one it was written for (megallama.json), else 1 x 1;
+        # every rank reads its own slices of the iteration folder with megatron-core's dist_checkpointing
+        tp, pp = int(manifest.get("tp", 1)), int(manifest.get("pp", 1))
+        from megallama.formats.megatron.torch_dist import DistCheckpoint
+        from megallama.spec import padded_vocab_size
+
+        rows = DistCheckpoint(dist_dir).tensors["embedding.word_embeddings.weight"].size[0]
+        padded = rows if rows % tp == 0 else padded_vocab_size(spec.vocab_size, tp)
+        files = [str(dist_dir)] * (tp * pp)
+    if not padded:
+        padded = load_rank_file(Path(files[0]))["model"]["embedding.word_embeddings.weight"].shape[0] * tp
     if "vocab_size" not in manifest and spec.vocab_size == padded and ref_spec.vocab_size <= padded:
         # A Megatron-LM checkpoint without megallama.json may not know its true vocab (only the padded rows):
         # the reference's is the one to compare on.
@@ -99,6 +113,9 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
                      f"of {padded} logit columns")
     check_same_shapes(ref_spec, spec)
     check_launchable(spec, tp=tp, pp=pp)
+    if seq_len > spec.max_position_embeddings:
+        raise InputError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{spec.max_position_embeddings}: pass --seq-len {spec.max_position_embeddings} or less")
     notes += spec_differences(ref_spec, spec)
     tokens, source = sample_tokens([megatron, reference], vocab_size=spec.vocab_size, data=data,
                                    seq_len=seq_len, batch=batch)

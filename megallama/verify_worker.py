@@ -90,7 +90,13 @@ def load_model(job: dict, dtype: str):
     model = build_gpt_model(spec, padded_vocab_size=job["padded_vocab_size"], dtype=dtype,
                             rotary_interleaved=job["rotary_interleaved"]).eval()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    state, path = rank_state(job, spec, tp_rank=tp_rank, pp_rank=pp_rank)
+    path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
+    if path.is_dir():  # a torch_dist iteration folder: megatron-core reads this rank's slices, as Megatron-LM does
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"]
+    else:
+        state, path = rank_state(job, spec, tp_rank=tp_rank, pp_rank=pp_rank)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

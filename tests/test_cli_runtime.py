@@ -17,7 +17,8 @@ def test_help_lists_commands():
     for command in ("convert", "verify", "sft", "doctor"):
         assert command in result.output
     result = runner.invoke(app, ["convert", "--help"])
-    for command in ("hf2pth", "pth2hf", "pth2megatron", "megatron2pth"):
+    for command in ("hf2pth", "pth2hf", "pth2megatron", "megatron2pth", "hf2megatron", "megatron2hf",
+                    "megatron2megatron"):
         assert command in result.output
     assert "layer-diff" in runner.invoke(app, ["verify", "--help"]).output
 

@@ -342,7 +342,7 @@ def pth_dirs(hf_dirs, tmp_path_factory):
 def test_cli_hf_pth_megatron_pth_hf_bit_exact(hf_dirs, pth_dirs, tmp_path, preset, tp, pp):
     meg, pth, hf = tmp_path / "meg", tmp_path / "pth", tmp_path / "hf"
     result = cli("convert", "pth2megatron", "--input_dir", pth_dirs[preset], "--output_dir", meg,
-                 "--tensor_size", tp, "--pipeline_size", pp)
+                 "--tensor_size", tp, "--pipeline_size", pp, "--ckpt-format", "torch")
     assert result.exit_code == 0, result.output
     assert "GB/s" in result.stdout and "peak RSS" in result.stdout
     assert f"--load {meg.resolve()}" in result.stdout  # the launch flags are printed, and saved
@@ -363,7 +363,7 @@ def test_cli_model_size_folder_convention(pth_dirs, tmp_path):
     # the reference scripts' --input_dir X --model_size 7B reads X/7B/
     shutil.copytree(pth_dirs["llama2"], tmp_path / "weights" / "7B")
     result = cli("convert", "pth2megatron", "--input_dir", tmp_path / "weights", "--model_size", "7B",
-                 "--output_dir", tmp_path / "meg", "--tensor_size", 2)
+                 "--output_dir", tmp_path / "meg", "--tensor_size", 2, "--ckpt-format", "torch")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "meg/release/mp_rank_01" / MODEL_FILE).is_file()
 

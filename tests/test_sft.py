@@ -39,7 +39,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
              "eval": make_learnable_dataset(root / "eval.jsonl", n=32, seed=1)}
     for tp, pp in ((1, 1), (2, 2)):
         paths[f"meg{tp}{pp}"] = root / f"meg{tp}{pp}"
-        convert(root / "pth", paths[f"meg{tp}{pp}"], src_format="meta", dst_format="megatron", tp=tp, pp=pp)
+        convert(root / "pth", paths[f"meg{tp}{pp}"], src_format="meta", dst_format="megatron", tp=tp, pp=pp,
+                ckpt_format="torch")  # what sft loads today
     return paths
 
 

@@ -172,7 +172,8 @@ def meg_dirs(hf_dirs, verify_root):
     """{(preset, tp, pp): Megatron folder converted from the HF fixture} (GQA and Llama 3 at every grid, tied 1x2)."""
     wanted = [(p, tp, pp) for p in ("llama2", "llama3") for tp, pp in GRIDS] + [("tied", 1, 2)]
     return {key: convert(hf_dirs[key[0]], verify_root / "meg-{}-tp{}-pp{}".format(*key), src_format="hf",
-                         dst_format="megatron", tp=key[1], pp=key[2]).output for key in wanted}
+                         dst_format="megatron", tp=key[1], pp=key[2], ckpt_format="torch").output
+            for key in wanted}
 
 
 @pytest.fixture(scope="session")
@@ -325,11 +326,23 @@ def megatron_lm_style(meg_dirs, verify_root):
 
 
 @pytest.fixture(scope="session")
-def fp32_reports(hf_dirs, meg_dirs, meta_dir, broken, megatron_lm_style):
+def deep(verify_root):
+    """A 16-layer tiny model: tolerances grow with depth, and a small bug must still stand out at that depth."""
+    from megallama.tiny import PRESETS
+
+    hf = make_hf_checkpoint(verify_root / "hf-deep16", PRESETS["llama2"].replace(num_layers=16))
+    meg = convert(hf, verify_root / "meg-deep16", src_format="hf", dst_format="megatron").output
+    return {"hf": hf, "meg": meg, "eps-bug": broken_copy(meg, verify_root / "bug-deep16-eps", norm_eps_1e6)}
+
+
+@pytest.fixture(scope="session")
+def fp32_reports(hf_dirs, meg_dirs, meta_dir, broken, megatron_lm_style, deep):
     """Every fp32 verification of this file, in one call: four torchrun launches (one per TP x PP)."""
     pairs = {f"pass-{p}-tp{t}-pp{q}": (hf_dirs[p], d) for (p, t, q), d in meg_dirs.items()}
     pairs["pass-meta-reference"] = (meta_dir, meg_dirs["llama2", 1, 1])
     pairs["pass-no-manifest"] = (hf_dirs["llama2"], megatron_lm_style)
+    pairs["pass-deep16"] = (deep["hf"], deep["meg"])
+    pairs["P13-norm-eps-deep16"] = (deep["hf"], deep["eps-bug"])
     pairs |= {label: (hf_dirs[BUGS[label][0][0]], d) for label, d in broken.items()}
     reports = layer_diff_many(list(pairs.values()), dtype="fp32")
     return dict(zip(pairs, reports, strict=True))
@@ -377,7 +390,25 @@ def test_spec_mismatch_is_named_in_the_notes(fp32_reports):
     assert any("rope_theta differs" in n for n in fp32_reports["P11-rope-theta-10000"].notes)
 
 
-# ---------------------------------------------------------------- bf16
+def test_small_bug_is_still_caught_16_layers_deep(fp32_reports):
+    """The depth-scaled limits must not swallow a small bug: the eps bug on a 16-layer model, in fp32."""
+    good, bad = fp32_reports["pass-deep16"], fp32_reports["P13-norm-eps-deep16"]
+    assert good.verdict == "PASS" and len(good.points) == 1 + 3 * 16 + 2
+    assert max(p.max_abs / p.limit for p in good.points) < 0.25
+    assert (bad.verdict, bad.first_diverging_layer, bad.diverged_in) == ("FAIL", 0, "attention")
+    deepest = [p for p in bad.points if p.name in ("layers.15", "logits")]
+    assert all(not p.ok for p in deepest)  # and it stays visible to the last layer and the logits
+
+
+# ---------------------------------------------------------------- bf16 / fp16
+def test_fp16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
+    good, bad = layer_diff_many([(hf_dirs["llama2"], meg_dirs["llama2", 1, 1]),
+                                 (hf_dirs["llama2"], broken["P5-up-gate-swapped"])], dtype="fp16")
+    assert good.verdict == "PASS" and good.dtype == "float16"
+    assert max(p.rel_err / p.rel_limit for p in good.points) < 0.6
+    assert (bad.verdict, bad.first_diverging_layer, bad.diverged_in) == ("FAIL", 0, "mlp")
+
+
 def test_bf16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
     good, bad = layer_diff_many([(hf_dirs["llama3"], meg_dirs["llama3", 1, 1]),
                                  (hf_dirs["llama2"], broken["P1-rotary-meta-order"])], dtype="bf16")

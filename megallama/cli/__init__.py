@@ -6,9 +6,11 @@ import typer
 
 from megallama import __version__
 from megallama.cli import convert, doctor, inspect, sft, verify
+from megallama.cli.common import OneLineErrors
 
 app = typer.Typer(
     name="megallama",
+    cls=OneLineErrors,
     help="LLaMA (1/2/3/3.1/3.2) weights <-> Megatron checkpoints at any TP x PP, verified layer by layer, "
     "fine-tuned on megatron-core.  Docs: README.md",
     no_args_is_help=True,

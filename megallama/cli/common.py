@@ -1,11 +1,18 @@
-"""Shared CLI plumbing: one-line errors with the contract's exit codes, progress bars, summaries."""
+"""Shared CLI plumbing: one-line errors with the contract's exit codes, signals, progress bars, summaries.
+
+Exit codes (README.md#exit-codes): 0 success, 1 failed check or verdict, 2 bad input (usage errors too),
+3 internal error; 130 / 143 / 129 after SIGINT / SIGTERM / SIGHUP.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import typer
@@ -13,16 +20,31 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
-from megallama.errors import MegallamaError
+from megallama.errors import INTERNAL_ERROR, InputError, MegallamaError
 
 out = Console()  # results
 err = Console(stderr=True)  # progress, messages, errors
 
+# OS errors a user fixes (a path, a permission, a full disk): bad input, exit 2. Any other OSError is ours (3).
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                  errno.ENAMETOOLONG, errno.EBUSY, errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled like Ctrl-C (SIGINT): unwind, clean up staging
+
+
+def error_line(message: str) -> None:
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+    error_line(message)
     raise typer.Exit(code)
+
+
+def os_error_message(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}: check the path, its permissions and free space"
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -36,12 +58,86 @@ def handle_errors(fn: Callable) -> Callable:
             fail(str(e), e.exit_code)
         except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
+        except OSError as e:
+            if e.errno not in USER_OS_ERRORS or os.environ.get("MEGALLAMA_DEBUG"):
+                return _internal(e)
+            fail(os_error_message(e), InputError.exit_code)
+        except UnicodeDecodeError as e:  # a binary file where text was expected
+            fail(f"a file is not UTF-8 text ({e.reason} at byte {e.start}): pass a text file", InputError.exit_code)
         except Exception as e:  # an unexpected failure: still one line, traceback on request
-            if os.environ.get("MEGALLAMA_DEBUG"):
-                raise
-            fail(f"{type(e).__name__}: {e} (set MEGALLAMA_DEBUG=1 for a traceback)", 1)
+            return _internal(e)
 
     return wrapper
+
+
+def _internal(e: Exception) -> None:
+    if os.environ.get("MEGALLAMA_DEBUG"):
+        raise e
+    fail(f"internal error: {type(e).__name__}: {e} (set MEGALLAMA_DEBUG=1 for a traceback)", INTERNAL_ERROR)
+
+
+class _Interrupted:
+    signum: int | None = None
+
+
+def _stop(signum, frame) -> None:
+    _Interrupted.signum = signum
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: staged output is removed on the way out
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as SIGINT does, for the duration of one command."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _Interrupted.signum = None
+    old = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+class OneLineErrors(TyperGroup):
+    """The root command group: usage errors in one line (exit 2), signals unwound, codes per the contract.
+
+    Click prints a usage error as a 4-line block; this catches it (by its attributes: Typer bundles its own
+    Click, which megallama never imports) and prints `error: MESSAGE (see: COMMAND -h)`.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        with stop_signals_interrupt():
+            try:
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except Exception as e:
+                code = _usage_error(e)
+            except KeyboardInterrupt:  # raised outside a command (Typer turns those into exit 130)
+                code = 130
+        if code == 130:
+            signum = _Interrupted.signum or signal.SIGINT
+            error_line(f"interrupted by {signal.Signals(signum).name}")
+            code = 128 + signum
+        code = code if isinstance(code, int) else 0
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def _usage_error(e: Exception) -> int:
+    if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+        if e.__class__.__name__ == "Abort":
+            error_line("aborted")
+            return 1
+        raise e
+    if e.__class__.__name__ == "NoArgsIsHelpError":  # a bare group or command: its help, as Click does
+        e.show()
+        return e.exit_code
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see: {ctx.command_path} -h)" if ctx is not None else ""
+    error_line(" ".join(e.format_message().split()) + hint)
+    return e.exit_code
 
 
 @contextlib.contextmanager
@@ -74,7 +170,7 @@ def human_bytes(n: float) -> str:
 def print_write_report(title: str, report) -> None:
     """The summary every converter prints: bytes, seconds, GB/s, peak RSS."""
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_row("output", Text(str(report.output)))
+    table.add_row("output", Text(str(report.output), overflow="fold"))
     table.add_row("files", Text(", ".join(report.files) if len(report.files) <= 6 else f"{len(report.files)} files"))
     table.add_row("read", human_bytes(report.bytes_read))
     table.add_row("written", human_bytes(report.bytes_written))
@@ -82,5 +178,5 @@ def print_write_report(title: str, report) -> None:
     table.add_row("throughput", f"{report.gb_per_s:.3f} GB/s (read + written)")
     table.add_row("peak RSS", human_bytes(report.peak_rss))
     for note in report.notes:
-        table.add_row("note", Text(note))
+        table.add_row("note", Text(note, overflow="fold"))  # paths in full, never cut with an ellipsis
     out.print(table)

@@ -9,7 +9,7 @@ import typer
 from megallama.cli.common import byte_progress, err, handle_errors, print_write_report
 from megallama.errors import InputError
 
-app = typer.Typer(help="Convert between HF, Meta pth and Megatron checkpoints. Docs: README.md#convert",
+app = typer.Typer(help="Convert between HF, Meta pth and Megatron (torch_dist, torch). Docs: README.md#convert",
                   no_args_is_help=True, rich_markup_mode=None)
 
 DTYPE_HELP = "Output dtype: fp32, bf16 or fp16 (default: keep the source dtype)."
@@ -70,39 +70,102 @@ def pth2hf(
          title="pth2hf", dtype=dtype, force=force)
 
 
-@app.command("pth2megatron")
-@handle_errors
-def pth2megatron(
-    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", help="Meta pth folder."),
-    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
-    tp: int = typer.Option(1, "--tp", "--tensor-size", "--tensor_size", help="Tensor-parallel size."),
-    pp: int = typer.Option(1, "--pp", "--pipeline-size", "--pipeline_size", help="Pipeline-parallel size."),
-    model_size: str = typer.Option(None, "--model-size", "--model_size", help="Read INPUT_DIR/MODEL_SIZE/."),
-    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
-                                     help="Pad the vocab to a multiple of this x TP (Megatron's default 128)."),
-    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl",
-                                         help="Key layout for Megatron-LM's --transformer-impl: local or "
-                                              "transformer_engine."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
-) -> None:
-    """Meta pth -> Megatron torch-format checkpoint split for TP x PP (megatron-core GPTModel, local or TE spec).
+TP_HELP = "Tensor-parallel size (torch_dist: only pads the vocab and fills the launch flags; torch: split)."
+PP_HELP = "Pipeline-parallel size (torch_dist: only fills the launch flags; torch: split)."
+CKPT_FORMAT_HELP = ("Megatron --ckpt-format to write: torch_dist (default, as Megatron-LM; loads at any TP x PP) or "
+                    "torch (per-rank mp_rank_* files for exactly --tp x --pp).")
+DIVISIBLE_HELP = "Pad the vocab to a multiple of this x TP (Megatron's default 128)."
+IMPL_HELP = ("Megatron-LM's --transformer-impl the torch-format keys are for: local or transformer_engine "
+             "(torch_dist stores the same keys for both).")
 
-    Example: megallama convert pth2megatron --input-dir llama-2-7b --output-dir llama-2-7b-tp2-pp2 --tp 2 --pp 2
-    """
-    _run(_resolve_model_size(input_dir, model_size), output_dir, src_format="meta", dst_format="megatron",
-         title="pth2megatron", tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by, force=force,
-         transformer_impl=transformer_impl)
-    launch_flags = output_dir / "megatron_args.txt"
+
+def _to_megatron(src: Path, dst: Path, *, src_format: str, title: str, **kwargs) -> None:
+    """Write a Megatron checkpoint and print the Megatron-LM launch flags that load it."""
+    _run(src, dst, src_format=src_format, dst_format="megatron", title=title, **kwargs)
+    launch_flags = dst / "megatron_args.txt"
     if launch_flags.exists():
         err.print("Megatron-LM launch flags (also in megatron_args.txt):")
         print(launch_flags.read_text().strip())
 
 
+@app.command("pth2megatron")
+@handle_errors
+def pth2megatron(
+    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", help="Meta pth folder."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
+    tp: int = typer.Option(None, "--tp", "--tensor-size", "--tensor_size", help=TP_HELP),
+    pp: int = typer.Option(None, "--pp", "--pipeline-size", "--pipeline_size", help=PP_HELP),
+    ckpt_format: str = typer.Option("torch_dist", "--ckpt-format", "--ckpt_format", help=CKPT_FORMAT_HELP),
+    model_size: str = typer.Option(None, "--model-size", "--model_size", help="Read INPUT_DIR/MODEL_SIZE/."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
+                                     help=DIVISIBLE_HELP),
+    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+) -> None:
+    """Meta pth -> Megatron checkpoint (megatron-core GPTModel): torch_dist by default, or torch format split for
+    TP x PP.
+
+    Example: megallama convert pth2megatron --input-dir llama-2-7b --output-dir llama-2-7b-mcore --tp 2 --pp 2
+    """
+    _to_megatron(_resolve_model_size(input_dir, model_size), output_dir, src_format="meta", title="pth2megatron",
+                 tp=tp, pp=pp, ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
+                 transformer_impl=transformer_impl)
+
+
+@app.command("hf2megatron")
+@handle_errors
+def hf2megatron(
+    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", "--base_model", "--base-model",
+                                   help="HF folder: config.json + *.safetensors or pytorch_model*.bin."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
+    tp: int = typer.Option(None, "--tp", "--tensor-size", "--tensor_size", help=TP_HELP),
+    pp: int = typer.Option(None, "--pp", "--pipeline-size", "--pipeline_size", help=PP_HELP),
+    ckpt_format: str = typer.Option("torch_dist", "--ckpt-format", "--ckpt_format", help=CKPT_FORMAT_HELP),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
+                                     help=DIVISIBLE_HELP),
+    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+) -> None:
+    """HuggingFace LLaMA -> Megatron checkpoint (torch_dist by default), without a pth step in between.
+
+    Example: megallama convert hf2megatron --input-dir llama-2-7b-hf --output-dir llama-2-7b-mcore
+    """
+    _to_megatron(input_dir, output_dir, src_format="hf", title="hf2megatron", tp=tp, pp=pp,
+                 ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
+                 transformer_impl=transformer_impl)
+
+
+@app.command("megatron2megatron")
+@handle_errors
+def megatron2megatron(
+    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir",
+                                   help="Megatron folder (torch_dist or torch format, any TP x PP)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
+    tp: int = typer.Option(None, "--tp", "--tensor-size", "--tensor_size", help=TP_HELP),
+    pp: int = typer.Option(None, "--pp", "--pipeline-size", "--pipeline_size", help=PP_HELP),
+    ckpt_format: str = typer.Option("torch_dist", "--ckpt-format", "--ckpt_format", help=CKPT_FORMAT_HELP),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
+                                     help=DIVISIBLE_HELP),
+    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+) -> None:
+    """Megatron -> Megatron: re-shard to another TP x PP and/or change the ckpt format (weights only).
+
+    Example: megallama convert megatron2megatron --input-dir runs/sft --output-dir sft-tp4 --ckpt-format torch --tp 4
+    """
+    _to_megatron(input_dir, output_dir, src_format="megatron", title="megatron2megatron", tp=tp, pp=pp,
+                 ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
+                 transformer_impl=transformer_impl)
+
+
 @app.command("megatron2pth")
 @handle_errors
 def megatron2pth(
-    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", help="Megatron folder (pth2megatron or sft)."),
+    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir",
+                                   help="Megatron folder (torch_dist or torch format, any TP x PP)."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Meta pth folder to write."),
     shards: int = typer.Option(1, "--shards", help="Number of consolidated.NN.pth model-parallel shards."),
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
@@ -114,3 +177,20 @@ def megatron2pth(
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="meta", title="megatron2pth", shards=shards,
          dtype=dtype, force=force)
+
+
+@app.command("megatron2hf")
+@handle_errors
+def megatron2hf(
+    input_dir: Path = typer.Option(..., "--input-dir", "--input_dir",
+                                   help="Megatron folder (torch_dist or torch format, any TP x PP)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="HF folder to write."),
+    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+) -> None:
+    """Megatron checkpoint (torch_dist or torch, any TP x PP) -> HuggingFace safetensors + config.json.
+
+    Example: megallama convert megatron2hf --input-dir runs/sft --output-dir llama-2-7b-sft-hf
+    """
+    _run(input_dir, output_dir, src_format="megatron", dst_format="hf", title="megatron2hf", dtype=dtype,
+         force=force)

@@ -155,6 +155,7 @@ def register(app: typer.Typer) -> None:
         from megallama.sft.checkpoint import find_start
         from megallama.sft.train import DATA_CACHE, save_splits, tokenize_splits
         from megallama.spec import ModelSpec
+        from megallama.staging import check_writable_folder
 
         overrides, extra = split_args(list(args or []))
         cfg = sft_config.load_config(config, overrides)
@@ -163,6 +164,7 @@ def register(app: typer.Typer) -> None:
                 cfg["parallel"][key] = value
         cfg["resume"] = cfg["resume"] or resume
         warnings = sft_config.validate(cfg)
+        check_writable_folder(Path(cfg["output"]))  # before tokenizing, and long before training
         root = start_folder(cfg)
         manifest = read_manifest(root)
         check_checkpoint(cfg, manifest, root)

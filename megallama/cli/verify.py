@@ -29,7 +29,7 @@ def layer_diff(
 ) -> None:
     """Run the Megatron checkpoint (at its own TP x PP, under torchrun) and the reference on the same tokens;
     compare the embedding, every layer's attention, MLP and output, the final norm and the logits.
-    Exit 0 on PASS, 1 on FAIL, 2 on bad input.
+    Exit 0 on PASS, 1 on FAIL, 2 on bad input, 3 on an internal error.
 
     \b
     Examples:
@@ -37,10 +37,13 @@ def layer_diff(
       megallama verify layer-diff --reference llama-2-7b --megatron runs/sft --dtype bf16 --json diff.json
     """
     from megallama.spec import normalize_dtype
+    from megallama.staging import check_writable_file
     from megallama.verify import layer_diff as run
     from megallama.verify import write_json
 
     dtype = normalize_dtype(dtype)
+    if json_out is not None:
+        check_writable_file(json_out)  # before the run, not after it
     report = run(reference, megatron, data=data, seq_len=seq_len, batch=batch, dtype=dtype,
                  on_stage=lambda message: err.print(message, highlight=False, markup=False))
     print_report(report)

@@ -1,15 +1,13 @@
-"""What every reader and writer shares: the Reader protocol, staged output, manifest, reports."""
+"""What every reader and writer shares: the Reader protocol, manifest, reports (staged output: staging.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +18,7 @@ from megallama import __version__
 from megallama.errors import InputError
 from megallama.names import canonical_names, expected_shapes
 from megallama.spec import ModelSpec
+from megallama.staging import staged_output  # noqa: F401  (re-exported: the writers' staged output)
 
 MANIFEST = "megallama.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -68,6 +67,16 @@ class DictReader(ContextReader):
         return self._tensors[name]
 
 
+def require_folder(path: Path, what: str = "input folder") -> Path:
+    """`path` as an existing folder, else one line saying whether it is missing or a file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise InputError(f"{what} {path} is not a folder: pass the checkpoint's folder, not a file in it")
+    return path
+
+
 def check_complete(reader: Reader) -> None:
     """Collect every missing, unexpected and mis-shaped tensor, then raise once."""
     shapes = expected_shapes(reader.spec)
@@ -83,6 +92,16 @@ def check_complete(reader: Reader) -> None:
         raise InputError("checkpoint does not match its config: " + "; ".join(problems))
 
 
+def check_float_dtypes(dtypes: dict[str, str], source: str) -> None:
+    """Every weight must be fp32, bf16 or fp16: an integer or fp8 tensor is not something to cast silently."""
+    bad = {name: dtype for name, dtype in dtypes.items() if dtype not in TORCH_DTYPES}
+    if bad:
+        name, dtype = next(iter(sorted(bad.items())))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InputError(f"tensor {name} in {source} is {dtype}{more}: only fp32, bf16 and fp16 weights are "
+                         "supported")
+
+
 def check_shape(name: str, tensor: torch.Tensor, spec: ModelSpec) -> None:
     want = expected_shapes(spec).get(name)
     if want is not None and tuple(tensor.shape) != want:
@@ -91,34 +110,6 @@ def check_shape(name: str, tensor: torch.Tensor, spec: ModelSpec) -> None:
 
 def cast(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
     return t if dtype is None or t.dtype == TORCH_DTYPES[dtype] else t.to(TORCH_DTYPES[dtype])
-
-
-@contextlib.contextmanager
-def staged_output(dst: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `dst`; rename it into place only on success, remove it on failure."""
-    dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        if not force:
-            raise InputError(f"output folder {dst} is not empty: pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        dst.rename(old)
-        tmp.rename(dst)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        tmp.rename(dst)
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:

@@ -24,6 +24,7 @@ from megallama.formats.base import (
     OnTensor,
     WriteReport,
     cast,
+    check_float_dtypes,
     check_shape,
     copy_tokenizer,
     write_manifest,
@@ -217,8 +218,7 @@ class HFReader(ContextReader):
             for f in files:
                 self._index(MappedFile(f))
             dtypes = {n: f.dtypes[n] for n, f in self._where.items()}
-            if dtypes.get(EMBED, "float32") not in TORCH_DTYPES:
-                raise InputError(f"{EMBED} is {dtypes[EMBED]}: only fp32, bf16 and fp16 checkpoints are supported")
+            check_float_dtypes(dtypes, str(folder))
             self.spec = spec.replace(dtype=dtypes.get(EMBED, spec.dtype))  # the tensors' dtype, not the label
             check_shapes(self.spec, {n: f.shapes[n] for n, f in self._where.items()}, str(folder))
             self._drop_tied_head()

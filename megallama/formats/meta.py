@@ -25,6 +25,7 @@ from megallama.formats.base import (
     OnTensor,
     WriteReport,
     cast,
+    check_float_dtypes,
     check_shape,
     copy_tokenizer,
     read_manifest,
@@ -201,11 +202,10 @@ class MetaReader(ContextReader):
                                  f"hold different tensors ({', '.join(diff[:3])})")
 
     def _dtype(self) -> str:
+        for shard, path in zip(self._shards, self.source_files, strict=True):
+            check_float_dtypes({k: v for k, v in shard.dtypes.items() if IGNORED not in k}, str(path))
         dtypes = self._shards[0].dtypes
-        dtype = dtypes.get(EMBED_RULE.meta) or next(iter(dtypes.values()), "float32")
-        if dtype not in TORCH_DTYPES:
-            raise InputError(f"{self.source_files[0]} holds {dtype} tensors: only fp32, bf16 and fp16 are supported")
-        return dtype
+        return dtypes.get(EMBED_RULE.meta) or next(iter(dtypes.values()), "float32")
 
     def _vocab_hint(self, params: dict) -> int | None:
         """Meta writes vocab_size -1 for LLaMA-1/2: the tokenizer decides; failing that, the output rows."""

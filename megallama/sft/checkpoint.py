@@ -51,11 +51,11 @@ def read_tracker(root: Path) -> int | None:
     if not path.is_file():
         raise InputError(f"{root} holds no Megatron checkpoint ({TRACKER} is missing): convert one with "
                          "`megallama convert pth2megatron` or point `load` at an sft output")
-    text = path.read_text().strip()
+    text = path.read_text(encoding="utf-8", errors="replace").strip()  # a binary file: refused below
     if text == "release":
         return None
-    if not text.isdigit():
-        raise InputError(f"{path} holds {text!r}: expected an iteration number or 'release'")
+    if not (text.isascii() and text.isdigit()):
+        raise InputError(f"{path} holds {text[:40]!r}: expected an iteration number or 'release'")
     return int(text)
 
 

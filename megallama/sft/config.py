@@ -122,16 +122,21 @@ def coerce(key: str, value):
             if text not in _TRUE + _FALSE:
                 raise ValueError
             return text in _TRUE
-        if kind is int:
-            number = float(value)
-            if number != int(number):
+        if kind in (int, float):
+            if isinstance(value, bool):
                 raise ValueError
-            return int(number)
-        if kind is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan and inf parse as floats, and no setting means them
+                raise ValueError
+            if kind is int:
+                if number != int(number):
+                    raise ValueError
+                return int(number)
+            return number
         return str(value)
-    except (TypeError, ValueError):
-        raise InputError(f"config key {key}={value!r}: expected {kind.__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        finite = " (finite)" if kind in (int, float) else ""
+        raise InputError(f"config key {key}={value!r}: expected {kind.__name__}{finite}") from None
 
 
 def _unknown(key: str) -> InputError:
@@ -153,9 +158,11 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> dict:
         if not path.is_file():
             raise InputError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise InputError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"config file {path} is not UTF-8 text: pass a YAML file") from None
         if not isinstance(data, dict):
             raise InputError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
         given.update(_leaves(data))

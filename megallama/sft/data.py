@@ -52,6 +52,13 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")
+    try:
+        yield from _read_records(path)
+    except UnicodeDecodeError as e:
+        raise InputError(f"data file {path} is not UTF-8 text (byte {e.start}): pass a JSON or JSONL file") from None
+
+
+def _read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open(encoding="utf-8") as f:
         head = f.read(4096).lstrip()
     if head.startswith("["):

@@ -1,5 +1,9 @@
-"""One copy per rank (under torchrun): load each case's rank file strictly into the project's GPTModel and check
+"""One copy per rank (under torchrun): load each case's checkpoint strictly into the project's GPTModel and check
 the gathered logits against reference logits computed by the test. Writes one JSON result per case.
+
+A torch-format case loads its rank file; a `"ckpt_format": "torch_dist"` case loads with megatron-core's own
+`dist_checkpointing.load` (re-sharding to the case's TP x PP). A `"kind": "mcore_save"` case instead saves a
+model with megatron-core's `dist_checkpointing.save`, as Megatron-LM's training does (see mcore_save.py).
 
 Usage: python -m torch.distributed.run --nproc-per-node N tests/workers/load_and_forward.py JOB.json
 JOB.json = [{"name", "ckpt", "tp", "pp", "spec", "padded", "tokens", "reference", "result"}, ...]; every
@@ -35,9 +39,19 @@ def run_case(case: dict) -> None:
     spec = ModelSpec.from_dict(case["spec"])
     model = build_gpt_model(spec, padded_vocab_size=case["padded"], dtype="float32").eval()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    path = checkpoint_dir(Path(case["ckpt"]), None, tp_rank, pp_rank, pp) / MODEL_FILE
-    state = load_rank_file(path)["model"]
-    same_keys = list(model.state_dict().keys()) == list(state.keys())
+    if case.get("ckpt_format") == "torch_dist":
+        from megatron.core import dist_checkpointing
+
+        # as Megatron-LM's load_checkpoint: the model under "model", common.pt's entries beside it
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()},
+                                        str(Path(case["ckpt"]) / "release"))["model"]
+        # every tensor comes from the checkpoint; `_extra_state` entries absent from a sharded state dict
+        # (the output layer's) are filled in by megatron-core's load pre-hook, as in Megatron-LM
+        same_keys = {k for k in model.state_dict() if not k.endswith("_extra_state")} <= set(state)
+    else:
+        path = checkpoint_dir(Path(case["ckpt"]), None, tp_rank, pp_rank, pp) / MODEL_FILE
+        state = load_rank_file(path)["model"]
+        same_keys = list(model.state_dict().keys()) == list(state.keys())
     model.load_state_dict(state, strict=True)
 
     tokens = torch.load(case["tokens"])  # [b, s]
@@ -76,7 +90,12 @@ def main(argv: list[str]) -> int:
     from megallama.runtime import destroy_distributed
 
     for case in json.loads(Path(argv[0]).read_text()):
-        run_case(case)
+        if case.get("kind") == "mcore_save":
+            from mcore_save import save_case
+
+            save_case(case)
+        else:
+            run_case(case)
     destroy_distributed()
     return 0
 

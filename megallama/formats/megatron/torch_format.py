@@ -398,13 +398,13 @@ def _iteration_dir(root: Path) -> Path:
         if any(_RANK_DIR.match(p.name) for p in root.iterdir()):
             return root  # pointed at release/ or iter_NNNNNNN/ itself
         raise InputError(f"{root} has no {TRACKER}: not a Megatron torch-format checkpoint folder")
-    text = tracker.read_text().strip()
+    text = tracker.read_text(encoding="utf-8", errors="replace").strip()  # a binary file: refused below
     if text == "release":
         it_dir = iteration_dir(root, None)
-    elif text.isdigit():
+    elif text.isascii() and text.isdigit():
         it_dir = iteration_dir(root, int(text))
     else:
-        raise InputError(f"{tracker} holds {text!r}: expected 'release' or an iteration number")
+        raise InputError(f"{tracker} holds {text[:40]!r}: expected 'release' or an iteration number")
     if not it_dir.is_dir():
         raise InputError(f"{tracker} points at {it_dir.name}/, which does not exist")
     return it_dir

@@ -1,0 +1,473 @@
+"""Bad input across every command: exit code, one stderr line, nothing partial, inputs unchanged (issue 13).
+
+One table, run in-process with CliRunner (no case reaches torchrun: every refusal happens before a launch).
+Interruptions (SIGINT / SIGTERM / SIGHUP / SIGKILL mid-conversion) run the real CLI in a subprocess whose
+tensor writes are slowed down (tests/workers/slow_cli.py), so the signal always lands mid-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from megallama.cli import app
+from megallama.convert import convert
+from megallama.sft.data import make_learnable_dataset
+
+runner = CliRunner()
+CONFIG = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
+SLOW_CLI = Path(__file__).parent / "workers" / "slow_cli.py"
+BINARY = bytes(range(256)) * 4  # not UTF-8, not JSON, not YAML
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(hf_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Valid inputs every case starts from: HF (llama2, llama1), Meta pth, Megatron TP1 x PP1, SFT data."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    pth, meg = root / "pth", root / "meg"
+    convert(hf_dirs["llama2"], pth, src_format="hf", dst_format="meta")
+    convert(pth, meg, src_format="meta", dst_format="megatron")
+    return {"root": root, "hf": hf_dirs["llama2"], "hf1": hf_dirs["llama1"], "pth": pth, "meg": meg,
+            "data": make_learnable_dataset(root / "train.jsonl", n=16, seed=0), "cfg": CONFIG}
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Every file and folder under `roots` (hidden ones too) with a hash of its bytes."""
+    found = {}
+    for root in roots:
+        found[str(root)] = "dir" if root.is_dir() else _digest(root) if root.exists() else "absent"
+        if root.is_dir():
+            for path in root.rglob("*"):
+                found[str(path)] = "dir" if path.is_dir() else _digest(path)
+    return found
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Relative path -> hash of every file under `root`."""
+    return {str(p.relative_to(root)): _digest(p) for p in root.rglob("*") if p.is_file()}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def locked():
+    """lock(path): make a folder unwritable, even for root (chattr +i); undone after the test."""
+    done: list[Path] = []
+
+    def lock(path: Path) -> None:
+        if os.geteuid() != 0:
+            path.chmod(0o555)
+        elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
+            pytest.skip("root without chattr: cannot make a folder unwritable here")
+        done.append(path)
+
+    yield lock
+    for path in done:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
+# ---------------------------------------------------------------- setups: build the bad thing inside tmp
+def copy_of(key: str, name: str = "in") -> Callable:
+    def setup(w, tmp, lock):
+        shutil.copytree(w[key], tmp / name)
+        return tmp / name
+
+    return setup
+
+
+def edit_json(key: str, file: str, **changes) -> Callable:
+    def setup(w, tmp, lock):
+        folder = copy_of(key)(w, tmp, lock)
+        data = json.loads((folder / file).read_text())
+        data.update(changes)
+        (folder / file).write_text(json.dumps(data))
+
+    return setup
+
+
+def binary_file(key: str, file: str) -> Callable:
+    def setup(w, tmp, lock):
+        folder = copy_of(key)(w, tmp, lock)
+        (folder / file).write_bytes(BINARY)
+
+    return setup
+
+
+def write(name: str, content: bytes | str = b"") -> Callable:
+    def setup(w, tmp, lock):
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+    return setup
+
+
+def int32_weight(w, tmp, lock):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_of("hf")(w, tmp, lock)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = (tensors[name] * 100).to(dtype=__import__("torch").int32)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def tracker(text: bytes) -> Callable:
+    def setup(w, tmp, lock):
+        folder = copy_of("meg")(w, tmp, lock)
+        (folder / "latest_checkpointed_iteration.txt").write_bytes(text)
+
+    return setup
+
+
+def nonempty_output(w, tmp, lock):
+    write("out/keep.txt", "an earlier output")(w, tmp, lock)
+
+
+def locked_folder(name: str, *, with_file: bool = False) -> Callable:
+    def setup(w, tmp, lock):
+        (tmp / name).mkdir()
+        if with_file:
+            (tmp / name / "keep.txt").write_text("an earlier output")
+        lock(tmp / name)
+
+    return setup
+
+
+def both(*setups: Callable) -> Callable:
+    def setup(w, tmp, lock):
+        for s in setups:
+            s(w, tmp, lock)
+
+    return setup
+
+
+# ---------------------------------------------------------------- the table
+@dataclass
+class Case:
+    id: str
+    args: str  # split on spaces after formatting: {hf} {hf1} {pth} {meg} {data} {cfg} {tmp}
+    message: str  # expected in the one stderr line (whitespace-normalised)
+    code: int = 2
+    setup: Callable | None = None
+
+
+HF2PTH = "convert hf2pth --input-dir {hf} --output-dir {tmp}/out"
+PTH2HF = "convert pth2hf --input-dir {pth} --output-dir {tmp}/out"
+P2M = "convert pth2megatron --input-dir {pth} --output-dir {tmp}/out"
+M2P = "convert megatron2pth --input-dir {meg} --output-dir {tmp}/out"
+VERIFY = "verify layer-diff --reference {hf} --megatron {meg}"
+SFT = "sft --config {cfg} load={meg} data.train={data} output={tmp}/run --dry-run"
+
+CASES = [
+    # usage errors: one line instead of Click's block
+    Case("usage-unknown-command", "nope", "No such command 'nope'"),
+    Case("usage-missing-option", "convert hf2pth --input-dir {hf}", "Missing option '--output-dir'"),
+    Case("usage-unknown-option", HF2PTH + " --bogus 1", "No such option: --bogus"),
+    Case("usage-not-an-int", P2M + " --tp two", "Invalid value for '--tp'"),
+    Case("usage-verify-missing", "verify layer-diff --reference {hf}", "Missing option '--megatron'"),
+    Case("usage-sft-unknown-option", "sft --config {cfg} --bogus", "No such option: --bogus"),
+    Case("usage-doctor-not-an-int", "doctor --tp x", "Invalid value for '--tp'"),
+    # input side
+    Case("input-missing", "convert hf2pth --input-dir {tmp}/nope --output-dir {tmp}/out", "does not exist"),
+    Case("input-is-a-file", "convert hf2pth --input-dir {tmp}/f --output-dir {tmp}/out", "is not a folder",
+         setup=write("f", "x")),
+    Case("hf-binary-config", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out", "is not valid JSON",
+         setup=binary_file("hf", "config.json")),
+    Case("hf-string-size", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out",
+         "hidden_size is 'big', expected an integer", setup=edit_json("hf", "config.json", hidden_size="big")),
+    Case("hf-wrong-layers", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out", "unexpected tensors",
+         setup=edit_json("hf", "config.json", num_hidden_layers=3)),
+    Case("hf-int32-weight", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out",
+         "model.layers.1.mlp.up_proj.weight", setup=int32_weight),
+    Case("hf-bad-dtype", HF2PTH + " --dtype fp8", "fp8"),
+    Case("hf-shards-3", HF2PTH + " --shards 3", "3"),
+    Case("pth-string-dim", "convert pth2hf --input-dir {tmp}/in --output-dir {tmp}/out",
+         "dim is '64x', expected an integer", setup=edit_json("pth", "params.json", dim="64x")),
+    Case("pth-list-eps", "convert pth2hf --input-dir {tmp}/in --output-dir {tmp}/out",
+         "norm_eps is [1e-05], expected a number", setup=edit_json("pth", "params.json", norm_eps=[1e-5])),
+    Case("pth-binary-params", "convert pth2megatron --input-dir {tmp}/in --output-dir {tmp}/out",
+         "is not valid JSON", setup=binary_file("pth", "params.json")),
+    Case("pth-no-params", "convert pth2hf --input-dir {tmp}/empty --output-dir {tmp}/out", "params.json",
+         setup=lambda w, tmp, lock: (tmp / "empty").mkdir()),
+    Case("p2m-tp-3", P2M + " --tp 3", "does not divide"),
+    Case("p2m-pp-3", P2M + " --pp 3", "does not divide"),
+    Case("p2m-divisible-0", P2M + " --make-vocab-size-divisible-by 0", "must be >= 1"),
+    Case("m2p-binary-tracker", "convert megatron2pth --input-dir {tmp}/in --output-dir {tmp}/out",
+         "expected 'release' or an iteration number", setup=tracker(BINARY)),
+    Case("m2p-word-tracker", "convert megatron2pth --input-dir {tmp}/in --output-dir {tmp}/out",
+         "holds 'latest'", setup=tracker(b"latest\n")),
+    Case("m2p-tracker-missing-iteration", "convert megatron2pth --input-dir {tmp}/in --output-dir {tmp}/out",
+         "which does not exist", setup=tracker(b"7\n")),
+    Case("m2p-pth-as-megatron", "convert megatron2pth --input-dir {pth} --output-dir {tmp}/out",
+         "latest_checkpointed_iteration.txt"),
+    # output side: refused before any work, with what to do
+    Case("out-overlaps-input", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/in/sub", "overlap",
+         setup=copy_of("hf")),
+    Case("out-not-empty", HF2PTH, "is not empty: pass --force", setup=nonempty_output),
+    Case("out-is-a-file", HF2PTH, "exists and is not a folder: pass --force", setup=write("out", "x")),
+    Case("out-parent-is-a-file", "convert hf2pth --input-dir {hf} --output-dir {tmp}/f/out",
+         "it is a file, not a folder", setup=write("f", "x")),
+    Case("out-grandparent-is-a-file", "convert pth2hf --input-dir {pth} --output-dir {tmp}/f/a/b/out",
+         "it is a file, not a folder", setup=write("f", "x")),
+    Case("out-parent-unwritable", "convert hf2pth --input-dir {hf} --output-dir {tmp}/ro/out",
+         "cannot write to", setup=locked_folder("ro")),
+    Case("out-missing-under-unwritable", "convert pth2megatron --input-dir {pth} --output-dir {tmp}/ro/a/b",
+         "cannot write to", setup=locked_folder("ro")),
+    Case("out-empty-unwritable", "convert megatron2pth --input-dir {meg} --output-dir {tmp}/ro",
+         "cannot write to", setup=locked_folder("ro")),
+    Case("out-force-over-unreplaceable", "convert pth2megatron --input-dir {pth} --output-dir {tmp}/ro --force",
+         "cannot replace", setup=locked_folder("ro", with_file=True)),
+    # verify
+    Case("verify-reference-missing", "verify layer-diff --reference {tmp}/nope --megatron {meg}", "does not exist"),
+    Case("verify-reference-is-a-file", "verify layer-diff --reference {tmp}/f --megatron {meg}", "is not a folder",
+         setup=write("f", "x")),
+    Case("verify-megatron-missing", "verify layer-diff --reference {hf} --megatron {tmp}/nope", "does not exist"),
+    Case("verify-seq-len-beyond-max", VERIFY + " --seq-len 100000", "exceeds the model's max_position_embeddings"),
+    Case("verify-seq-len-1", VERIFY + " --seq-len 1", "--seq-len must be >= 2"),
+    Case("verify-bad-dtype", VERIFY + " --dtype fp8", "fp8"),
+    Case("verify-data-missing", VERIFY + " --data {tmp}/nope.txt", "does not exist"),
+    Case("verify-other-model", "verify layer-diff --reference {hf1} --megatron {meg}", "different models"),
+    Case("verify-json-is-a-folder", VERIFY + " --json {tmp}", "is a folder"),
+    Case("verify-json-parent-is-a-file", VERIFY + " --json {tmp}/f/report.json", "it is a file, not a folder",
+         setup=write("f", "x")),
+    Case("verify-json-unwritable", VERIFY + " --json {tmp}/ro/report.json", "cannot write to",
+         setup=locked_folder("ro")),
+    # sft (all --dry-run: nothing would start even if a check were missing)
+    Case("sft-lr-nan", SFT + " train.lr=nan", "train.lr='nan': expected float (finite)"),
+    Case("sft-steps-inf", SFT + " train.steps=inf", "train.steps='inf': expected int (finite)"),
+    Case("sft-lr-negative", SFT + " train.lr=-1", "learning rates must satisfy"),
+    Case("sft-unknown-key", SFT + " train.lrr=1", "did you mean train.lr"),
+    Case("sft-config-missing", "sft --config {tmp}/nope.yaml", "does not exist"),
+    Case("sft-binary-config", "sft --config {tmp}/c.yaml", "is not UTF-8 text", setup=write("c.yaml", BINARY)),
+    Case("sft-binary-data", "sft --config {cfg} load={meg} data.train={tmp}/d.jsonl output={tmp}/run --dry-run",
+         "is not UTF-8 text", setup=write("d.jsonl", BINARY)),
+    Case("sft-binary-tracker", "sft --config {cfg} load={tmp}/in data.train={data} output={tmp}/run --dry-run",
+         "expected an iteration number or 'release'", setup=tracker(BINARY)),
+    Case("sft-tp-mismatch", SFT + " --tp 2", "is split for TP=1 PP=1"),
+    Case("sft-output-parent-is-a-file", "sft --config {cfg} load={meg} data.train={data} output={tmp}/f/run "
+         "--dry-run", "it is a file, not a folder", setup=write("f", "x")),
+    Case("sft-output-unwritable", "sft --config {cfg} load={meg} data.train={data} output={tmp}/ro/run --dry-run",
+         "cannot write to", setup=locked_folder("ro")),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, world, tmp_path, locked):
+    if case.setup is not None:
+        case.setup(world, tmp_path, locked)
+    paths = {k: v for k, v in world.items() if k != "root"}
+    args = case.args.format(tmp=tmp_path, **paths).split()
+    inputs = [world["hf"], world["hf1"], world["pth"], world["meg"], world["data"], tmp_path]
+    before = snapshot(*inputs)
+    beside = sorted(os.listdir(world["root"]))
+
+    result = runner.invoke(app, args)
+
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == case.code, result.output
+    assert len(lines) == 1, result.stderr
+    assert case.message in " ".join(lines[0].split()), result.stderr
+    assert result.stdout == "", result.stdout
+    assert snapshot(*inputs) == before  # inputs unchanged, nothing written, no staging left behind
+    assert sorted(os.listdir(world["root"])) == beside
+
+
+def test_the_table_covers_every_command():
+    commands = {" ".join(c.args.split()[:2]) if c.args.startswith(("convert", "verify")) else c.args.split()[0]
+                for c in CASES}
+    assert {"convert hf2pth", "convert pth2hf", "convert pth2megatron", "convert megatron2pth",
+            "verify layer-diff", "sft", "doctor", "nope"} <= commands
+    assert len(CASES) >= 40
+
+
+# ---------------------------------------------------------------- failures in the middle of a write
+class DiskFull:
+    """on_tensor callback that fails like a full disk after `after` tensors were written."""
+
+    def __init__(self, after: int, error: BaseException):
+        self.after, self.error, self.calls = after, error, 0
+
+    @contextlib.contextmanager
+    def progress(self, title, total_bytes=None):
+        def on_tensor(name, nbytes):
+            self.calls += 1
+            if self.calls > self.after:
+                raise self.error
+
+        on_tensor.set_total = lambda nbytes: None
+        yield on_tensor
+
+
+@pytest.mark.parametrize("command, source, error, code, message", [
+    ("pth2megatron", "pth", OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device"),
+    ("megatron2pth", "meg", OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device"),
+    ("pth2megatron", "pth", RuntimeError("injected bug"), 3, "internal error: RuntimeError: injected bug"),
+    ("hf2pth", "hf", MemoryError(), 3, "internal error: MemoryError"),
+])
+def test_failed_force_run_keeps_the_old_output(world, tmp_path, monkeypatch, command, source, error, code, message):
+    import megallama.cli.convert as cli_convert
+
+    out = tmp_path / "out"
+    shutil.copytree(world["pth"], out)  # an earlier, complete output
+    before = snapshot(tmp_path, world[source])
+    failing = DiskFull(after=3, error=error)
+    monkeypatch.setattr(cli_convert, "byte_progress", failing.progress)
+    result = runner.invoke(app, ["convert", command, "--input-dir", str(world[source]), "--output-dir", str(out),
+                                 "--force"])
+    assert result.exit_code == code, result.output
+    assert failing.calls == 4  # it did fail mid-write, after three tensors
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(tmp_path, world[source]) == before
+
+
+def test_existing_empty_folder_is_written_into(world, tmp_path):
+    out = tmp_path / "mount"  # stands for a mount point: the folder itself is kept, never renamed
+    out.mkdir()
+    inode = out.stat().st_ino
+    result = runner.invoke(app, ["convert", "pth2hf", "--input-dir", str(world["pth"]), "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_ino == inode
+    assert (out / "config.json").is_file() and (out / "megallama.json").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(os.listdir(tmp_path)) == ["mount"]
+
+
+# ---------------------------------------------------------------- interruptions (real processes)
+def start_slow(args: list[str], delay: float = 0.5) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen([sys.executable, str(SLOW_CLI), str(delay), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_staging(folder: Path, proc: subprocess.Popen, pattern: str = ".out.tmp-*") -> None:
+    """Until the staging folder exists, plus one slowed tensor: the conversion is mid-write."""
+    deadline = time.monotonic() + 120
+    while not list(folder.glob(pattern)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()
+
+
+@pytest.mark.parametrize("sig, command, source", [
+    (signal.SIGTERM, "hf2pth", "hf"),
+    (signal.SIGINT, "pth2megatron", "pth"),
+    (signal.SIGHUP, "megatron2pth", "meg"),
+])
+def test_signal_mid_conversion_leaves_nothing(world, tmp_path, sig, command, source):
+    out = tmp_path / "out"
+    before = snapshot(world[source])
+    proc = start_slow(["convert", command, "--input-dir", str(world[source]), "--output-dir", str(out)])
+    wait_for_staging(tmp_path, proc)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert stderr.strip().splitlines() == [f"error: interrupted by {sig.name}"]
+    assert os.listdir(tmp_path) == []  # neither the output nor its staging folder
+    assert snapshot(world[source]) == before
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_run(world, tmp_path):
+    out = tmp_path / "out"
+    proc = start_slow(["convert", "hf2pth", "--input-dir", str(world["hf"]), "--output-dir", str(out)])
+    wait_for_staging(tmp_path, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    stale = tmp_path / f".out.tmp-{proc.pid}"
+    assert stale.is_dir()  # what a SIGKILL leaves: the dead process's staging folder
+    result = runner.invoke(app, ["convert", "hf2pth", "--input-dir", str(world["hf"]), "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    flat = "".join(result.stdout.replace("│", "").split())  # the note, unwrapped from the summary table
+    assert f"removed{stale}leftbyprocess{proc.pid},whichisnolongerrunning" in flat, result.stdout
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_killed_between_the_two_renames_restores_the_previous_output(world, tmp_path):
+    from megallama.staging import remove_stale_staging
+
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    shutil.copytree(world["pth"], tmp_path / f".out.old-{dead}")  # the old output, moved aside
+    (tmp_path / f".out.tmp-{dead}").mkdir()  # and the new one, not yet renamed
+    notes = remove_stale_staging(out)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert tree(out) == tree(world["pth"])
+    assert any("restored the previous output" in n for n in notes) and len(notes) == 2
+
+
+# ---------------------------------------------------------------- internal errors: exit 3, not 1 (a FAIL verdict)
+def test_crashed_verify_worker_exits_3(world, monkeypatch):
+    import megallama.launch
+
+    def crashed(target, *, nproc, extra=None, capture=False):
+        return subprocess.CompletedProcess(target, -9, stdout="", stderr="Killed")
+
+    monkeypatch.setattr(megallama.launch, "run_torchrun", crashed)
+    result = runner.invoke(app, ["verify", "layer-diff", "--reference", str(world["hf"]), "--megatron",
+                                 str(world["meg"])])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines()[-1] == "error: Megatron workers (TP=1, PP=1) exited with -9: Killed"
+    assert "Traceback" not in result.output
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # an unreaped zombie has stopped too
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_sigterm_stops_the_torchrun_ranks_too(tmp_path):
+    """A SIGTERM to megallama (not to its process group) must not leave verify / sft / doctor ranks running."""
+    rank = tmp_path / "sleepy_rank.py"
+    rank.write_text(f"import os, time\nopen({str(tmp_path)!r} + f'/rank-{{os.getpid()}}', 'w').close()\n"
+                    "time.sleep(120)\n")
+    driver = ("from megallama.cli.common import stop_signals_interrupt\nfrom megallama.launch import run_torchrun\n"
+              f"with stop_signals_interrupt():\n    run_torchrun([{str(rank)!r}], nproc=2)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    log = (tmp_path / "driver.log").open("w")  # not a pipe: orphaned ranks would hold it open
+    proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=log, stderr=log)
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(ranks := [int(p.name[5:]) for p in tmp_path.glob("rank-*")]) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()
+            time.sleep(0.1)
+        assert all(alive(pid) for pid in ranks)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in ranks), "torchrun's ranks outlived megallama"
+    finally:
+        for pid in ranks:  # never leave them to the rest of the test session
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        log.close()

@@ -1,0 +1,229 @@
+"""torch_dist: megallama's output judged by megatron-core, megatron-core's output read by megallama.
+
+One 4-rank torchrun launch (gloo, CPU) does all the multi-process work:
+- every preset's torch_dist checkpoint (written once, TP-independent) is loaded by megatron-core's
+  `dist_checkpointing.load` into the project's GPTModel at 1x1, 2x1, 1x2 and 2x2; the gathered fp32 logits must
+  equal transformers' within the verify tolerance (1x1 and 2x1 / 1x2 run as data-parallel replicas);
+- megatron-core's own `dist_checkpointing.save` writes the LLaMA-2 model (with Adam state and RNG, iter_N +
+  tracker, Megatron-LM's top-level dict) at 2x2 and at 1x1.
+The rest runs in this process: megallama reads megatron-core's saves bit-exactly, its own metadata equals
+megatron-core's, torch <-> torch_dist round trips are bit-exact, and bad input exits 2 with one line.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from megallama.cli import app
+from megallama.convert import convert
+from megallama.formats.base import DictReader
+from megallama.formats.megatron.torch_dist import DistCheckpoint, dist_key, open_torch_dist, write_torch_dist
+from megallama.formats.megatron.torch_format import open_megatron, write_megatron
+from megallama.launch import run_torchrun
+from megallama.spec import ModelSpec, padded_vocab_size
+
+WORKER = Path(__file__).parent / "workers" / "load_and_forward.py"
+PRESETS = ("llama1", "llama2", "llama3", "tied")
+GRID = [(1, 1), (2, 1), (1, 2), (2, 2)]
+TOLERANCE = 1e-5
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+
+
+def hf_tensors(hf_dir: Path) -> tuple[ModelSpec, dict]:
+    spec = ModelSpec.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
+    return spec, load_file(hf_dir / "model.safetensors")
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def launched(hf_dirs, tmp_path_factory):
+    """Runs the one 4-rank launch; returns (root, cases)."""
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("torch_dist")
+    tokens = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, root / "tokens.pt")
+    cases = []
+    for preset in PRESETS:
+        spec, tensors = hf_tensors(hf_dirs[preset])
+        ckpt = root / f"{preset}-dist"
+        ckpt.mkdir()
+        write_torch_dist(DictReader(spec, tensors), ckpt)  # one checkpoint for every TP x PP
+        model = LlamaForCausalLM.from_pretrained(hf_dirs[preset], torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.save(model(tokens).logits, root / f"{preset}.ref.pt")  # [b, s, V]
+        for tp, pp in GRID:
+            cases.append(dict(name=preset, ckpt=str(ckpt), ckpt_format="torch_dist", tp=tp, pp=pp,
+                              spec=spec.to_dict(), padded=padded_vocab_size(spec.vocab_size, tp),
+                              tokens=str(root / "tokens.pt"), reference=str(root / f"{preset}.ref.pt"),
+                              result=str(root / f"{preset}_{tp}x{pp}.json")))
+    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    for tp, pp in [(2, 2), (1, 1)]:
+        padded = padded_vocab_size(spec.vocab_size, tp)
+        source = root / f"llama2-torch-{tp}x{pp}"
+        source.mkdir()
+        write_megatron(DictReader(spec, tensors), source, tp=tp, pp=pp)
+        cases.append(dict(kind="mcore_save", name="llama2", source=str(source), ckpt=str(root / f"mcore-{tp}x{pp}"),
+                          tp=tp, pp=pp, spec=spec.to_dict(), padded=padded, iteration=5))
+    job = root / "job.json"
+    job.write_text(json.dumps(cases))
+    proc = run_torchrun([str(WORKER), str(job)], nproc=4, capture=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, cases
+
+
+@pytest.mark.slow
+def test_megatron_core_loads_our_output_at_every_tp_pp(launched):
+    _, cases = launched
+    results = [json.loads(Path(c["result"]).read_text()) for c in cases if c.get("kind") != "mcore_save"]
+    assert len(results) == len(PRESETS) * len(GRID)
+    for r in results:
+        assert r["keys_match"] and r["padding_logits_zero"], r
+        assert r["max_abs_diff"] <= TOLERANCE, r
+
+
+@pytest.mark.slow
+def test_megatron_core_save_at_2x2_reads_back_bit_exact(launched, hf_dirs, tmp_path):
+    """A training run's checkpoint (optimizer, RNG, iter_N, no megallama.json) -> HF equals the source weights."""
+    root, _ = launched
+    ckpt = root / "mcore-2x2"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "5"
+    names = DistCheckpoint(ckpt / "iter_0000005").metadata.state_dict_metadata
+    assert any(k.startswith("optimizer.") for k in names) and any(k.startswith("rng_state") for k in names)
+    result = cli("convert", "megatron2hf", "--input-dir", ckpt, "--output-dir", tmp_path / "hf")
+    assert result.exit_code == 0, result.output
+    source, out = load_file(hf_dirs["llama2"] / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert source.keys() == out.keys()
+    for name, t in source.items():
+        assert torch.equal(t, out[name]), name
+
+
+@pytest.mark.slow
+def test_our_metadata_equals_megatron_cores(launched, hf_dirs, tmp_path):
+    """Same model, same weights: every model key, global shape, chunk, dtype and `_extra_state` object of our
+    .metadata is what megatron-core's own save at 1x1 holds, in the same order, and the tensors are equal."""
+    root, _ = launched
+    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    write_torch_dist(DictReader(spec, tensors), tmp_path / "ours", iteration=5)
+    ours = DistCheckpoint(tmp_path / "ours" / "iter_0000005")
+    theirs = DistCheckpoint(root / "mcore-1x1" / "iter_0000005")
+    model_keys = [k for k in theirs.metadata.state_dict_metadata if k.startswith(MODEL_PREFIXES)]
+    assert list(ours.metadata.state_dict_metadata) == model_keys
+    for key in model_keys:
+        assert ours.metadata.state_dict_metadata[key] == theirs.metadata.state_dict_metadata[key], key
+    for key, md in ours.tensors.items():
+        whole = ((0,) * len(md.size), tuple(md.size))
+        assert torch.equal(ours.read(key, *whole), theirs.read(key, *whole)), key
+    common = torch.load(tmp_path / "ours" / "iter_0000005" / "common.pt", weights_only=False)
+    theirs_common = torch.load(root / "mcore-1x1" / "iter_0000005" / "common.pt", weights_only=False)
+    assert set(common) == set(theirs_common) - {"optimizer"}  # its param groups; we write no optimizer
+    assert common["checkpoint_version"] == 3.0 and common["iteration"] == 5
+    assert common["content_metadata"] == theirs_common["content_metadata"]
+
+
+def test_key_table_matches_megatron_core_keys_map():
+    """The TE names we write are megatron-core's local-spec sharded_state_dict_keys_map."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    keys_map = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
+    assert dist_key("decoder.layers.3.input_layernorm.weight", 3) == (
+        "decoder.layers." + keys_map["input_layernorm."] + "weight")
+    assert dist_key("decoder.layers.3.pre_mlp_layernorm.weight", 3) == (
+        "decoder.layers." + keys_map["pre_mlp_layernorm."] + "weight")
+
+
+@pytest.fixture(scope="module")
+def dist_llama2(hf_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_llama2")
+    result = cli("convert", "hf2megatron", "--input-dir", hf_dirs["llama2"], "--output-dir", root / "meg",
+                 "--tp", "2", "--pp", "2")
+    assert result.exit_code == 0, result.output
+    return root / "meg"
+
+
+def test_cli_default_is_torch_dist_with_launch_flags(dist_llama2):
+    flags = (dist_llama2 / "megatron_args.txt").read_text().splitlines()
+    assert "--ckpt-format torch_dist" in flags
+    assert "--tensor-model-parallel-size 2" in flags and "--pipeline-model-parallel-size 2" in flags
+    assert (dist_llama2 / "release" / "metadata.json").is_file()
+    assert (dist_llama2 / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert not any(p.name.startswith("mp_rank_") for p in (dist_llama2 / "release").iterdir())
+
+
+def test_torch_dist_torch_round_trips_bit_exact(dist_llama2, tmp_path):
+    """torch_dist -> torch (2x2) -> torch_dist: global tensors equal; torch -> torch_dist -> torch: rank files equal."""
+    assert cli("convert", "megatron2megatron", "--input-dir", dist_llama2, "--output-dir", tmp_path / "t",
+               "--ckpt-format", "torch", "--tp", "2", "--pp", "2").exit_code == 0
+    assert cli("convert", "megatron2megatron", "--input-dir", tmp_path / "t", "--output-dir", tmp_path / "d",
+               "--tp", "2").exit_code == 0
+    assert cli("convert", "megatron2megatron", "--input-dir", tmp_path / "d", "--output-dir", tmp_path / "t2",
+               "--ckpt-format", "torch", "--tp", "2", "--pp", "2").exit_code == 0
+    a, b = DistCheckpoint(dist_llama2 / "release"), DistCheckpoint(tmp_path / "d" / "release")
+    assert a.metadata.state_dict_metadata == b.metadata.state_dict_metadata
+    for key, md in a.tensors.items():
+        whole = ((0,) * len(md.size), tuple(md.size))
+        assert torch.equal(a.read(key, *whole), b.read(key, *whole)), key
+    for rank in sorted((tmp_path / "t" / "release").iterdir()):
+        x = torch.load(rank / "model_optim_rng.pt", weights_only=False)["model"]
+        y = torch.load(tmp_path / "t2" / "release" / rank.name / "model_optim_rng.pt", weights_only=False)["model"]
+        assert x.keys() == y.keys()
+        for k in x:
+            assert (x[k] is None and y[k] is None) or torch.equal(x[k], y[k]), (rank.name, k)
+
+
+def test_reader_matches_torch_format_reader(dist_llama2, tmp_path):
+    """Both readers give the same canonical tensors for the same model."""
+    convert(dist_llama2, tmp_path / "t", src_format="megatron", dst_format="megatron", ckpt_format="torch", tp=2)
+    with open_torch_dist(dist_llama2) as a, open_megatron(tmp_path / "t") as b:
+        assert a.spec == b.spec and a.names() == b.names()
+        for name in a.names():
+            assert torch.equal(a.get(name), b.get(name)), name
+
+
+def _fails_cleanly(src: Path, out: Path) -> str:
+    result = cli("convert", "megatron2hf", "--input-dir", src, "--output-dir", out)
+    assert result.exit_code == 2, result.output
+    assert not out.exists()
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_bad_input_exits_2_one_line_nothing_written(dist_llama2, hf_dirs, tmp_path):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(dist_llama2, truncated)
+    distcp = max((truncated / "release").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    distcp.write_bytes(distcp.read_bytes()[: distcp.stat().st_size // 2])
+    assert "truncated" in _fails_cleanly(truncated, tmp_path / "out1")
+
+    no_metadata = tmp_path / "no_metadata"
+    shutil.copytree(dist_llama2, no_metadata)
+    (no_metadata / "release" / ".metadata").unlink()
+    assert ".metadata" in _fails_cleanly(no_metadata, tmp_path / "out2")
+
+    other = tmp_path / "other"  # llama2's megallama.json and tracker around LLaMA-1's tensors (4 KV heads, not 2)
+    shutil.copytree(dist_llama2, other)
+    shutil.rmtree(other / "release")
+    assert cli("convert", "hf2megatron", "--input-dir", hf_dirs["llama1"], "--output-dir",
+               tmp_path / "llama1").exit_code == 0
+    shutil.copytree(tmp_path / "llama1" / "release", other / "release")
+    assert "linear_qkv" in _fails_cleanly(other, tmp_path / "out3")
+
+
+@pytest.mark.slow
+def test_verify_layer_diff_passes_on_torch_dist(hf_dirs, tmp_path):
+    """verify reads torch_dist: each rank loads its slices with megatron-core's dist_checkpointing (1 x 1 here)."""
+    meg = tmp_path / "meg"
+    assert cli("convert", "hf2megatron", "--input-dir", hf_dirs["tied"], "--output-dir", meg).exit_code == 0
+    result = cli("verify", "layer-diff", "--reference", hf_dirs["tied"], "--megatron", meg,
+                 "--seq-len", "16")
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output

@@ -1,0 +1,66 @@
+"""A torch_dist checkpoint written by megatron-core itself, the way Megatron-LM's training saves one.
+
+Each rank builds the project's GPTModel at the case's TP x PP, loads its torch-format rank file (the known source
+weights), wraps it in megatron-core's DDP, takes one Adam step with zero gradients (so the optimizer has state),
+and calls `dist_checkpointing.save` on Megatron-LM's top-level dict: args, checkpoint_version, iteration, the
+model's sharded state dict, the optimizer's, and the RNG state as a ShardedObject, into `iter_NNNNNNN/` with the
+tracker written last. No megallama.json: a reader must work from common.pt's args and the tensor shapes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def save_case(case: dict) -> None:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megallama.formats.megatron.local import megatron_args
+    from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, load_rank_file
+    from megallama.model import build_gpt_model
+    from megallama.runtime import init_distributed
+    from megallama.spec import ModelSpec
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    tp, pp = case["tp"], case["pp"]
+    init_distributed(tp=tp, pp=pp, seed=1234)
+    spec = ModelSpec.from_dict(case["spec"])
+    gpt = build_gpt_model(spec, padded_vocab_size=case["padded"], dtype="float32")
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    gpt.load_state_dict(load_rank_file(checkpoint_dir(Path(case["source"]), None, tp_rank, pp_rank, pp)
+                                       / MODEL_FILE)["model"], strict=True)
+    model = DistributedDataParallel(config=gpt.config, module=gpt,
+                                    ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.0, weight_decay=0.0,
+                                                       params_dtype=torch.float32), [model])
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    optimizer.step()  # lr 0, zero grads: the weights stay the source's, the optimizer gets exp_avg/exp_avg_sq
+
+    iteration = case["iteration"]
+    args = megatron_args(spec, tp=tp, pp=pp, padded_vocab_size=case["padded"], divisible_by=128,
+                         iteration=iteration, ckpt_format="torch_dist")
+    model_sd = gpt.sharded_state_dict()  # Megatron-LM's save_checkpoint unwraps DDP / Float16Module first
+    rng = ShardedObject("rng_state", [{"random_rng_state": torch.get_rng_state()}], (pp, tp), (pp_rank, tp_rank),
+                        replica_id=ps.get_data_parallel_rank())
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model_sd,
+             "optimizer": optimizer.sharded_state_dict(model_sd), "rng_state": rng,
+             "num_floating_point_operations_so_far": 0}
+    root = Path(case["ckpt"])
+    it_dir = root / f"iter_{iteration:07d}"
+    if dist.get_rank() == 0:
+        it_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(state, str(it_dir),
+                            content_metadata={"singleton_local_shards": False, "chained_optim_avoid_prefix": True})
+    if dist.get_rank() == 0:
+        (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    dist.barrier()
