@@ -20,6 +20,7 @@ from megallama.formats.base import (
     require_folder,
     staged_output,
 )
+from megallama.formats.megatron.args import TRANSFORMER_IMPLS
 from megallama.spec import check_parallel, normalize_dtype
 
 FORMATS = ("hf", "meta", "megatron")
@@ -63,6 +64,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
                          "(and not containing it)")
     if ckpt_format not in CKPT_FORMATS:
         raise InputError(f"unknown --ckpt-format {ckpt_format!r}: expected one of {', '.join(CKPT_FORMATS)}")
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise InputError(f"--transformer-impl {transformer_impl!r}: expected one of {', '.join(TRANSFORMER_IMPLS)}")
     if divisible_by < 1:
         raise InputError(f"--make-vocab-size-divisible-by must be >= 1 (got {divisible_by})")
     notes: list[str] = []  # stale staging of killed runs, removed by staged_output

@@ -136,9 +136,11 @@ def test_pth2megatron_transformer_impl_option(hf_dirs, tmp_path):
     runner = CliRunner()
     out = tmp_path / "te"
     result = runner.invoke(app, ["convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(out),
-                                 "--transformer-impl", "transformer_engine"])
+                                 "--transformer-impl", "transformer_engine", "--ckpt-format", "torch"])
     assert result.exit_code == 0, result.output
     assert "--transformer-impl transformer_engine" in result.stdout
+    with open_megatron(out) as reader:
+        assert reader.layout.name == "mcore-te"
     bad = tmp_path / "bad"
     result = runner.invoke(app, ["convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(bad),
                                  "--transformer-impl", "te"])

@@ -38,7 +38,8 @@ E = ModelSpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hid
 
 
 def test_every_field_megatron_reads_is_saved(hf_dirs, tmp_path):
-    out = convert(hf_dirs["llama2"], tmp_path / "meg", src_format="hf", dst_format="megatron", tp=2, pp=2).output
+    out = convert(hf_dirs["llama2"], tmp_path / "meg", src_format="hf", dst_format="megatron", tp=2, pp=2,
+                  ckpt_format="torch").output
     args = load_rank_file(out / "release/mp_rank_01_001/model_optim_rng.pt")["args"]
     saved = vars(args)
     wanted = LOAD_ARGS_FROM_CHECKPOINT + CHECK_CHECKPOINT_ARGS + LOAD_CHECKPOINT + TOOLS_CHECKPOINT
@@ -64,7 +65,8 @@ def test_rotary_interleaved_is_read_from_args_without_a_manifest(hf_dirs, tmp_pa
     """A Megatron-LM checkpoint (no megallama.json) trained with --rotary-interleaved keeps Meta's q/k order."""
     from megallama.verify_data import prepare
 
-    out = convert(hf_dirs["llama2"], tmp_path / "meg", src_format="hf", dst_format="megatron").output
+    out = convert(hf_dirs["llama2"], tmp_path / "meg", src_format="hf", dst_format="megatron",
+                  ckpt_format="torch").output
     (out / "megallama.json").unlink()
     rank = out / "release/mp_rank_00/model_optim_rng.pt"
     ckpt = torch.load(rank, weights_only=False)
