@@ -331,7 +331,7 @@ def deep(verify_root):
     from megallama.tiny import PRESETS
 
     hf = make_hf_checkpoint(verify_root / "hf-deep16", PRESETS["llama2"].replace(num_layers=16))
-    meg = convert(hf, verify_root / "meg-deep16", src_format="hf", dst_format="megatron").output
+    meg = convert(hf, verify_root / "meg-deep16", src_format="hf", dst_format="megatron", ckpt_format="torch").output
     return {"hf": hf, "meg": meg, "eps-bug": broken_copy(meg, verify_root / "bug-deep16-eps", norm_eps_1e6)}
 
 
