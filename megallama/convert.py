@@ -27,8 +27,9 @@ FORMATS = ("hf", "meta", "megatron")
 CKPT_FORMATS = ("torch_dist", "torch")  # Megatron --ckpt-format; torch_dist is Megatron-LM's default
 
 
-def open_reader(path: Path, fmt: str):
-    """Open a checkpoint folder of format `fmt` as a canonical Reader."""
+def open_reader(path: Path, fmt: str, *, layout: str | None = None):
+    """Open a checkpoint folder of format `fmt` as a canonical Reader; `layout` forces a Megatron torch-format
+    layout (`formats/megatron/detect.py`) instead of detecting it from the keys."""
     path = require_folder(path)
     if fmt == "hf":
         from megallama.formats.hf import open_hf
@@ -39,16 +40,18 @@ def open_reader(path: Path, fmt: str):
     if fmt == "megatron":  # torch_dist or torch format, told apart by the files
         from megallama.formats.megatron.torch_dist import find_iteration_dir, open_torch_dist
         if find_iteration_dir(path) is not None:
+            if layout:
+                raise InputError(f"--layout {layout}: {path} is torch_dist, which has one layout (megatron-core's)")
             return open_torch_dist(path)
         from megallama.formats.megatron.torch_format import open_megatron
-        return open_megatron(path)
+        return open_megatron(path, layout=layout)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int | None = None, pp: int | None = None,
             shards: int = 1, dtype: str | None = None, divisible_by: int = 128, force: bool = False,
             ckpt_format: str = "torch_dist", transformer_impl: str = "local", on_tensor: OnTensor | None = None,
-            on_start: Callable[[int], None] | None = None) -> WriteReport:
+            on_start: Callable[[int], None] | None = None, layout: str | None = None) -> WriteReport:
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
 
     Megatron output is `ckpt_format` "torch_dist" (loads at any TP x PP; `tp`/`pp` only pad the vocab and fill
@@ -71,7 +74,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
     notes: list[str] = []  # stale staging of killed runs, removed by staged_output
     # The output is checked and its staging folder made first: an unwritable target fails before any reading.
     with Timer() as timer, staged_output(dst, force=force, notes=notes) as tmp:
-        reader = open_reader(src, src_format)
+        reader = open_reader(src, src_format, layout=layout)
         try:
             check_complete(reader)
             if dst_format == "megatron":

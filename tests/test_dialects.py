@@ -122,8 +122,9 @@ def test_te_writer_matches_the_documented_layout(hf_dirs, tmp_path):
             assert ckpt["args"].transformer_impl == "transformer_engine"
     assert "--transformer-impl transformer_engine" in (out / "megatron_args.txt").read_text().splitlines()
     assert read_manifest(out)["layout"] == "mcore-te"
-    with open_megatron(out) as reader:
+    with open_megatron(out) as reader:  # and back, bit for bit
         assert reader.layout.name == "mcore-te"
+        assert all(torch.equal(reader.get(name), tensor) for name, tensor in sd.items())
 
 
 def test_pth2megatron_transformer_impl_option(hf_dirs, tmp_path):
@@ -138,6 +139,8 @@ def test_pth2megatron_transformer_impl_option(hf_dirs, tmp_path):
                                  "--transformer-impl", "transformer_engine", "--ckpt-format", "torch"])
     assert result.exit_code == 0, result.output
     assert "--transformer-impl transformer_engine" in result.stdout
+    with open_megatron(out) as reader:
+        assert reader.layout.name == "mcore-te"
     bad = tmp_path / "bad"
     result = runner.invoke(app, ["convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(bad),
                                  "--transformer-impl", "te"])
@@ -198,3 +201,27 @@ def test_cli_refuses_an_unplaceable_checkpoint_without_output(hf_dirs, tmp_path)
     assert ("checkpoint does not match the alibaba layout and its config (1 problems): mp_rank_01: cannot place "
             "language_model.encoder.layers.0.self_attention.dense.bias") in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_cli_layout_option_and_megatron2megatron_from_a_dialect(hf_dirs, tmp_path):
+    """`--layout` forces the input layout; a legacy checkpoint re-sharded to the TE torch layout is bit-exact."""
+    from typer.testing import CliRunner
+
+    from megallama.cli import app
+
+    runner = CliRunner()
+    src = build("legacy", hf_dirs["llama2"], tmp_path / "legacy", tp=2, pp=2)
+    out = tmp_path / "te"
+    result = runner.invoke(app, ["convert", "megatron2megatron", "--input-dir", str(src), "--output-dir", str(out),
+                                 "--layout", "legacy", "--ckpt-format", "torch", "--tp", "1",
+                                 "--transformer-impl", "transformer_engine"])
+    assert result.exit_code == 0, result.output
+    _, want = hf_model(hf_dirs["llama2"])
+    with open_megatron(out) as reader:
+        assert (reader.layout.name, reader.tp, reader.pp) == ("mcore-te", 1, 1)
+        assert all(torch.equal(reader.get(name), tensor) for name, tensor in want.items())
+    bad = tmp_path / "bad"
+    result = runner.invoke(app, ["convert", "megatron2hf", "--input-dir", str(src), "--output-dir", str(bad),
+                                 "--layout", "llama-fork"])
+    assert result.exit_code == 2 and "does not match the llama-fork layout" in result.output
+    assert not bad.exists()

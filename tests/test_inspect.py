@@ -32,7 +32,8 @@ def folders(hf_dirs, tmp_path_factory):
         "hf": hf,
         "meta": convert(hf, root / "meta", src_format="hf", dst_format="meta", shards=2).output,
         "local": convert(hf, root / "local", src_format="hf", dst_format="megatron", tp=2, pp=2,
-                         ckpt_format="torch").output,
+                  ckpt_format="torch").output,
+        "dist": convert(hf, root / "dist", src_format="hf", dst_format="megatron", tp=2, pp=2).output,
         "te": build("te", hf, root / "te", tp=2, pp=1),
         "legacy": build("legacy", hf, root / "legacy", tp=1, pp=2),
         "fork": build("fork_distopt", hf_dirs["llama1"], root / "fork", tp=1, pp=1),
@@ -118,3 +119,11 @@ def test_layout_can_be_forced(folders):
     assert result.exit_code == 0 and json.loads(result.stdout)["layout"] == "legacy"
     result = runner.invoke(app, ["inspect", str(folders["legacy"]), "--layout", "alibaba"])
     assert result.exit_code == 2 and "not match the alibaba layout" in result.output
+
+
+def test_megallama_torch_dist(folders):
+    got = inspect_json(folders["dist"])
+    assert (got["format"], got["ckpt_format"], got["layout"], got["tp"], got["pp"]) == (
+        "megatron", "torch_dist", "mcore", 2, 2)
+    assert (got["vocab_size"], got["padded_vocab_size"], got["dtype"], got["optimizer_state"]) == (
+        320, 512, "float32", False)

@@ -75,6 +75,8 @@ PP_HELP = "Pipeline-parallel size (torch_dist: only fills the launch flags; torc
 CKPT_FORMAT_HELP = ("Megatron --ckpt-format to write: torch_dist (default, as Megatron-LM; loads at any TP x PP) or "
                     "torch (per-rank mp_rank_* files for exactly --tp x --pp).")
 DIVISIBLE_HELP = "Pad the vocab to a multiple of this x TP (Megatron's default 128)."
+LAYOUT_HELP = ("Force the input's Megatron layout: mcore-local, mcore-te, legacy, llama-fork or alibaba "
+               "(default: detected from the keys).")
 IMPL_HELP = ("Megatron-LM's --transformer-impl the torch-format keys are for: local or transformer_engine "
              "(torch_dist stores the same keys for both).")
 
@@ -150,6 +152,7 @@ def megatron2megatron(
     divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
                                      help=DIVISIBLE_HELP),
     transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
+    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """Megatron -> Megatron: re-shard to another TP x PP and/or change the ckpt format (weights only).
@@ -158,7 +161,7 @@ def megatron2megatron(
     """
     _to_megatron(input_dir, output_dir, src_format="megatron", title="megatron2megatron", tp=tp, pp=pp,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl)
+                 transformer_impl=transformer_impl, layout=layout)
 
 
 @app.command("megatron2pth")
@@ -169,6 +172,7 @@ def megatron2pth(
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Meta pth folder to write."),
     shards: int = typer.Option(1, "--shards", help="Number of consolidated.NN.pth model-parallel shards."),
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """Megatron checkpoint (any TP x PP) -> Meta pth: merge TP, join PP, drop padding, undo fusion.
@@ -176,7 +180,7 @@ def megatron2pth(
     Example: megallama convert megatron2pth --input-dir runs/sft --output-dir llama-2-7b-sft
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="meta", title="megatron2pth", shards=shards,
-         dtype=dtype, force=force)
+         dtype=dtype, force=force, layout=layout)
 
 
 @app.command("megatron2hf")
@@ -186,6 +190,7 @@ def megatron2hf(
                                    help="Megatron folder (torch_dist or torch format, any TP x PP)."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="HF folder to write."),
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ) -> None:
     """Megatron checkpoint (torch_dist or torch, any TP x PP) -> HuggingFace safetensors + config.json.
@@ -193,4 +198,4 @@ def megatron2hf(
     Example: megallama convert megatron2hf --input-dir runs/sft --output-dir llama-2-7b-sft-hf
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="hf", title="megatron2hf", dtype=dtype,
-         force=force)
+         force=force, layout=layout)
