@@ -277,20 +277,64 @@ def canonical_from_ranks(states: list[list[dict]], spec: ModelSpec) -> dict[str,
 
 def load_rank_file(path: Path) -> dict:
     """torch.load a rank file lazily (mmap) and safely (weights_only), one clear line if it is unreadable."""
+    allowed = list(_SAFE_GLOBALS)
     try:
-        try:
-            with torch.serialization.safe_globals(_SAFE_GLOBALS):
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except pickle.UnpicklingError:
-            # Checkpoints saved by Megatron-LM itself hold megatron enums in args; megatron-core publishes the
-            # allow-list for exactly those (importing it is slow, hence only on demand).
-            from megatron.core.safe_globals import SAFE_GLOBALS
-
-            with torch.serialization.safe_globals(_SAFE_GLOBALS + SAFE_GLOBALS):
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        for _ in range(_MAX_FOREIGN):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except pickle.UnpicklingError as e:
+                foreign = _megatron_global(e)
+                if foreign is None or any(name == foreign for _, name in allowed[len(_SAFE_GLOBALS):]):
+                    raise
+                allowed.append((megatron_stand_in(foreign), foreign))
+        raise pickle.UnpicklingError(f"more than {_MAX_FOREIGN} Megatron-LM classes in its args")
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused:
+            raise InputError(f"{path} is not a readable torch checkpoint: it would unpickle {refused.group(1)}, "
+                             "which is not allowed (loading it could run code)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path} is not a readable torch checkpoint: {first}") from None
+
+
+# Checkpoints saved by Megatron-LM hold megatron-core enums and config dataclasses in `args` (ModelType,
+# AttnBackend, ...; megatron/core/safe_globals.py lists today's). Importing megatron-core to allow-list them costs
+# seconds and prints warnings, and conversion never reads those fields: each `megatron.*` class the unpickler
+# names is allowed as an inert stand-in that only records what it was built from. Nothing else is allowed.
+_MAX_FOREIGN = 32
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL (megatron\.[\w.]+) was not an allowed global")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
+
+
+class MegatronStandIn:
+    """A value of a Megatron-LM class from a checkpoint's `args`, kept as data: `args` (enums) or `state`."""
+
+    qualname = "megatron"
+
+    def __new__(cls, *args):
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"{self.qualname}{self.args}" if self.state is None else f"{self.qualname}({self.state!r})"
+
+
+def megatron_stand_in(qualname: str) -> type:
+    """A MegatronStandIn subclass named for one megatron class (e.g. `megatron.core.enums.ModelType`)."""
+    return type(qualname.rsplit(".", 1)[-1], (MegatronStandIn,), {"qualname": qualname})
+
+
+def _megatron_global(e: pickle.UnpicklingError) -> str | None:
+    m = _UNSUPPORTED_GLOBAL.search(str(e))
+    return m.group(1) if m else None
 
 
 # ---------------------------------------------------------------- opening a folder
