@@ -5,9 +5,9 @@ Layout (formats.md 3.1, 3.2, 4.1-4.4): `latest_checkpointed_iteration.txt` ("rel
 `model_optim_rng.pt` = {args, checkpoint_version 3.0, iteration, model}. Which canonical tensors make which key,
 and how each is split, is the rule table in `local.py`; this module only does files and metadata.
 
-Both directions stream: the writer saves each rank file's layout first and fills in one tensor at a time
-(`streaming.py`); the reader maps the rank files of one layer at a time and drops them before the next.
-Memory stays near one whole tensor plus its rank piece, whatever the model size.
+Both directions stream: the writer lays out the rank files of a stage first and fills them in from one read of
+each tensor (`streaming.py`); the reader maps the rank files of one layer at a time and drops them before the
+next. Memory stays near one whole tensor plus its rank pieces, whatever the model size.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from megallama.formats.megatron.local import (
     stage_rules,
     to_rank,
 )
-from megallama.formats.streaming import save_streamed
+from megallama.formats.streaming import StreamedFiles
 from megallama.names import canonical_names, expected_shapes
 from megallama.spec import LLAMA3_ROPE_DEFAULTS, ModelSpec, check_parallel, normalize_dtype, padded_vocab_size
 from megallama.transforms import meta_to_hf_rotary
@@ -146,13 +146,33 @@ def checkpoint_dict(model: dict, args: argparse.Namespace, iteration: int | None
 def save_rank_file(path: Path, source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec,
                    args: argparse.Namespace, *, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab_size: int,
                    iteration: int | None = None, on_tensor: OnTensor | None = None) -> None:
-    """Write one rank's `model_optim_rng.pt` without ever holding the whole rank in memory (`save_streamed`)."""
-    tensors = rank_tensors(source, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                           padded_vocab_size=padded_vocab_size, dtype=spec.dtype)
-    # the skeleton is built inline so that save_streamed holds its only reference and can drop it before filling
-    save_streamed(path, checkpoint_dict(rank_placeholders(spec, tp=tp, pp_rank=pp_rank, pp=pp,
-                                                          padded_vocab_size=padded_vocab_size), args, iteration),
-                  tensors, flat=lambda ckpt: ckpt["model"], on_tensor=on_tensor)
+    """Write one rank's `model_optim_rng.pt` without ever holding the whole rank in memory (`streaming.py`)."""
+    save_stage_files({tp_rank: path}, source, spec, args, tp=tp, pp_rank=pp_rank, pp=pp,
+                     padded_vocab_size=padded_vocab_size, iteration=iteration, on_tensor=on_tensor)
+
+
+def save_stage_files(paths: dict[int, Path], source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec,
+                     args: argparse.Namespace, *, tp: int, pp_rank: int, pp: int, padded_vocab_size: int,
+                     iteration: int | None = None, on_tensor: OnTensor | None = None) -> None:
+    """Write the rank files `paths` ({tp_rank: path}) of one pipeline stage side by side.
+
+    Each canonical tensor is read once and split for every rank in `paths`; the pieces are written by
+    `StreamedFiles`' threads while the next tensor is read, so memory holds about one tensor and its pieces.
+    """
+    get = source.get if hasattr(source, "get") else source
+    with StreamedFiles(on_tensor=on_tensor) as files:
+        layouts = {t: files.add(path, checkpoint_dict(rank_placeholders(spec, tp=tp, pp_rank=pp_rank, pp=pp,
+                                                                        padded_vocab_size=padded_vocab_size),
+                                                      args, iteration), flat=lambda ckpt: ckpt["model"])
+                   for t, path in paths.items()}
+        for rule, _ in stage_rules(spec, pp_rank=pp_rank, pp=pp):
+            if not rule.sources:
+                continue
+            tensors = [get(name) for name in rule.sources]
+            for tp_rank, layout in layouts.items():
+                piece = to_rank(rule.kind, tensors, spec, tp_rank=tp_rank, tp=tp, padded_vocab_size=padded_vocab_size)
+                files.put(layout, rule.target, cast(piece, spec.dtype))
+            del tensors
 
 
 def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: str | None = None,
@@ -177,11 +197,10 @@ def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: st
                          iteration=iteration or 0, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                          **(args_overrides or {}))
     for pp_rank in range(pp):
-        for tp_rank in range(tp):
-            path = checkpoint_dir(out_dir, iteration, tp_rank, pp_rank, pp) / MODEL_FILE
-            save_rank_file(path, reader, spec, args, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                           padded_vocab_size=padded, iteration=iteration, on_tensor=on_tensor)
-            report.files.append(str(path.relative_to(out_dir)))
+        paths = {t: checkpoint_dir(out_dir, iteration, t, pp_rank, pp) / MODEL_FILE for t in range(tp)}
+        save_stage_files(paths, reader, spec, args, tp=tp, pp_rank=pp_rank, pp=pp, padded_vocab_size=padded,
+                         iteration=iteration, on_tensor=on_tensor)
+        report.files += [str(p.relative_to(out_dir)) for p in paths.values()]
     report.files += copy_tokenizer(reader.tokenizer_files, out_dir)
     write_manifest(out_dir, spec=spec, fmt="megatron", sources=reader.source_files, tp=tp, pp=pp,
                    vocab_size=spec.vocab_size, padded_vocab_size=padded, divisible_by=divisible_by,
