@@ -17,7 +17,9 @@ from megallama.formats.base import (
     check_complete,
     folder_bytes,
     peak_rss_bytes,
+    prefetch_sha256,
     staged_output,
+    torch_threads,
 )
 from megallama.spec import check_parallel, normalize_dtype
 
@@ -56,13 +58,14 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int =
                          "(and not containing it)")
     if divisible_by < 1:
         raise InputError(f"--make-vocab-size-divisible-by must be >= 1 (got {divisible_by})")
-    with Timer() as timer:
+    with Timer() as timer, torch_threads(1):  # copies are memory-bound: spare cores go to writing and hashing
         reader = open_reader(src, src_format)
         try:
             check_complete(reader)
             if dst_format == "megatron":
                 check_parallel(reader.spec, tp=tp, pp=pp)
             bytes_read = sum(p.stat().st_size for p in reader.source_files)
+            prefetch_sha256(reader.source_files)  # the manifest's checksums, hashed while the conversion runs
             if on_start is not None:
                 out_dtype = TORCH_DTYPES[dtype or reader.spec.dtype]
                 on_start(reader.spec.num_parameters() * out_dtype.itemsize)

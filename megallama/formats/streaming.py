@@ -37,7 +37,7 @@ import torch
 from megallama.formats.base import OnTensor
 
 WORKERS = 2  # threads writing slots; the main thread reads and transforms meanwhile
-WINDOW_BYTES = 1 << 28  # tensor bytes handed over but not yet written, at most (one bigger tensor may pass alone)
+WINDOW_BYTES = 1 << 26  # tensor bytes handed over but not yet written, at most (one bigger tensor may pass alone)
 
 
 def save_streamed(path: Path, skeleton, tensors: Iterable[tuple[str, torch.Tensor | None]], *,
@@ -91,8 +91,9 @@ class StreamedFiles:
     next `put`). `on_tensor(key, nbytes)` hears each tensor as it is handed over.
     """
 
-    def __init__(self, *, workers: int = WORKERS, window_bytes: int | None = None, on_tensor: OnTensor | None = None):
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="megallama-write")
+    def __init__(self, *, workers: int | None = None, window_bytes: int | None = None,
+                 on_tensor: OnTensor | None = None):
+        self._pool = ThreadPoolExecutor(workers or WORKERS, thread_name_prefix="megallama-write")
         self._window = WINDOW_BYTES if window_bytes is None else window_bytes
         self._on_tensor = on_tensor
         self._layouts: list[_Layout] = []
