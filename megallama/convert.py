@@ -17,8 +17,10 @@ from megallama.formats.base import (
     check_complete,
     folder_bytes,
     peak_rss_bytes,
+    prefetch_sha256,
     require_folder,
     staged_output,
+    torch_threads,
 )
 from megallama.formats.megatron.args import TRANSFORMER_IMPLS
 from megallama.spec import check_parallel, normalize_dtype
@@ -73,13 +75,15 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
         raise InputError(f"--make-vocab-size-divisible-by must be >= 1 (got {divisible_by})")
     notes: list[str] = []  # stale staging of killed runs, removed by staged_output
     # The output is checked and its staging folder made first: an unwritable target fails before any reading.
-    with Timer() as timer, staged_output(dst, force=force, notes=notes) as tmp:
+    with Timer() as timer, staged_output(dst, force=force, notes=notes) as tmp, \
+            torch_threads(1):  # copies are memory-bound: spare cores go to writing and hashing
         reader = open_reader(src, src_format, layout=layout)
         try:
             check_complete(reader)
             if dst_format == "megatron":
                 check_parallel(reader.spec, tp=tp or 1, pp=pp or 1)
             bytes_read = sum(p.stat().st_size for p in reader.source_files)
+            prefetch_sha256(reader.source_files)  # the manifest's checksums, hashed while the conversion runs
             if on_start is not None:
                 out_dtype = TORCH_DTYPES[dtype or reader.spec.dtype]
                 on_start(reader.spec.num_parameters() * out_dtype.itemsize)

@@ -188,11 +188,11 @@ def test_rank_files_store_only_rank_sized_storages(e_dir):
                 assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (path.parent.name, key)
 
 
-@pytest.mark.parametrize("remap_bytes", [1 << 26, 1])
-def test_streamed_rank_file_equals_torch_save(tmp_path, monkeypatch, remap_bytes):
+@pytest.mark.parametrize("window_bytes", [1 << 26, 1])
+def test_streamed_rank_file_equals_torch_save(tmp_path, monkeypatch, window_bytes):
     # save_rank_file fills a skip_data skeleton in place; the result must be what torch.save of the dict gives,
-    # also when the file is re-mapped after every tensor
-    monkeypatch.setattr("megallama.formats.streaming.REMAP_BYTES", remap_bytes)
+    # also when every tensor waits for the previous one to be written (a 1-byte window)
+    monkeypatch.setattr("megallama.formats.streaming.WINDOW_BYTES", window_bytes)
     src, args = labelled(E), megatron_args(E, tp=2, pp=2, padded_vocab_size=256, divisible_by=128)
     streamed, whole = tmp_path / "a" / MODEL_FILE, tmp_path / "b" / MODEL_FILE
     save_rank_file(streamed, src.get, E, args, tp_rank=1, tp=2, pp_rank=1, pp=2, padded_vocab_size=256)

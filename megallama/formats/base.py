@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import resource
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -112,12 +115,59 @@ def cast(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
     return t if dtype is None or t.dtype == TORCH_DTYPES[dtype] else t.to(TORCH_DTYPES[dtype])
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (idle OpenMP threads spin, taking cores from I/O threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """The file's sha256 hex digest; taken from `prefetch_sha256` when that already hashed this version of it."""
+    pending = _PREFETCHED.pop(_file_key(path), None)
+    if pending is not None:
+        pending.join()
+        if pending.digest is not None:
+            return pending.digest
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class _Hasher(threading.Thread):
+    """Hashes one file in the background; a daemon, so a failing conversion never waits for it."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True, name="megallama-sha256")
+        self.path, self.digest = path, None
+
+    def run(self) -> None:
+        try:
+            self.digest = sha256(self.path)
+        except OSError:
+            pass  # sha256() hashes it again in the foreground and reports the error
+
+
+_PREFETCHED: dict[tuple, _Hasher] = {}
+
+
+def prefetch_sha256(paths: list[Path]) -> None:
+    """Start hashing `paths` (for the manifest) on a thread, so it overlaps the conversion (hashlib frees the GIL)."""
+    for path in paths:
+        hasher = _Hasher(Path(path))
+        _PREFETCHED[_file_key(path)] = hasher
+        hasher.start()
+
+
+def _file_key(path: Path) -> tuple:
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
 
 
 def copy_tokenizer(files: list[Path], out_dir: Path) -> list[str]:

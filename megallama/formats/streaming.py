@@ -1,14 +1,19 @@
-"""torch.save without holding the tensors: save a skeleton, fill its tensors in place, fix the zip's CRCs.
+"""torch.save without holding the tensors: lay the file out first, write each tensor into its slot from a small
+thread pool, then set the zip's CRCs.
 
 A rank or shard file can be larger than the memory one wants to spend (a 70B model at TP=8 has 17 GB ranks).
 torch.save needs every tensor in memory at once, so instead:
 
 1. `torch.save` the object with placeholder tensors (untouched `torch.empty`: never resident) under torch's
-   `skip_data()`, which lays out every record and reserves its bytes without writing them
-   (a prototype API since torch 2.5; the tests pin the result against a plain torch.save);
-2. map the file shared and copy each real tensor into its slot as it is produced, re-mapping every
-   REMAP_BYTES because written pages count in this process's RSS until they are unmapped;
-3. write the real CRC-32 of each record (skip_data leaves 0; torch.load never checks, zip tools do).
+   `skip_data()`, which lays out every record and reserves its bytes without writing them (a sparse file;
+   a prototype API since torch 2.5; the tests pin the result against a plain torch.save);
+2. read the slots back from the layout's own pickle: which data record (and so which file offset) holds each
+   placeholder;
+3. `pwrite` each real tensor's bytes into its slot as it is produced, together with the record's CRC-32
+   (torch.load never checks CRCs, zip tools do). Writes and CRCs run on worker threads (both release the
+   GIL), so reading and transforming the next tensor overlaps writing this one; at most `window_bytes` of
+   tensors wait for a worker, which bounds the memory on top of the tensor being built;
+4. write the CRCs into the zip's data descriptors and central directory.
 
 The file is then byte for byte what torch.save of the whole object gives, but for the random
 `.data/serialization_id` torch stamps on every save.
@@ -16,88 +21,219 @@ The file is then byte for byte what torch.save of the whole object gives, but fo
 
 from __future__ import annotations
 
-import mmap
+import os
+import pickle
 import struct
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from megallama.formats.base import OnTensor
 
-REMAP_BYTES = 1 << 26
+WORKERS = 2  # threads writing slots; the main thread reads and transforms meanwhile
+WINDOW_BYTES = 1 << 26  # tensor bytes handed over but not yet written, at most (one bigger tensor may pass alone)
 
 
 def save_streamed(path: Path, skeleton, tensors: Iterable[tuple[str, torch.Tensor | None]], *,
                   flat: Callable = lambda obj: obj, on_tensor: OnTensor | None = None) -> None:
     """torch.save `skeleton`, whose tensors are placeholders at `flat(skeleton)[key]`, with the bytes of `tensors`.
 
-    Each `(key, tensor)` must match its placeholder's shape and dtype; None values are skipped. Only the tensor
-    being copied is in memory. Example:
+    Each `(key, tensor)` must match its placeholder's shape and dtype; None values are skipped. Example:
         >>> skeleton = {"w": torch.empty(4096, 4096)}
         >>> save_streamed(Path("w.pt"), skeleton, ((k, make(k)) for k in skeleton))
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.serialization.skip_data():
-        torch.save(skeleton, path)
-    del skeleton
-    fill_in_place(path, tensors, flat=flat, on_tensor=on_tensor)
-    fix_zip_crcs(path)
-
-
-def fill_in_place(path: Path, tensors: Iterable[tuple[str, torch.Tensor | None]], *,
-                  flat: Callable = lambda obj: obj, on_tensor: OnTensor | None = None) -> None:
-    """Copy each tensor into the slot a `skip_data` torch.save reserved for it in `path` (mapped shared)."""
-    mapped, pending = None, 0
-    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+    with StreamedFiles(on_tensor=on_tensor) as files:
+        out = files.add(path, skeleton, flat=flat)
+        del skeleton
         for key, t in tensors:
-            if t is None:
+            if t is not None:
+                files.put(out, key, t)
+
+
+@dataclass
+class Slot:
+    """Where one placeholder's bytes go: its zip record, the file offset of the record's data, its size."""
+
+    record: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * self.dtype.itemsize
+
+
+@dataclass
+class _Layout:
+    path: Path
+    fd: int
+    slots: dict[str, Slot]
+    crcs: dict[str, int] = field(default_factory=dict)  # record -> CRC-32 of the bytes written into it
+
+
+class StreamedFiles:
+    """Several streamed torch.save files filled side by side (all TP ranks of a stage from one read of each tensor).
+
+        with StreamedFiles() as files:
+            a, b = files.add(path_a, skeleton_a), files.add(path_b, skeleton_b)
+            for key, (ta, tb) in pieces:
+                files.put(a, key, ta)
+                files.put(b, key, tb)
+
+    Leaving the block waits for every write and sets the CRCs; an error in a worker is raised there (or by the
+    next `put`). `on_tensor(key, nbytes)` hears each tensor as it is handed over.
+    """
+
+    def __init__(self, *, workers: int | None = None, window_bytes: int | None = None,
+                 on_tensor: OnTensor | None = None):
+        self._pool = ThreadPoolExecutor(workers or WORKERS, thread_name_prefix="megallama-write")
+        self._window = WINDOW_BYTES if window_bytes is None else window_bytes
+        self._on_tensor = on_tensor
+        self._layouts: list[_Layout] = []
+        self._futures: list[Future] = []
+        self._pending = 0  # bytes handed over and not yet written
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+
+    def add(self, path: Path, skeleton, *, flat: Callable = lambda obj: obj) -> _Layout:
+        """Lay out `skeleton` at `path` (placeholders not written) and return the handle `put` fills."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.serialization.skip_data():
+            torch.save(skeleton, path)
+        layout = _Layout(path, os.open(path, os.O_RDWR), read_slots(path, flat))
+        self._layouts.append(layout)
+        return layout
+
+    def put(self, layout: _Layout, key: str, tensor: torch.Tensor) -> None:
+        """Queue `tensor` for its slot; blocks while the window is full. The caller must not change it afterwards."""
+        slot = layout.slots[key]
+        assert tuple(tensor.shape) == slot.shape and tensor.dtype == slot.dtype, (key, slot, tensor.shape)
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy()  # the raw bytes, no copy
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or self._pending == 0
+                                or self._pending + slot.nbytes <= self._window)
+            if self._error is not None:
+                raise self._error
+            self._pending += slot.nbytes
+        self._futures.append(self._pool.submit(self._write, layout, slot, data))
+        if self._on_tensor is not None:
+            self._on_tensor(key, slot.nbytes)
+
+    def _write(self, layout: _Layout, slot: Slot, data) -> None:
+        try:
+            view = memoryview(data)
+            written = 0
+            while written < len(view):  # pwrite may write less than asked (at most 2 GiB per call on Linux)
+                written += os.pwrite(layout.fd, view[written:], slot.offset + written)
+            layout.crcs[slot.record] = zlib.crc32(view)
+        except BaseException as e:
+            with self._cond:
+                self._error = self._error or e
+            raise
+        finally:
+            del data
+            with self._cond:
+                self._pending -= slot.nbytes
+                self._cond.notify_all()
+
+    def __enter__(self) -> StreamedFiles:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+            if exc_type is None:
+                for f in self._futures:
+                    f.result()  # a worker's error, raised here
+                for layout in self._layouts:
+                    missing = set(layout.slots) - {k for k, s in layout.slots.items() if s.record in layout.crcs}
+                    assert not missing, f"{layout.path}: no tensor for {sorted(missing)[:3]}"
+                    os.close(layout.fd)
+                    layout.fd = -1
+                    write_crcs(layout.path, layout.crcs)
+        finally:
+            for layout in self._layouts:
+                if layout.fd >= 0:
+                    os.close(layout.fd)
+                    layout.fd = -1
+
+
+# ---------------------------------------------------------------- reading the layout back
+class _SlotUnpickler(pickle.Unpickler):
+    """Reads a torch.save pickle with every tensor replaced by (storage key, shape, dtype).
+
+    Only used on a file this process has just written, so resolving its globals is safe.
+    """
+
+    def persistent_load(self, pid):  # ("storage", storage type, key, location, numel)
+        return pid[2], pid[1].dtype
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _placeholder
+        if module == "torch" and name.endswith("Storage"):  # as torch.load does: no TypedStorage warning
+            return torch.serialization.StorageType(name)
+        return super().find_class(module, name)
+
+
+def _placeholder(storage, storage_offset, size, stride, *rest):
+    key, dtype = storage
+    compact = [1]
+    for n in reversed(size[1:]):
+        compact.insert(0, compact[0] * n)
+    assert storage_offset == 0 and (not size or list(stride) == compact), "placeholders are compact tensors"
+    return key, tuple(size), dtype
+
+
+def read_slots(path: Path, flat: Callable = lambda obj: obj) -> dict[str, Slot]:
+    """{key of flat(object): Slot} for a skip_data torch.save file."""
+    with zipfile.ZipFile(path) as z:
+        infos = {i.filename: i for i in z.infolist()}
+        pkl = next(n for n in infos if n.endswith("/data.pkl"))
+        prefix = pkl.removesuffix("data.pkl")
+        obj = _SlotUnpickler(z.open(pkl)).load()
+    slots = {}
+    with open(path, "rb") as f:
+        for key, value in flat(obj).items():
+            if value is None:
                 continue
-            if mapped is None:
-                # weights_only=False is safe here: this process wrote the file a moment ago.
-                mapped = flat(torch.load(path, map_location="cpu", mmap=True, weights_only=False))
-            slot = mapped[key]
-            assert slot.shape == t.shape and slot.dtype == t.dtype, (key, slot.shape, t.shape)
-            slot.copy_(t)
-            nbytes = t.numel() * t.element_size()
-            pending += nbytes
-            if on_tensor is not None:
-                on_tensor(key, nbytes)
-            if pending >= REMAP_BYTES:
-                mapped, slot, pending = None, None, 0
+            storage, shape, dtype = value
+            record = f"{prefix}data/{storage}"
+            slots[key] = Slot(record, _data_offset(f, infos[record]), shape, dtype)
+    return slots
 
 
-def fix_zip_crcs(path: Path) -> None:
-    """Write the real CRC-32 of every record into the central directory and data descriptors of a zip file."""
+def _data_offset(f, info: zipfile.ZipInfo) -> int:
+    f.seek(info.header_offset + 26)
+    name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def write_crcs(path: Path, crcs: dict[str, int]) -> None:
+    """Write `crcs` ({record: CRC-32}) into the data descriptors and central directory of the zip at `path`."""
     with zipfile.ZipFile(path) as z:
         infos, central = z.infolist(), z.start_dir
     with open(path, "r+b") as f:
-        for info in infos:
-            f.seek(info.header_offset + 26)
-            name_len, extra_len = struct.unpack("<HH", f.read(4))
-            data_at = info.header_offset + 30 + name_len + extra_len
-            crc = _crc32(f, data_at, info.compress_size)
+        for info in infos:  # central directory entries come in the same order as infolist()
             f.seek(central)
-            entry = f.read(46)  # central directory entries come in the same order as infolist()
+            entry = f.read(46)
             sizes = struct.unpack("<HHH", entry[28:34])  # name, extra, comment lengths
-            if crc != info.CRC:
+            crc = crcs.get(info.filename)
+            if crc is not None and crc != info.CRC:
                 f.seek(central + 16)
                 f.write(struct.pack("<I", crc))
                 if info.flag_bits & 0x8:  # a data descriptor follows the data: [signature] crc sizes
-                    f.seek(data_at + info.compress_size)
+                    end = _data_offset(f, info) + info.compress_size
+                    f.seek(end)
                     has_signature = f.read(4) == b"PK\x07\x08"
-                    f.seek(data_at + info.compress_size + (4 if has_signature else 0))
+                    f.seek(end + (4 if has_signature else 0))
                     f.write(struct.pack("<I", crc))
             central += 46 + sum(sizes)
-
-
-def _crc32(f, start: int, size: int, chunk: int = 1 << 24) -> int:
-    f.seek(start)
-    crc = 0
-    while size > 0:
-        block = f.read(min(chunk, size))
-        crc, size = zlib.crc32(block, crc), size - len(block)
-    return crc

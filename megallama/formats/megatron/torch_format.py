@@ -6,9 +6,9 @@ Layout (formats.md 3.1, 3.2, 4.1-4.4): `latest_checkpointed_iteration.txt` ("rel
 and how each is split, is the layout's rule table (`local.py`, `te.py`, `legacy.py`, `llama_fork.py`,
 `alibaba.py`; `detect.py` picks one from the keys); this module only does files and metadata.
 
-Both directions stream: the writer saves each rank file's layout first and fills in one tensor at a time
-(`streaming.py`); the reader maps the rank files of one layer at a time and drops them before the next.
-Memory stays near one whole tensor plus its rank piece, whatever the model size.
+Both directions stream: the writer lays out the rank files of a stage first and fills them in from one read of
+each tensor (`streaming.py`); the reader maps the rank files of one layer at a time and drops them before the
+next. Memory stays near one whole tensor plus its rank pieces, whatever the model size.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from megallama.formats.megatron.args import (
 from megallama.formats.megatron.detect import WRITABLE, detect_layout, layout_named
 from megallama.formats.megatron.local import LOCAL
 from megallama.formats.megatron.rules import Kind, Layout, Rule, from_ranks, rank_shape, stage_rules, to_rank
-from megallama.formats.streaming import save_streamed
+from megallama.formats.streaming import StreamedFiles
 from megallama.names import canonical_names, expected_shapes
 from megallama.spec import LLAMA3_ROPE_DEFAULTS, ModelSpec, check_parallel, normalize_dtype, padded_vocab_size
 from megallama.transforms import meta_to_hf_rotary
@@ -156,14 +156,34 @@ def checkpoint_dict(model: dict, args: argparse.Namespace, iteration: int | None
 def save_rank_file(path: Path, source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec,
                    args: argparse.Namespace, *, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab_size: int,
                    iteration: int | None = None, on_tensor: OnTensor | None = None, layout: Layout = LOCAL) -> None:
-    """Write one rank's `model_optim_rng.pt` without ever holding the whole rank in memory (`save_streamed`)."""
-    tensors = rank_tensors(source, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                           padded_vocab_size=padded_vocab_size, dtype=spec.dtype, layout=layout)
-    # the skeleton is built inline so that save_streamed holds its only reference and can drop it before filling
-    save_streamed(path, checkpoint_dict(rank_placeholders(spec, tp=tp, pp_rank=pp_rank, pp=pp,
+    """Write one rank's `model_optim_rng.pt` without ever holding the whole rank in memory (`streaming.py`)."""
+    save_stage_files({tp_rank: path}, source, spec, args, tp=tp, pp_rank=pp_rank, pp=pp,
+                     padded_vocab_size=padded_vocab_size, iteration=iteration, on_tensor=on_tensor, layout=layout)
+
+
+def save_stage_files(paths: dict[int, Path], source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec,
+                     args: argparse.Namespace, *, tp: int, pp_rank: int, pp: int, padded_vocab_size: int,
+                     iteration: int | None = None, on_tensor: OnTensor | None = None,
+                     layout: Layout = LOCAL) -> None:
+    """Write the rank files `paths` ({tp_rank: path}) of one pipeline stage side by side.
+
+    Each canonical tensor is read once and split for every rank in `paths`; the pieces are written by
+    `StreamedFiles`' threads while the next tensor is read, so memory holds about one tensor and its pieces.
+    """
+    get = source.get if hasattr(source, "get") else source
+    with StreamedFiles(on_tensor=on_tensor) as files:
+        skeletons = {t: checkpoint_dict(rank_placeholders(spec, tp=tp, pp_rank=pp_rank, pp=pp,
                                                           padded_vocab_size=padded_vocab_size, layout=layout),
-                                        args, iteration),
-                  tensors, flat=lambda ckpt: ckpt["model"], on_tensor=on_tensor)
+                                        args, iteration) for t in paths}
+        targets = {t: files.add(paths[t], skeletons.pop(t), flat=lambda ckpt: ckpt["model"]) for t in paths}
+        for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
+            if not rule.sources:
+                continue
+            tensors = [get(name) for name in rule.sources]
+            for tp_rank, target in targets.items():
+                piece = to_rank(rule.kind, tensors, spec, tp_rank=tp_rank, tp=tp, padded_vocab_size=padded_vocab_size)
+                files.put(target, rule.target, cast(piece, spec.dtype))
+            del tensors
 
 
 def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: str | None = None,
@@ -195,11 +215,10 @@ def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: st
                          transformer_impl=transformer_impl,
                          **{"no_save_optim": True, "no_save_rng": True, **(args_overrides or {})})
     for pp_rank in range(pp):
-        for tp_rank in range(tp):
-            path = checkpoint_dir(out_dir, iteration, tp_rank, pp_rank, pp) / MODEL_FILE
-            save_rank_file(path, reader, spec, args, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                           padded_vocab_size=padded, iteration=iteration, on_tensor=on_tensor, layout=layout)
-            report.files.append(str(path.relative_to(out_dir)))
+        paths = {t: checkpoint_dir(out_dir, iteration, t, pp_rank, pp) / MODEL_FILE for t in range(tp)}
+        save_stage_files(paths, reader, spec, args, tp=tp, pp_rank=pp_rank, pp=pp, padded_vocab_size=padded,
+                         iteration=iteration, on_tensor=on_tensor, layout=layout)
+        report.files += [str(p.relative_to(out_dir)) for p in paths.values()]
     report.files += copy_tokenizer(reader.tokenizer_files, out_dir)
     write_manifest(out_dir, spec=spec, fmt="megatron", sources=reader.source_files, tp=tp, pp=pp,
                    vocab_size=spec.vocab_size, padded_vocab_size=padded, divisible_by=divisible_by,
@@ -298,20 +317,64 @@ def canonical_from_ranks(states: list[list[dict]], spec: ModelSpec, layout: Layo
 
 def load_rank_file(path: Path) -> dict:
     """torch.load a rank file lazily (mmap) and safely (weights_only), one clear line if it is unreadable."""
+    allowed = list(_SAFE_GLOBALS)
     try:
-        try:
-            with torch.serialization.safe_globals(_SAFE_GLOBALS):
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except pickle.UnpicklingError:
-            # Checkpoints saved by Megatron-LM itself hold megatron enums in args; megatron-core publishes the
-            # allow-list for exactly those (importing it is slow, hence only on demand).
-            from megatron.core.safe_globals import SAFE_GLOBALS
-
-            with torch.serialization.safe_globals(_SAFE_GLOBALS + SAFE_GLOBALS):
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        for _ in range(_MAX_FOREIGN):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except pickle.UnpicklingError as e:
+                foreign = _megatron_global(e)
+                if foreign is None or any(name == foreign for _, name in allowed[len(_SAFE_GLOBALS):]):
+                    raise
+                allowed.append((megatron_stand_in(foreign), foreign))
+        raise pickle.UnpicklingError(f"more than {_MAX_FOREIGN} Megatron-LM classes in its args")
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused:
+            raise InputError(f"{path} is not a readable torch checkpoint: it would unpickle {refused.group(1)}, "
+                             "which is not allowed (loading it could run code)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path} is not a readable torch checkpoint: {first}") from None
+
+
+# Checkpoints saved by Megatron-LM hold megatron-core enums and config dataclasses in `args` (ModelType,
+# AttnBackend, ...; megatron/core/safe_globals.py lists today's). Importing megatron-core to allow-list them costs
+# seconds and prints warnings, and conversion never reads those fields: each `megatron.*` class the unpickler
+# names is allowed as an inert stand-in that only records what it was built from. Nothing else is allowed.
+_MAX_FOREIGN = 32
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL (megatron\.[\w.]+) was not an allowed global")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
+
+
+class MegatronStandIn:
+    """A value of a Megatron-LM class from a checkpoint's `args`, kept as data: `args` (enums) or `state`."""
+
+    qualname = "megatron"
+
+    def __new__(cls, *args):
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"{self.qualname}{self.args}" if self.state is None else f"{self.qualname}({self.state!r})"
+
+
+def megatron_stand_in(qualname: str) -> type:
+    """A MegatronStandIn subclass named for one megatron class (e.g. `megatron.core.enums.ModelType`)."""
+    return type(qualname.rsplit(".", 1)[-1], (MegatronStandIn,), {"qualname": qualname})
+
+
+def _megatron_global(e: pickle.UnpicklingError) -> str | None:
+    m = _UNSUPPORTED_GLOBAL.search(str(e))
+    return m.group(1) if m else None
 
 
 def flatten(model: dict, prefix: str = "") -> dict:

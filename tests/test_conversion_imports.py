@@ -1,0 +1,140 @@
+"""The conversion path stays light and quiet: no transformers or megatron-core import, Megatron-LM's enums in
+`args` read without megatron-core, and a refused pickle in a rank file gives exactly one stderr line."""
+
+import enum
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megallama.formats.megatron.torch_format import MODEL_FILE, MegatronStandIn, load_rank_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs `megallama` commands in one fresh interpreter, then prints which heavy packages got imported.
+RUN_CLI = r"""
+import json, sys
+from megallama.cli import app
+codes = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        app(argv, prog_name="megallama")
+    except SystemExit as e:
+        codes.append(e.code or 0)
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"megatron", "transformers"})
+print(json.dumps({"codes": codes, "heavy": heavy}))
+"""
+
+
+def run_cli(*commands: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", RUN_CLI, json.dumps([[str(a) for a in c] for c in commands])],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_convert_commands_import_neither_transformers_nor_megatron(hf_dir, tmp_path):
+    pth, meg, back, hf = (tmp_path / n for n in ("pth", "meg", "back", "hf"))
+    result = run_cli(["convert", "hf2pth", "--input-dir", hf_dir, "--output-dir", pth],
+                     ["convert", "pth2megatron", "--input-dir", pth, "--output-dir", meg, "--tp", "2", "--pp", "2"],
+                     ["convert", "megatron2pth", "--input-dir", meg, "--output-dir", back],
+                     ["convert", "pth2hf", "--input-dir", back, "--output-dir", hf])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"codes": [0, 0, 0, 0], "heavy": []}, result.stderr
+    assert (hf / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- pickles naming foreign classes
+class ModelType(enum.Enum):  # pickled under megatron-core's name by `save_as_megatron_lm`
+    encoder_or_decoder = 1
+
+
+class Evil:
+    """Runs a shell command when unpickled by an unrestricted loader."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def save_renaming(obj, path: Path, renames: dict) -> None:
+    """torch.save `obj`, writing the globals in `renames` ({object: b"module\\nname"}) under other names."""
+
+    class Pickler(pickle._Pickler):
+        def save_global(self, o, name=None):
+            for key, new in renames.items():
+                if o is key:
+                    self.write(pickle.GLOBAL + new + b"\n")
+                    self.memoize(o)
+                    return
+            super().save_global(o, name)
+
+    module = type(sys)("renaming_pickle")
+    module.Pickler, module.Unpickler, module.load = Pickler, pickle.Unpickler, pickle.load
+    torch.save(obj, path, pickle_module=module)
+
+
+@pytest.fixture(scope="module")
+def megatron_dir(hf_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("meg")
+    result = run_cli(["convert", "hf2pth", "--input-dir", hf_dir, "--output-dir", root / "pth"],
+                     ["convert", "pth2megatron", "--input-dir", root / "pth", "--output-dir", root / "meg"])
+    assert result.returncode == 0, result.stderr
+    return root / "meg"
+
+
+def rank_file(meg: Path) -> Path:
+    return meg / "release" / "mp_rank_00" / MODEL_FILE
+
+
+def test_megatron_lm_enums_in_args_load_as_inert_stand_ins(megatron_dir, tmp_path):
+    meg = tmp_path / "meg"
+    subprocess.run(["cp", "-r", str(megatron_dir), str(meg)], check=True)
+    (meg / "megallama.json").unlink()  # the spec now comes from the args namespace itself
+    ckpt = torch.load(rank_file(meg), weights_only=False)
+    ckpt["args"].model_type = ModelType.encoder_or_decoder
+    marker = tmp_path / "ran"
+    ckpt["args"].hook = Evil(marker)
+    save_renaming(ckpt, rank_file(meg), {ModelType: b"megatron.core.enums\nModelType",
+                                         os.system: b"megatron.training.utils\nrun"})
+    args = load_rank_file(rank_file(meg))["args"]
+    assert isinstance(args.model_type, MegatronStandIn) and args.model_type.args == (1,)
+    assert repr(args.model_type) == "megatron.core.enums.ModelType(1,)"
+    assert isinstance(args.hook, MegatronStandIn) and not marker.exists()  # recorded, never called
+
+    result = run_cli(["convert", "megatron2pth", "--input-dir", meg, "--output-dir", tmp_path / "pth"])
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"codes": [0], "heavy": []}, result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["malicious", "corrupt"])
+def test_refused_rank_pickle_prints_one_line(megatron_dir, tmp_path, damage):
+    meg = tmp_path / "meg"
+    subprocess.run(["cp", "-r", str(megatron_dir), str(meg)], check=True)
+    marker = tmp_path / "ran"
+    if damage == "malicious":
+        ckpt = torch.load(rank_file(meg), weights_only=False)
+        ckpt["args"].hook = Evil(marker)
+        torch.save(ckpt, rank_file(meg))
+    else:
+        data = bytearray(rank_file(meg).read_bytes())
+        at = data.index(b"data.pkl") + 60  # inside the pickle stream
+        data[at:at + 16] = b"\xff" * 16
+        rank_file(meg).write_bytes(bytes(data))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"}
+    result = subprocess.run([sys.executable, "-m", "megallama", "convert", "megatron2pth", "--input-dir", str(meg),
+                             "--output-dir", str(tmp_path / "pth")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "is not a readable torch checkpoint" in lines[0]
+    if damage == "malicious":
+        assert "it would unpickle posix.system, which is not allowed" in lines[0]
+    assert not marker.exists() and not (tmp_path / "pth").exists()
