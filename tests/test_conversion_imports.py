@@ -85,7 +85,8 @@ def save_renaming(obj, path: Path, renames: dict) -> None:
 def megatron_dir(hf_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("meg")
     result = run_cli(["convert", "hf2pth", "--input-dir", hf_dir, "--output-dir", root / "pth"],
-                     ["convert", "pth2megatron", "--input-dir", root / "pth", "--output-dir", root / "meg"])
+                     ["convert", "pth2megatron", "--input-dir", root / "pth", "--output-dir", root / "meg",
+                      "--ckpt-format", "torch"])
     assert result.returncode == 0, result.stderr
     return root / "meg"
 

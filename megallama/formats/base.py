@@ -133,6 +133,10 @@ def sha256(path: Path, chunk: int = 1 << 24) -> str:
         pending.join()
         if pending.digest is not None:
             return pending.digest
+    return _hash_file(path, chunk)
+
+
+def _hash_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -149,7 +153,7 @@ class _Hasher(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.digest = sha256(self.path)
+            self.digest = _hash_file(self.path)
         except OSError:
             pass  # sha256() hashes it again in the foreground and reports the error
 

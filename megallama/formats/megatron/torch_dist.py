@@ -24,8 +24,10 @@ Reader: every canonical tensor is read as one region (a layer) of one global ten
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import io
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -202,17 +204,33 @@ def write_items(get: Callable[[str], torch.Tensor], spec: ModelSpec, *, padded: 
     return items
 
 
+def split_into_files(files: int, items: list[WriteItem]) -> list[list[WriteItem]]:
+    """How megatron-core's FileSystemWriterAsync deals write items to its files (`_split_by_size_and_type`):
+    byte items round-robin, then tensors largest first, each to the file with the fewest bytes so far (ties: the
+    lowest index). Restated here so that conversion never imports megatron-core (seconds of start-up)."""
+    if files == 1:
+        return [list(items)]
+    buckets: list[list[WriteItem]] = [[] for _ in range(files)]
+    byte_items = [w for w in items if w.type == WriteItemType.BYTE_IO]
+    for i, w in enumerate(byte_items):
+        buckets[i % files].append(w)
+    tensors = [(w, math.prod(w.tensor_data.chunk.sizes) * w.tensor_data.properties.dtype.itemsize)
+               for w in items if w.type != WriteItemType.BYTE_IO]
+    tensors.sort(key=lambda pair: pair[1], reverse=True)  # stable, like megatron-core's
+    heap = [(0, i) for i in range(files)]
+    for w, size in tensors:
+        total, i = heapq.heappop(heap)
+        buckets[i].append(w)
+        heapq.heappush(heap, (total + size, i))
+    return buckets
+
+
 def save_dcp(out_dir: Path, items: list[_Item], *, on_tensor: OnTensor | None = None) -> None:
     """Write `items` as PyTorch DCP files the way megatron-core's torch_dist strategy does at world size 1.
 
-    Items go into megatron-core's two buckets (`_split_by_size_and_type`) and are written in state-dict order,
+    Items go into megatron-core's two buckets (`split_into_files`) and are written in state-dict order,
     each made just before it is written and dropped after; `.metadata` comes last (FileSystemWriter.finish).
     """
-    import megallama.runtime  # noqa: F401  (filters megatron-core's start-up warnings before it is imported)
-
-    # isort: split
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import _split_by_size_and_type
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # megatron-core groups its plan by key (first appearance); the file assignment depends on that order
@@ -221,7 +239,7 @@ def save_dcp(out_dir: Path, items: list[_Item], *, on_tensor: OnTensor | None = 
         by_key.setdefault(it.write_item.index.fqn, []).append(it.write_item)
     plan = SavePlan([w for group in by_key.values() for w in group])
     _, metadata = create_default_global_save_plan([plan])
-    buckets = [b for b in _split_by_size_and_type(WRITER_FILES, plan.items) if b]
+    buckets = [b for b in split_into_files(WRITER_FILES, plan.items) if b]
     file_of = {id(w): i for i, bucket in enumerate(buckets) for w in bucket}
     names = [f"__0_{i}.distcp" for i in range(len(buckets))]
     transforms = _StorageWriterTransforms(None)

@@ -177,13 +177,17 @@ def save_stage_files(paths: dict[int, Path], source: Reader | Callable[[str], to
                                         args, iteration) for t in paths}
         targets = {t: files.add(paths[t], skeletons.pop(t), flat=lambda ckpt: ckpt["model"]) for t in paths}
         for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
-            if not rule.sources:
-                continue
-            tensors = [get(name) for name in rule.sources]
-            for tp_rank, target in targets.items():
-                piece = to_rank(rule.kind, tensors, spec, tp_rank=tp_rank, tp=tp, padded_vocab_size=padded_vocab_size)
-                files.put(target, rule.target, cast(piece, spec.dtype))
-            del tensors
+            if rule.sources:
+                tensors = [get(name) for name in rule.sources]
+                for tp_rank, target in targets.items():
+                    piece = to_rank(rule.kind, tensors, spec, tp_rank=tp_rank, tp=tp,
+                                    padded_vocab_size=padded_vocab_size)
+                    files.put(target, rule.target, cast(piece, spec.dtype))
+                del tensors
+            extra = layout.extra_state_value(rule.extra_state_key) if rule.extra_state else None
+            if torch.is_tensor(extra):  # TE's (empty) uint8 extra state is a tensor slot like any other
+                for target in targets.values():
+                    files.put(target, rule.extra_state_key, extra)
 
 
 def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: str | None = None,
