@@ -46,10 +46,13 @@ def test_step_layout_packed_and_unpacked():
     placed = [i for layout in layouts for micro in layout.micro_batches for row in micro for i in row]
     assert sorted(placed) == sorted(indices)
     assert layouts[0].slots == len(rows) * 12 and layouts[0].pad_fraction == 1 - 41 / (len(rows) * 12)
-    # micro 2 x DP 2: rows are topped up with empty ones to a multiple of 4; -1 fillers (eval) are dropped
+    # 3 rows over DP 2: one empty row tops them up to 2 per rank; -1 fillers (eval) are dropped
     padded = step_layout(indices[:5] + [-1] * 3, lengths, seq_length=12, micro_batch_size=2, dp_rank=0, dp_size=2,
                          pack=True)
     assert padded.slots == 4 * 12 and len(padded.micro_batches) == 1 and len(padded.micro_batches[0]) == 2
+    # micro_batch_size is the most rows per micro-batch: 4 rows at micro 3 run as 2 micro-batches of 2 rows
+    fewer = step_layout(indices, lengths, seq_length=12, micro_batch_size=3, dp_rank=0, dp_size=1, pack=True)
+    assert [len(m) for m in fewer.micro_batches] == [2, 2] and fewer.slots == len(rows) * 12
 
 
 def test_packed_micro_batch_segments_and_positions():

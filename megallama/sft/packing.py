@@ -62,8 +62,9 @@ def step_layout(indices: list[int], lengths: list[int], *, seq_length: int, micr
     """The global batch `indices` (-1: a filler with no loss) split for DP rank `dp_rank`.
 
     Unpacked: one sample per row, DP rank r takes the r-th contiguous share (`dp_microbatches`). Packed: the
-    samples are packed into rows, empty rows are added up to a multiple of micro_batch_size x DP (every rank and
-    pipeline stage runs whole micro-batches of one shape), and rank r takes rows r, r + DP, r + 2 DP, ...
+    samples are packed into rows and rank r takes rows r, r + DP, r + 2 DP, ...; micro_batch_size is then the
+    most rows per micro-batch: each rank runs as few micro-batches as that allows, all of one shape (what the
+    pipeline schedule sends between stages), topped up with empty rows where the rows do not divide evenly.
     """
     from megallama.sft.data import dp_microbatches
 
@@ -73,9 +74,12 @@ def step_layout(indices: list[int], lengths: list[int], *, seq_length: int, micr
         parts = dp_microbatches(indices, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro_batch_size)
         return StepLayout(parts, len(indices) * seq_length, sample_tokens)
     rows = [[samples[k] for k in row] for row in pack_rows([lengths[i] for i in samples], seq_length)]
-    rows += [[] for _ in range(-len(rows) % (micro_batch_size * dp_size))]
+    per_rank = -(-len(rows) // dp_size)
+    count = -(-per_rank // micro_batch_size)  # micro-batches per rank
+    size = -(-per_rank // count)  # rows per micro-batch, <= micro_batch_size
+    rows += [[] for _ in range(dp_size * count * size - len(rows))]
     mine = rows[dp_rank::dp_size]
-    parts = [mine[k: k + micro_batch_size] for k in range(0, len(mine), micro_batch_size)]
+    parts = [mine[k: k + size] for k in range(0, len(mine), size)]
     return StepLayout(parts, len(rows) * seq_length, sample_tokens)
 
 
