@@ -1,4 +1,9 @@
-"""The one place a ModelSpec becomes a megatron-core GPTModel (local spec), shared by verify, sft and doctor."""
+"""The one place a ModelSpec becomes a megatron-core GPTModel (local spec), shared by verify, sft and doctor.
+
+Core attention is chosen by name (`ATTENTIONS`): `sdpa` (default; megallama.attention.SDPAttention), `local`
+(megatron-core's DotProductAttention) or `te` (Transformer Engine's fused/flash TEDotProductAttention). Only the
+core attention changes: the linears and norms stay the local spec's, so every choice loads the same checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -77,15 +82,49 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
             self.weight.sequence_parallel = True  # what finalize_model_grads looks for
 
 
-def gpt_layer_spec(config):
-    """The local GPT layer spec; with sequence parallelism a block spec whose three norms (input, pre-MLP and the
-    block's final one) are SequenceParallelRMSNorm. Without it the spec megatron-core's local path uses as-is."""
+ATTENTIONS = ("sdpa", "local", "te")
+
+
+def check_attention(name: str) -> None:
+    """InputError unless core attention `name` can run on this machine (`te`: CUDA and Transformer Engine)."""
+    import importlib.util
+
+    if name not in ATTENTIONS:
+        raise InputError(f"unknown attention {name!r}: expected one of {', '.join(ATTENTIONS)}")
+    if name == "te" and (not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None):
+        raise InputError("attention te needs a CUDA GPU with Transformer Engine installed "
+                         "(pip install transformer-engine[pytorch]); use attention sdpa or local here")
+
+
+def core_attention(name: str) -> type:
+    """The core-attention module class for `train.attention`; InputError when it cannot run here."""
+    check_attention(name)
+    if name == "sdpa":
+        from megallama.attention import SDPAttention
+
+        return SDPAttention
+    if name == "local":
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        return DotProductAttention
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    return TEDotProductAttention
+
+
+def gpt_layer_spec(config, attention: str = "sdpa"):
+    """The local GPT layer spec with the chosen core attention; with sequence parallelism a block spec whose three
+    norms (input, pre-MLP and the block's final one) are SequenceParallelRMSNorm."""
     import dataclasses
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attn = layer.submodules.self_attention
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules,
+                                                                    core_attention=core_attention(attention)))
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, self_attention=attn))
     if not config.sequence_parallel:
         return layer
     layer = dataclasses.replace(layer, submodules=dataclasses.replace(
@@ -104,8 +143,10 @@ def check_rope_supported(spec: ModelSpec) -> None:
 
 
 def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "float32", pre_process: bool | None = None,
-                    post_process: bool | None = None, max_seq_length: int | None = None, **config_overrides):
-    """A megatron-core GPTModel (local spec) for this process's pipeline stage, on this process's device.
+                    post_process: bool | None = None, max_seq_length: int | None = None, attention: str = "sdpa",
+                    **config_overrides):
+    """A megatron-core GPTModel (local spec, `attention` core attention) for this process's pipeline stage, on this
+    process's device.
 
     Requires `megallama.runtime.init_distributed()` first. Pre/post-process default to this rank's stage.
     """
@@ -122,7 +163,7 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
     config = transformer_config(spec, dtype=dtype, **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(config),
+        transformer_layer_spec=gpt_layer_spec(config, attention),
         vocab_size=padded_vocab_size,
         max_sequence_length=max_seq_length or spec.max_position_embeddings,
         pre_process=pre_process,

@@ -9,6 +9,7 @@ sft checkpoint -> megatron2pth -> pth2hf). Six torchrun launches (1, 4, 2, 1, 1,
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -151,6 +152,24 @@ def test_sequence_parallel_tp2_pp2_matches_tp1_pp1(base, tiny):
             sorted(k for k in start if not k.endswith("_extra_state"))
 
 
+def test_packed_tp2_pp2_matches_unpacked(base, tiny):
+    """data.pack: the same samples per step share rows (thd micro-batches through TP x PP with sequence parallel);
+    attention stays within each sample and rotary positions restart, so the loss of every step and every eval
+    equals the unpacked TP1 x PP1 run's, on fewer token slots. Rows of 176 hold two or three samples (46 to 81
+    tokens, none truncated at the base run's 96, so both runs train on exactly the same tokens); the 8 samples
+    of a step fill at most 4 rows, one micro-batch of up to 4 rows."""
+    result, output = sft(tiny, "packed-tp2pp2", "--tp", "2", "--pp", "2", "data.pack=true", "data.seq_length=176",
+                         "parallel.sequence_parallel=true", load="meg22")
+    assert result.exit_code == 0, result.output
+    assert_same_losses(losses(output), losses(base), 1e-5)
+    assert_same_losses(eval_losses(output), eval_losses(base), 1e-5)
+    packed, unpacked = ([r for r in read_metrics(run) if "loss" in r] for run in (output, base))
+    for p, u in zip(packed, unpacked, strict=True):
+        assert p["loss_tokens"] == u["loss_tokens"]
+        assert 0 <= p["pad_fraction"] < u["pad_fraction"] < 1, (p, u)
+        assert p["trained_tokens_per_s"] == pytest.approx(p["loss_tokens"] / p["step_time_s"])
+
+
 def test_dp2_matches_and_learns(base, tiny):
     """micro 4 x DP 2 x accumulation 1, with megatron-core's distributed optimizer (sharded Adam state)."""
     result, output = sft(tiny, "dp2", "--dp", "2", "parallel.distributed_optimizer=true")
@@ -217,7 +236,18 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tiny):
     for expected in ("4 = TP 2 x PP 2 x DP 1", "accumulation 4", "2 (4 layers / PP 2)", "padded vocab",
                      "512", "torch.distributed.run", "megallama.sft.train", "--nproc-per-node=4"):
         assert expected in text, expected
+    rows = " ".join(result.stdout.replace("│", " ").split())  # a wrapped cell continues after an empty key cell
+    assert "attention sdpa" in rows and "packing off: 65% of token slots hold tokens over the first 20 steps " \
+        "(data.pack=true would fill 66%)" in rows, rows
     assert not output.exists()
+    packed = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg22']}", "data.pack=true",
+                                 f"data.train={tiny['train']}", f"output={output}", "--tp", "2", "--pp", "2",
+                                 "data.seq_length=256", "--dry-run"])
+    assert packed.exit_code == 0, packed.output
+    rows = " ".join(packed.stdout.replace("│", " ").split())
+    found = re.search(r"packing on: (\d\.\d) samples per row, (\d+)% of token slots hold tokens \(unpacked (\d+)%\)",
+                      rows)
+    assert found and float(found[1]) >= 2 and int(found[2]) > 2 * int(found[3]), rows  # rows of 256, samples 46-81
 
 
 def test_train_equal_to_eval_warns(tiny):
@@ -240,6 +270,8 @@ def test_train_equal_to_eval_warns(tiny):
     (["train.precision=fp8"], "expected one of fp32, bf16, fp16"),
     (["parallel.sequence_parallel=true", "--tp", "2", "data.seq_length=95"], "95 is not divisible by TP 2"),
     (["--resume"], "holds no checkpoint"),
+    (["data.pack=true", "train.attention=local"], "data.pack needs train.attention sdpa or te"),
+    (["train.attention=flash"], "expected one of sdpa, local, te"),
 ])
 def test_refusals_exit_2(tiny, args, message):
     output = tiny["root"] / "refused"

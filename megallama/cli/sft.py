@@ -107,6 +107,8 @@ def plan_table(cfg: dict, plan, splits: dict, start, command: list[str]) -> Tabl
                      f"clip {t['clip_grad']:g}, wd {t['weight_decay']:g}, betas {t['adam_beta1']}/{t['adam_beta2']}"),
         ("precision", f"{t['precision']}, recompute {t['recompute']}, distributed optimizer "
                       f"{cfg['parallel']['distributed_optimizer']}"),
+        ("attention", t["attention"]),
+        ("packing", _packing_row(cfg, plan, splits["train"])),
         ("train data", _data_row(d["train"], splits["train"], d)),
         ("eval data", _data_row(d["eval"], splits["eval"], d) if splits["eval"] is not None else "none"),
         ("output", str(cfg["output"])),
@@ -115,6 +117,28 @@ def plan_table(cfg: dict, plan, splits: dict, start, command: list[str]) -> Tabl
     for key, value in rows + [("note", n) for n in plan.notes]:
         table.add_row(key, value)
     return table
+
+
+PACKING_PREVIEW_STEPS = 100  # enough batches for a stable figure, quick for a 128-sample global batch
+
+
+def _packing_row(cfg: dict, plan, train_set) -> str:
+    """How full the token slots are over the first steps, unpacked and packed (data.pack)."""
+    import itertools
+
+    from megallama.sft.data import global_batches
+    from megallama.sft.packing import packing_efficiency, sample_lengths
+
+    steps = min(plan.steps, PACKING_PREVIEW_STEPS)
+    batches = list(itertools.islice(global_batches(len(train_set), global_batch_size=plan.global_batch_size,
+                                                   seed=cfg["train"]["seed"]), steps))
+    e = packing_efficiency(sample_lengths(train_set.labels), batches, seq_length=cfg["data"]["seq_length"],
+                           micro_batch_size=plan.micro_batch_size, dp_size=plan.dp)
+    if cfg["data"]["pack"]:
+        return (f"on: {e['samples_per_row']:.1f} samples per row, {e['packed_fill']:.0%} of token slots hold "
+                f"tokens (unpacked {e['unpacked_fill']:.0%}) over the first {steps} steps")
+    return (f"off: {e['unpacked_fill']:.0%} of token slots hold tokens over the first {steps} steps "
+            f"(data.pack=true would fill {e['packed_fill']:.0%})")
 
 
 def _data_row(path: str, ds, d: dict) -> str:

@@ -29,6 +29,7 @@ DEFAULTS: dict = {
         "format": "alpaca",  # alpaca | messages | pretokenized
         "seq_length": 2048,
         "train_on_prompt": False,
+        "pack": False,  # several samples per seq_length row, attention kept within each (sdpa or te attention)
     },
     "parallel": {
         "tp": 4,
@@ -55,6 +56,7 @@ DEFAULTS: dict = {
         "initial_loss_scale": 4294967296.0,  # fp16 only: dynamic loss scaling starts here
         "loss_scale": None,  # fp16 only: a constant loss scale instead of the dynamic one
         "recompute": "none",  # none | selective | full
+        "attention": "sdpa",  # sdpa | local | te: the core attention (megallama.model.ATTENTIONS)
         "seed": 1234,
         "log_interval": 1,
         "eval_interval": 1000,
@@ -70,6 +72,7 @@ CHOICES = {
     "train.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.recompute": ("none", "selective", "full"),
+    "train.attention": ("sdpa", "local", "te"),
 }
 POSITIVE = ("data.seq_length", "parallel.tp", "parallel.pp", "train.micro_batch_size", "train.global_batch_size",
             "train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval")
@@ -226,6 +229,16 @@ def validate(cfg: dict) -> list[str]:
             and seq_length % tp):
         problems.append(f"parallel.sequence_parallel splits the sequence over TP: data.seq_length {seq_length} "
                         f"is not divisible by TP {tp}; choose a multiple of {tp} or set sequence_parallel to false")
+    if cfg["data"]["pack"] and t["attention"] == "local":
+        problems.append("data.pack needs train.attention sdpa or te: megatron-core's local DotProductAttention "
+                        "refuses packed sequences; set train.attention=sdpa")
+    if t["attention"] == "te":
+        from megallama.model import check_attention
+
+        try:
+            check_attention("te")
+        except InputError as e:
+            problems.append(str(e))
     if cfg["parallel"]["dp"] is not None and cfg["parallel"]["dp"] < 1:
         problems.append(f"parallel.dp must be >= 1 (got {cfg['parallel']['dp']})")
     for key in ("load", "tokenizer", "data.train", "data.eval"):

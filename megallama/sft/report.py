@@ -109,7 +109,8 @@ class Reporter:
             eta = (time.perf_counter() - self.started) / max(done, 1) * (self.steps - record["step"])
             norm = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
             self.line(f"step {record['step']}/{self.steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-                      f"grad_norm {norm} | {record['tokens_per_s']:,.0f} tok/s | eta {_duration(eta)}")
+                      f"grad_norm {norm} | {record['tokens_per_s']:,.0f} tok/s ({record['trained_tokens_per_s']:,.0f} "
+                      f"trained, pad {record['pad_fraction']:.0%}) | eta {_duration(eta)}")
 
     def eval(self, step: int, loss: float, tokens: int) -> None:
         if self.enabled:

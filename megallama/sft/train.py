@@ -91,6 +91,22 @@ def micro_batch(dataset, indices: list[int]) -> dict:
     return {k: v.to(device()) for k, v in batch.items()}
 
 
+def packed_batch(dataset, lengths: list[int], rows: list[list[int]], seq_length: int) -> dict:
+    """One packed micro-batch (megallama.sft.packing): [1, rows x seq_length] tensors and megatron-core's
+    PackedSeqParams in the thd format, which the core attention and the rotary embedding follow."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megallama.runtime import device
+    from megallama.sft.packing import packed_micro_batch
+
+    batch = packed_micro_batch(dataset.input_ids, dataset.labels, lengths, rows, seq_length)
+    cu_seqlens, max_seqlen = batch.pop("cu_seqlens").to(device()), batch.pop("max_seqlen")
+    batch = {k: v.to(device()) for k, v in batch.items()}
+    batch["packed"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                      max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    return batch
+
+
 def eval_batches(num_samples: int, *, global_batch_size: int, eval_steps: int) -> list[list[int]]:
     """The same leading samples at every eval, each once; the last batch is filled with -1 (no loss)."""
     n = min(num_samples, eval_steps * global_batch_size)
@@ -116,7 +132,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) ->
     return vocab_parallel_cross_entropy(logits.float(), labels)
 
 
-def loss_func(batch: dict, vocab_size: int, output_tensor: torch.Tensor):
+def loss_func(batch: dict, vocab_size: int, seq_length: int, output_tensor: torch.Tensor):
     """(loss to backpropagate, trained tokens, report); `finalize_grads` divides by the global token count.
 
     The backward loss is the token-loss sum / seq_length, not the plain sum: with fp16 loss scaling a sum over a
@@ -126,7 +142,7 @@ def loss_func(batch: dict, vocab_size: int, output_tensor: torch.Tensor):
     loss_sum = (token_losses(output_tensor, batch["labels"], vocab_size) * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), num_tokens.float()])
-    return loss_sum / loss_mask.shape[1], num_tokens, {"loss": report}
+    return loss_sum / seq_length, num_tokens, {"loss": report}
 
 
 def finalize_grads(seq_length: int, model, num_tokens, **kwargs):
@@ -138,23 +154,23 @@ def finalize_grads(seq_length: int, model, num_tokens, **kwargs):
     finalize_model_grads(model, tokens, **kwargs)
 
 
-def forward_step(vocab_size: int, data_iterator, model):
+def forward_step(vocab_size: int, seq_length: int, data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None)  # last stage: logits [b, s, Vp / tp]
-    return output, partial(loss_func, batch, vocab_size)
+    # last stage: logits [b, s, Vp / tp]; packed: b = 1 and s = rows x seq_length
+    output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=batch.get("packed"))
+    return output, partial(loss_func, batch, vocab_size, seq_length)
 
 
-def run_schedule(model, batches: list[dict], *, vocab_size: int, seq_length: int, micro_batch_size: int,
-                 forward_only: bool):
+def run_schedule(model, batches: list[dict], *, vocab_size: int, seq_length: int, forward_only: bool):
     """Forward (and backward) over this rank's micro-batches; returns (loss sum, tokens) of the global batch."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    rows, length = batches[0]["tokens"].shape  # what the pipeline sends between stages: [length, rows, hidden]
     reports = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, vocab_size), data_iterator=iter(batches), model=[model],
-        num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
-        forward_only=forward_only)
+        forward_step_func=partial(forward_step, vocab_size, seq_length), data_iterator=iter(batches), model=[model],
+        num_microbatches=len(batches), seq_length=length, micro_batch_size=rows, forward_only=forward_only)
     total = torch.zeros(2, dtype=torch.float64)
     if ps.is_pipeline_last_stage():
         total += sum(r["loss"].double().cpu() for r in reports)
@@ -165,15 +181,19 @@ def run_schedule(model, batches: list[dict], *, vocab_size: int, seq_length: int
     return float(total[0]), int(total[1])
 
 
-def rank_batches(dataset, indices: list[int], cfg: dict) -> list[dict]:
-    """This DP rank's micro-batches of a global batch; every TP and PP rank of the replica gets the same."""
+def rank_batches(dataset, lengths: list[int], indices: list[int], cfg: dict):
+    """(this DP rank's micro-batches of a global batch, the step's StepLayout); every TP and PP rank of the
+    replica gets the same. With data.pack the samples share rows (megallama.sft.packing)."""
     from megatron.core import parallel_state as ps
 
-    from megallama.sft.data import dp_microbatches
+    from megallama.sft.packing import step_layout
 
-    parts = dp_microbatches(indices, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                            micro_batch_size=cfg["train"]["micro_batch_size"])
-    return [micro_batch(dataset, part) for part in parts]
+    d, micro = cfg["data"], cfg["train"]["micro_batch_size"]
+    layout = step_layout(indices, lengths, seq_length=d["seq_length"], micro_batch_size=micro, pack=d["pack"],
+                         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+    if d["pack"]:
+        return [packed_batch(dataset, lengths, rows, d["seq_length"]) for rows in layout.micro_batches], layout
+    return [micro_batch(dataset, part) for part in layout.micro_batches], layout
 
 
 def train_step(model, optimizer, batches: list[dict], *, vocab_size: int, cfg: dict):
@@ -181,19 +201,18 @@ def train_step(model, optimizer, batches: list[dict], *, vocab_size: int, cfg: d
     model.zero_grad_buffer()
     optimizer.zero_grad()
     loss_sum, tokens = run_schedule(model, batches, vocab_size=vocab_size, seq_length=cfg["data"]["seq_length"],
-                                    micro_batch_size=cfg["train"]["micro_batch_size"], forward_only=False)
+                                    forward_only=False)
     ok, grad_norm, _ = optimizer.step()  # unscale, clip, Adam; fp16: skipped when the grads overflowed
     return loss_sum, tokens, ok, grad_norm
 
 
-def evaluate(model, dataset, cfg: dict, *, vocab_size: int) -> tuple[float, int]:
+def evaluate(model, dataset, lengths: list[int], cfg: dict, *, vocab_size: int) -> tuple[float, int]:
     t = cfg["train"]
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for indices in eval_batches(len(dataset), global_batch_size=t["global_batch_size"], eval_steps=t["eval_steps"]):
-            s, n = run_schedule(model, rank_batches(dataset, indices, cfg), vocab_size=vocab_size,
-                                seq_length=cfg["data"]["seq_length"],
-                                micro_batch_size=t["micro_batch_size"], forward_only=True)
+            s, n = run_schedule(model, rank_batches(dataset, lengths, indices, cfg)[0], vocab_size=vocab_size,
+                                seq_length=cfg["data"]["seq_length"], forward_only=True)
             loss_sum, tokens = loss_sum + s, tokens + n
     return loss_sum / max(tokens, 1), tokens
 
@@ -208,6 +227,7 @@ def train(cfg: dict) -> None:
     from megallama.runtime import init_distributed
     from megallama.sft import checkpoint as ckpt
     from megallama.sft.data import global_batches
+    from megallama.sft.packing import sample_lengths
     from megallama.sft.report import Reporter
     from megallama.spec import ModelSpec
 
@@ -226,8 +246,8 @@ def train(cfg: dict) -> None:
     manifest = read_manifest(start.root)
     spec = ModelSpec.from_dict(manifest["spec"])
     gpt = build_gpt_model(spec, padded_vocab_size=manifest["padded_vocab_size"], dtype=normalize_dtype(t["precision"]),
-                          sequence_parallel=p["sequence_parallel"], recompute=t["recompute"],
-                          calculate_per_token_loss=True)
+                          attention=t["attention"], sequence_parallel=p["sequence_parallel"],
+                          recompute=t["recompute"], calculate_per_token_loss=True)
     state = ckpt.load_rank_state(start)
     ckpt.load_model(gpt, state)  # before wrapping: DDP moves the parameters into its buffers
     model = wrap_model(gpt, distributed_optimizer=p["distributed_optimizer"])
@@ -248,6 +268,8 @@ def train(cfg: dict) -> None:
     # ---------------------------------------------------------------- 4. data
     splits = load_splits(cfg, vocab_size=spec.vocab_size)
     train_set, eval_set = splits["train"], splits["eval"]
+    train_lengths = sample_lengths(train_set.labels)
+    eval_lengths = None if eval_set is None else sample_lengths(eval_set.labels)
     batches = global_batches(len(train_set), global_batch_size=t["global_batch_size"], seed=t["seed"],
                              start_step=start.step)
     reporter = Reporter(output, steps=t["steps"], start_step=start.step, enabled=rank0)
@@ -265,11 +287,14 @@ def train(cfg: dict) -> None:
         for step in range(start.step + 1, t["steps"] + 1):
             scheduler.step(1)  # the LR of step s is the schedule at s (warmup starts above zero)
             tic = time.perf_counter()
-            loss_sum, tokens, ok, grad_norm = train_step(model, optimizer, rank_batches(train_set, next(batches), cfg),
-                                                         vocab_size=spec.vocab_size, cfg=cfg)
+            step_batches, layout = rank_batches(train_set, train_lengths, next(batches), cfg)
+            loss_sum, tokens, ok, grad_norm = train_step(model, optimizer, step_batches, vocab_size=spec.vocab_size,
+                                                         cfg=cfg)
             seconds = time.perf_counter() - tic
+            # tokens_per_s: token slots (rows x seq_length, padding included); trained: tokens with a loss
             record = {"step": step, "loss": loss_sum / max(tokens, 1), "lr": optimizer.param_groups[0]["lr"],
-                      "tokens_per_s": t["global_batch_size"] * d["seq_length"] / seconds,
+                      "tokens_per_s": layout.slots / seconds, "trained_tokens_per_s": tokens / seconds,
+                      "pad_fraction": layout.pad_fraction,
                       "grad_norm": None if grad_norm is None else float(grad_norm), "loss_tokens": tokens,
                       "step_time_s": seconds}
             if t["precision"] == "fp16":
@@ -277,7 +302,7 @@ def train(cfg: dict) -> None:
             reporter.train(record, log=step % t["log_interval"] == 0 or step == t["steps"])
 
             if eval_set is not None and step % t["eval_interval"] == 0:
-                reporter.eval(step, *evaluate(model, eval_set, cfg, vocab_size=spec.vocab_size))
+                reporter.eval(step, *evaluate(model, eval_set, eval_lengths, cfg, vocab_size=spec.vocab_size))
                 last_eval = step
             if step % t["save_interval"] == 0:
                 ckpt.save_checkpoint(output, step, consumed_samples=step * t["global_batch_size"], **save_kw)
@@ -286,7 +311,7 @@ def train(cfg: dict) -> None:
 
         # ------------------------------------------------------------ 6. the end: final eval, checkpoint, plot
         if eval_set is not None and last_eval != step and step > start.step:
-            reporter.eval(step, *evaluate(model, eval_set, cfg, vocab_size=spec.vocab_size))
+            reporter.eval(step, *evaluate(model, eval_set, eval_lengths, cfg, vocab_size=spec.vocab_size))
         if last_save != step and step > start.step:
             ckpt.save_checkpoint(output, step, consumed_samples=step * t["global_batch_size"], **save_kw)
             reporter.saved(step)
