@@ -380,6 +380,7 @@ def main() -> None:
     try:
         for name in parts:
             results[name] = PARTS[name][0]()
+            results.setdefault("part_dates", {})[name] = time.strftime("%Y-%m-%d")  # slices merge into old results
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
