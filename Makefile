@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+# On a CUDA machine: doctor on NCCL, bf16 verify at TP 2, SFT tokens/s and MFU -> bench/gpu.json (not in CI).
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check megallama tests demo bench

@@ -139,3 +139,40 @@ def test_refused_rank_pickle_prints_one_line(megatron_dir, tmp_path, damage):
     if damage == "malicious":
         assert "it would unpickle posix.system, which is not allowed" in lines[0]
     assert not marker.exists() and not (tmp_path / "pth").exists()
+
+
+# ---------------------------------------------------------------- make gpu-check without a GPU
+def test_gpu_check_without_cuda_skips(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--out", str(out)], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert (result.returncode, result.stdout) == (0, "no GPU: skipped\n"), result.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_mfu_arithmetic():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu import flops_per_token, peak_flops
+
+    from megallama.spec import ModelSpec
+
+    spec = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128, vocab_size=100)
+    assert flops_per_token(spec, 16) == 6 * spec.num_parameters() + 12 * 2 * 64 * 16
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("Some new GPU") is None
+
+
+# ---------------------------------------------------------------- manifest checksums hashed in the background
+def test_prefetched_sha256_matches_and_notices_a_change(tmp_path):
+    import hashlib
+
+    from megallama.formats.base import prefetch_sha256, sha256
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    prefetch_sha256([path])
+    assert sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    prefetch_sha256([path])
+    path.write_bytes(b"changed, and a different size")  # a stale prefetch must not be used
+    assert sha256(path) == hashlib.sha256(b"changed, and a different size").hexdigest()
