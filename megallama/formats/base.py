@@ -126,20 +126,23 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def sha256(path: Path, chunk: int = 1 << 24) -> str:
+HASH_BLOCK = 1 << 24  # bytes read per hashing step
+
+
+def sha256(path: Path) -> str:
     """The file's sha256 hex digest; taken from `prefetch_sha256` when that already hashed this version of it."""
     pending = _PREFETCHED.pop(_file_key(path), None)
     if pending is not None:
         pending.join()
         if pending.digest is not None:
             return pending.digest
-    return _hash_file(path, chunk)
+    return _hash_file(path)
 
 
-def _hash_file(path: Path, chunk: int = 1 << 24) -> str:
+def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(HASH_BLOCK):
             h.update(block)
     return h.hexdigest()
 
