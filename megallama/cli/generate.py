@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def generate(
         megatron: Path = typer.Option(..., "--megatron", "--load",
-                                      help="Megatron folder (convert, sft); runs at its own TP x PP."),
+                                      help="Megatron folder (convert, sft) or Hub id; runs at its own TP x PP."),
+        revision: str = typer.Option(None, "--revision", help="Branch, tag or commit when --megatron is a Hub id."),
         prompt: str = typer.Option(None, "--prompt", help="One prompt (plain text)."),
         prompts: Path = typer.Option(None, "--prompts",
                                      help="JSONL, one prompt a line: a string, {\"prompt\"}, an Alpaca record "
@@ -47,12 +48,14 @@ def register(app: typer.Typer) -> None:
         """
         from megallama.generate import Prompt, Settings, read_prompts, write_json
         from megallama.generate import generate as run
+        from megallama.hub import resolve_model_path
 
         if (prompt is None) == (prompts is None):
             raise InputError("give exactly one of --prompt TEXT and --prompts FILE.jsonl")
         items = [Prompt(prompt)] if prompt is not None else read_prompts(prompts)
         settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             chat=chat, dtype=dtype, tp=tp, pp=pp)
+        megatron = resolve_model_path(megatron, revision)
         with step_progress() as on_progress:
             done = run(megatron, items, settings, tokenizer=tokenizer, on_progress=on_progress)
         for n, c in enumerate(done):

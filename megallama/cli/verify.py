@@ -18,7 +18,9 @@ app = typer.Typer(help="Prove a Megatron checkpoint computes what the original c
 @handle_errors
 def layer_diff(
     reference: Path = typer.Option(..., "--reference", "--ref",
-                                   help="Source model: HF folder (config.json) or Meta pth folder (params.json)."),
+                                   help="Source model: HF folder (config.json), Meta pth folder (params.json) or "
+                                        "an HF Hub id (owner/name)."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit when --reference is a Hub id."),
     megatron: Path = typer.Option(..., "--megatron", "--load",
                                   help="Megatron folder written by `convert pth2megatron` or `sft`."),
     data: Path = typer.Option(None, "--data", help="Text file to tokenize (default: a built-in English sample)."),
@@ -35,12 +37,15 @@ def layer_diff(
     Examples:
       megallama verify layer-diff --reference llama-2-7b-hf --megatron llama-2-7b-tp2-pp2
       megallama verify layer-diff --reference llama-2-7b --megatron runs/sft --dtype bf16 --json diff.json
+      megallama verify layer-diff --reference meta-llama/Llama-2-7b-hf --megatron llama-2-7b-tp2-pp2
     """
+    from megallama.hub import resolve_model_path
     from megallama.spec import normalize_dtype
     from megallama.verify import layer_diff as run
     from megallama.verify import write_json
 
     dtype = normalize_dtype(dtype)
+    reference = resolve_model_path(reference, revision)
     report = run(reference, megatron, data=data, seq_len=seq_len, batch=batch, dtype=dtype,
                  on_stage=lambda message: err.print(message, highlight=False, markup=False))
     print_report(report)
