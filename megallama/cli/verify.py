@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from megallama.cli.common import err, handle_errors, out
+from megallama.cli.common import err, handle_errors, out, step_progress
 
 app = typer.Typer(help="Prove a Megatron checkpoint computes what the original computes. Docs: README.md#verify",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -46,8 +46,10 @@ def layer_diff(
 
     dtype = normalize_dtype(dtype)
     reference = resolve_model_path(reference, revision)
-    report = run(reference, megatron, data=data, seq_len=seq_len, batch=batch, dtype=dtype,
-                 on_stage=lambda message: err.print(message, highlight=False, markup=False))
+    with step_progress({"forward": "Megatron forward passes"}) as on_progress:
+        report = run(reference, megatron, data=data, seq_len=seq_len, batch=batch, dtype=dtype,
+                     on_stage=lambda message: err.print(message, highlight=False, markup=False),
+                     on_progress=on_progress)
     print_report(report)
     if json_out is not None:
         write_json(report, json_out)
