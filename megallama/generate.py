@@ -166,7 +166,8 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     """Complete every prompt with the Megatron checkpoint `megatron`; InputError for bad input (exit 2)."""
     from megallama.convert import open_reader
     from megallama.sft.tokenizer import load_tokenizer
-    from megallama.spec import check_parallel, normalize_dtype, padded_vocab_size
+    from megallama.spec import normalize_dtype, padded_vocab_size
+    from megallama.verify_data import check_launchable
 
     s = settings or Settings()
     check_settings(s)
@@ -176,7 +177,7 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     with open_reader(megatron, "megatron") as reader:
         spec, tp, pp = reader.spec, getattr(reader, "tp", 1), getattr(reader, "pp", 1)
     tp, pp = s.tp or tp, s.pp or pp
-    check_parallel(spec, tp=tp, pp=pp)
+    check_launchable(spec, tp=tp, pp=pp)  # TP, PP divide the model; on GPU, TP x PP fits this host's GPUs
     tok = load_tokenizer(tokenizer or megatron)
     ids = [prompt_ids(p, tok, chat=s.chat) for p in prompts]
     for p, row in zip(prompts, ids, strict=True):

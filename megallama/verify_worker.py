@@ -25,8 +25,12 @@ from megallama.errors import InputError, MegallamaError
 
 
 def to_bsh(t: torch.Tensor) -> torch.Tensor:
-    """[s, b, ...] -> [b, s, ...] on the CPU, detached from the graph."""
-    return t.detach().transpose(0, 1).contiguous().to("cpu")
+    """[s, b, ...] -> [b, s, ...] on the CPU, detached from the graph: a copy, never a view.
+
+    With batch 1 the transpose is already contiguous, so `.contiguous()` alone would return the module's own
+    output, which megatron-core's bias-dropout-add then overwrites in place with the residual sum.
+    """
+    return t.detach().transpose(0, 1).to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
 def add_hooks(model, captures: dict) -> list:

@@ -157,3 +157,26 @@ def test_greedy_equals_transformers_at_tp2_pp2(gen_megs):
         assert c.completion_ids + ([tok.eos_id] if c.stop == "eos" else []) == want
     assert ("workers", 4, 4) in events and ("prompts", 2, 2) in events
     assert ("tokens", 2 * NEW_TOKENS, 2 * NEW_TOKENS) in events
+
+
+# ---------------------------------------------------------------- progress (verify and generate share it)
+def test_plain_progress_lines_when_not_a_terminal(capsys):
+    from megallama.cli.common import step_progress
+
+    with step_progress() as on_progress:  # pytest's stderr is not a terminal
+        for done in range(4):
+            on_progress("tokens", done, 3)
+        on_progress("workers", 2, 2)
+    assert capsys.readouterr().err.splitlines() == ["tokens generated: 3/3", "workers started: 2/2"]
+
+
+def test_verify_reports_workers_forward_and_points(gen_megs):
+    from megallama.verify import layer_diff
+
+    events = []
+    report = layer_diff(gen_megs["hf-eos"], gen_megs["tp1"], seq_len=8, batch=1,
+                        on_progress=lambda *e: events.append(e))
+    assert report.passed, [p.name for p in report.points if not p.ok]  # batch 1: captures must be copies
+    points = len(report.points)
+    assert events[:3] == [("workers", 0, 1), ("workers", 1, 1), ("forward", 1, 1)]
+    assert events[3:] == [("layers", n, points) for n in range(1, points + 1)]
