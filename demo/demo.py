@@ -1,8 +1,9 @@
 """`make demo`: the whole reference workflow end to end on CPU, through the real CLI.
 
 build a small LLaMA + tokenizer -> convert hf2pth -> pth2megatron (TP 2 x PP 2) -> verify layer-diff ->
-sft (TP 2 x PP 2, 4 processes) on a task the model visibly learns -> megatron2pth -> pth2hf -> greedy generation
-with transformers. Ends with a summary table and the path of loss.png.
+sft (TP 2 x PP 2, 4 processes) on a task the model visibly learns -> megatron2pth -> pth2hf -> `megallama
+generate` on the fine-tuned Megatron checkpoint (TP 2 x PP 2), cross-checked against transformers' greedy
+generation from the exported HF model. Ends with a summary table, the model's answers and the path of loss.png.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def build_inputs() -> tuple[Path, Path, Path]:
     return hf, train, evaluation
 
 
-def generate(hf_dir: Path, records: list[dict]) -> list[tuple[str, str, str]]:
-    """Greedy generation with transformers from the fine-tuned HF model, prompted with the SFT template."""
+def hf_generate(hf_dir: Path, records: list[dict]) -> list[str]:
+    """Greedy generation with transformers from the exported HF model, prompted with the SFT template."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -75,8 +76,7 @@ def generate(hf_dir: Path, records: list[dict]) -> list[tuple[str, str, str]]:
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                                  eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
-        answer = tok.decode([i for i in out[0, len(ids):].tolist() if i != tok.eos_id]).strip()
-        rows.append((f"{rec['instruction']} {rec.get('input', '')}".strip(), answer, rec["output"]))
+        rows.append(tok.decode([i for i in out[0, len(ids):].tolist() if i != tok.eos_id]))
     return rows
 
 
@@ -89,7 +89,8 @@ def print_summary(generations: list[tuple[str, str, str]] | None = None) -> None
     table.add_row("total", f"{sum(s for _, s, _ in summary):.1f}", "")
     Console().print(table)
     if generations:
-        gen = Table(title="greedy generation from the fine-tuned HF model", title_justify="left")
+        gen = Table(title="megallama generate: the fine-tuned Megatron model (TP 2 x PP 2) answers",
+                    title_justify="left")
         for col in ("prompt", "model says", "expected"):
             gen.add_column(col)
         for row in generations:
@@ -120,12 +121,22 @@ def main() -> None:
                                            "--output-dir", str(OUT / "sft-pth")))
     step("convert pth2hf", megallama("convert", "pth2hf", "--input-dir", str(OUT / "sft-pth"),
                                      "--output-dir", str(OUT / "sft-hf")))
-    start = time.perf_counter()
     records = [json.loads(line) for line in evaluation.read_text().splitlines()[:6]]
-    generations = generate(OUT / "sft-hf", records)
+    prompts = OUT / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": r["instruction"], "input": r.get("input", "")}) + "\n"
+                               for r in records))
+    step("generate (megatron-core, TP2xPP2, greedy)",
+         megallama("generate", "--megatron", str(sft), "--prompts", str(prompts), "--max-new-tokens", "12",
+                   "--json", str(OUT / "answers.json")))
+    answers = json.loads((OUT / "answers.json").read_text())
+    generations = [(f"{r['instruction']} {r.get('input', '')}".strip(), a["completion"].strip(), r["output"])
+                   for r, a in zip(records, answers, strict=True)]
     correct = sum(said == want for _, said, want in generations)
-    summary.append(("greedy generation (transformers)", time.perf_counter() - start,
-                    f"{correct}/{len(generations)} exact"))
+    summary[-1] = (*summary[-1][:2], f"{correct}/{len(generations)} exact")
+    start = time.perf_counter()
+    same = sum(a["completion"] == h for a, h in zip(answers, hf_generate(OUT / "sft-hf", records), strict=True))
+    summary.append(("same answers from transformers (exported HF)", time.perf_counter() - start,
+                    f"{same}/{len(records)} identical"))
     metrics = [json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines()]
     train_losses = [m["loss"] for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]

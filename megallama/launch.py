@@ -84,3 +84,24 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def is_torchrun_worker() -> bool:
     return "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def stream_torchrun(target: list[str], *, nproc: int, on_line, extra: list[str] | None = None,
+                    keep: int = 40) -> tuple[int, list[str]]:
+    """Run `target` on `nproc` local ranks, handing each output line (stdout and stderr merged) to `on_line`.
+
+    `on_line(line)` returns True for lines it consumed (progress events); the last `keep` other lines come back
+    with the exit code, for the error message. Merging both streams into one pipe that is read to the end means
+    no rank can block on a full pipe.
+    """
+    import collections
+
+    cmd = torchrun_command(target, nproc=nproc, extra=extra)
+    tail: collections.deque[str] = collections.deque(maxlen=keep)
+    with subprocess.Popen(cmd, env=launch_env(nproc), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          bufsize=1) as proc:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if not on_line(line) and line.strip():
+                tail.append(line)
+    return proc.returncode, list(tail)

@@ -32,6 +32,7 @@ from megallama.spec import normalize_dtype
 from megallama.verify_data import Job, prepare
 
 OnStage = Callable[[str], None]  # progress messages for the CLI (the library never prints)
+OnProgress = Callable[[str, int, int], None]  # (what, done, total): "workers", "forward", "layers"
 
 
 # ---------------------------------------------------------------- tolerances
@@ -198,7 +199,7 @@ def locate(points: Sequence[PointDiff]) -> tuple[int | None, str | None, str | N
 
 
 def compare(ref: dict[str, torch.Tensor], meg: dict[str, torch.Tensor], *, num_layers: int, vocab_size: int,
-            tokens: torch.Tensor, dtype: str) -> tuple[list[PointDiff], dict]:
+            tokens: torch.Tensor, dtype: str, on_progress: OnProgress | None = None) -> tuple[list[PointDiff], dict]:
     """Compare every point; return the point diffs and the next-token statistics."""
     tol = TOLERANCES[dtype]
     missing = [n for n, _ in point_names(num_layers) if n not in ref or n not in meg]
@@ -206,7 +207,12 @@ def compare(ref: dict[str, torch.Tensor], meg: dict[str, torch.Tensor], *, num_l
         raise MegallamaError(f"captures are missing {', '.join(missing[:4])}: internal error in verify")
     ref = {**ref, "logits": ref["logits"][..., :vocab_size]}
     meg = {**meg, "logits": meg["logits"][..., :vocab_size]}  # padding columns are not part of the model
-    points = [compare_point(n, ref[n], meg[n], tol, depth) for n, depth in point_names(num_layers)]
+    names = point_names(num_layers)
+    points = []
+    for n, depth in names:
+        points.append(compare_point(n, ref[n], meg[n], tol, depth))
+        if on_progress is not None:
+            on_progress("layers", len(points), len(names))
     stats = {
         "top1": topk_agreement(ref["logits"], meg["logits"], 1),
         "top5": topk_agreement(ref["logits"], meg["logits"], min(5, vocab_size)),
@@ -217,9 +223,11 @@ def compare(ref: dict[str, torch.Tensor], meg: dict[str, torch.Tensor], *, num_l
 
 
 # ---------------------------------------------------------------- the two sides
-def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path) -> list[dict[str, torch.Tensor]]:
+def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
+                 on_progress: OnProgress | None = None) -> list[dict[str, torch.Tensor]]:
     """Captures of every job's Megatron forward. Jobs with the same TP x PP share one torchrun launch."""
-    from megallama.launch import run_torchrun
+    from megallama.launch import stream_torchrun
+    from megallama.verify_worker import parse_progress
 
     groups: dict[tuple[int, int], list[int]] = {}
     for n, job in enumerate(jobs):
@@ -237,20 +245,22 @@ def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path) -> list[dict
                           "tokens": str(out / "tokens.pt"), "out": str(out)})
         job_file = workdir / f"jobs-tp{tp}-pp{pp}.json"
         job_file.write_text(json.dumps({"dtype": dtype, "jobs": specs}))
-        proc = run_torchrun(["-m", "megallama.verify_worker", str(job_file)], nproc=tp * pp, capture=True)
+        if on_progress is not None:
+            on_progress("workers", 0, tp * pp)
+        returncode, tail = stream_torchrun(["-m", "megallama.verify_worker", str(job_file)], nproc=tp * pp,
+                                           on_line=lambda line: parse_progress(line, on_progress))
         for n in members:
-            _raise_worker_error(workdir / f"job{n}", proc)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-            raise MegallamaError(f"Megatron workers (TP={tp}, PP={pp}) exited with {proc.returncode}: "
-                                 + " | ".join(tail))
+            _raise_worker_error(workdir / f"job{n}")
+        if returncode != 0:
+            raise MegallamaError(f"Megatron workers (TP={tp}, PP={pp}) exited with {returncode}: "
+                                 + " | ".join(tail[-3:]))
         for n in members:
             for f in sorted((workdir / f"job{n}").glob("capture-*.pt")):
                 results[n].update(torch.load(f, map_location="cpu", weights_only=True))
     return results
 
 
-def _raise_worker_error(out: Path, proc) -> None:
+def _raise_worker_error(out: Path) -> None:
     path = out / "error.json"
     if path.is_file():
         error = json.loads(path.read_text())
@@ -268,14 +278,16 @@ def reference_captures(job: Job, *, dtype: str) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- the whole check
 def layer_diff(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64, batch: int = 2,
-               dtype: str = "float32", on_stage: OnStage | None = None) -> LayerDiffReport:
+               dtype: str = "float32", on_stage: OnStage | None = None,
+               on_progress: OnProgress | None = None) -> LayerDiffReport:
     """Compare `megatron` with `reference` layer by layer; raises InputError for bad input (exit 2)."""
     return layer_diff_many([(reference, megatron)], data=data, seq_len=seq_len, batch=batch, dtype=dtype,
-                           on_stage=on_stage)[0]
+                           on_stage=on_stage, on_progress=on_progress)[0]
 
 
 def layer_diff_many(pairs: Sequence[tuple[Path, Path]], *, data: Path | None = None, seq_len: int = 64,
-                    batch: int = 2, dtype: str = "float32", on_stage: OnStage | None = None) -> list[LayerDiffReport]:
+                    batch: int = 2, dtype: str = "float32", on_stage: OnStage | None = None,
+                    on_progress: OnProgress | None = None) -> list[LayerDiffReport]:
     """`layer_diff` for several pairs; pairs with the same TP x PP share one torchrun launch (tests, sweeps)."""
     dtype = normalize_dtype(dtype)
     stage = on_stage or (lambda message: None)
@@ -285,12 +297,12 @@ def layer_diff_many(pairs: Sequence[tuple[Path, Path]], *, data: Path | None = N
         stage(f"Megatron: TP={job.tp} x PP={job.pp} on {job.tp * job.pp} processes, {dtype}, "
               f"tokens [{job.tokens.shape[0]}, {job.tokens.shape[1]}] from {job.token_source}")
     with tempfile.TemporaryDirectory(prefix="megallama-verify-") as tmp:
-        megatron_caps = run_megatron(jobs, dtype=dtype, workdir=Path(tmp))
+        megatron_caps = run_megatron(jobs, dtype=dtype, workdir=Path(tmp), on_progress=on_progress)
     reports = []
     for job, meg in zip(jobs, megatron_caps, strict=True):
         stage(f"reference: {job.reference} ({'transformers' if job.reference_format == 'hf' else 'Meta-style'})")
         ref = reference_captures(job, dtype=dtype)  # after the workers exited: peak = max, not sum
-        reports.append(build_report(job, ref, meg, dtype=dtype))
+        reports.append(build_report(job, ref, meg, dtype=dtype, on_progress=on_progress))
         del ref
     elapsed = time.perf_counter() - start
     for report in reports:
@@ -298,10 +310,11 @@ def layer_diff_many(pairs: Sequence[tuple[Path, Path]], *, data: Path | None = N
     return reports
 
 
-def build_report(job: Job, ref: dict, meg: dict, *, dtype: str) -> LayerDiffReport:
+def build_report(job: Job, ref: dict, meg: dict, *, dtype: str,
+                 on_progress: OnProgress | None = None) -> LayerDiffReport:
     """Compare, then judge: FAIL at the first point out of tolerance, or when the losses disagree."""
     points, stats = compare(ref, meg, num_layers=job.spec.num_layers, vocab_size=job.spec.vocab_size,
-                            tokens=job.tokens, dtype=dtype)
+                            tokens=job.tokens, dtype=dtype, on_progress=on_progress)
     layer, where, point = locate(points)
     loss_gap = abs(stats["loss_megatron"] - stats["loss_reference"])
     if point is None and not loss_gap <= TOLERANCES[dtype].loss:

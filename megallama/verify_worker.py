@@ -140,6 +140,26 @@ def run_job(job: dict, dtype: str) -> dict[str, torch.Tensor]:
     return captures
 
 
+PROGRESS = "@@megallama-verify "  # prefix of the progress lines rank 0 prints for the parent
+
+
+def progress(what: str, done: int, total: int) -> None:
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(PROGRESS + json.dumps({"what": what, "done": done, "total": total}), flush=True)
+
+
+def parse_progress(line: str, on_progress) -> bool:
+    """Parent side: hand a progress line to `on_progress(what, done, total)`; False for any other line."""
+    if not line.startswith(PROGRESS):
+        return False
+    if on_progress is not None:
+        event = json.loads(line[len(PROGRESS):])
+        on_progress(event["what"], event["done"], event["total"])
+    return True
+
+
 def write_error(out: Path, error: BaseException) -> None:
     code = error.exit_code if isinstance(error, MegallamaError) else 1
     message = str(error) if isinstance(error, MegallamaError) else f"{type(error).__name__}: {error}"
@@ -155,8 +175,9 @@ def main(argv: list[str]) -> int:
     plan = json.loads(Path(argv[0]).read_text())
     jobs, dtype = plan["jobs"], plan["dtype"]
     init_distributed(tp=jobs[0]["tp"], pp=jobs[0]["pp"], seed=1234)
+    progress("workers", dist.get_world_size(), dist.get_world_size())  # every rank has joined the group
     status = 0
-    for job in jobs:
+    for number, job in enumerate(jobs, 1):
         out = Path(job["out"])
         try:
             captures = run_job(job, dtype)
@@ -168,6 +189,7 @@ def main(argv: list[str]) -> int:
         if ps.get_tensor_model_parallel_rank() == 0:
             torch.save(captures, out / f"capture-{ps.get_pipeline_model_parallel_rank():03d}.pt")
         dist.barrier()
+        progress("forward", number, len(jobs))
     destroy_distributed()
     return status
 

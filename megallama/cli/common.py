@@ -180,3 +180,32 @@ def print_write_report(title: str, report) -> None:
     for note in report.notes:
         table.add_row("note", Text(note, overflow="fold"))  # paths in full, never cut with an ellipsis
     out.print(table)
+
+
+STEP_LABELS = {"workers": "workers started", "tokens": "tokens generated", "prompts": "prompts done",
+               "layers": "points compared"}
+
+
+@contextlib.contextmanager
+def step_progress(labels: dict[str, str] | None = None) -> Iterator[Callable[[str, int, int], None]]:
+    """Progress for `on_progress(what, done, total)` callbacks: one rich bar per `what` on a terminal, plain
+    lines on stderr otherwise (one when each `what` completes, so logs stay short)."""
+    labels = {**STEP_LABELS, **(labels or {})}
+    tty = err.is_terminal
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeRemainingColumn(), console=err, disable=not tty, transient=True)
+    tasks: dict[str, int] = {}
+    finished: set[str] = set()
+
+    def on_progress(what: str, done: int, total: int) -> None:
+        label = labels.get(what, what)
+        if tty:
+            if what not in tasks:
+                tasks[what] = progress.add_task(label, total=total)
+            progress.update(tasks[what], completed=done, total=total)
+        elif done >= total and (what, total) not in finished:
+            finished.add((what, total))
+            err.print(f"{label}: {done}/{total}", highlight=False, markup=False)
+
+    with progress:
+        yield on_progress

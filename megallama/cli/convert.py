@@ -13,6 +13,7 @@ app = typer.Typer(help="Convert between HF, Meta pth and Megatron (torch_dist, t
                   no_args_is_help=True, rich_markup_mode=None)
 
 DTYPE_HELP = "Output dtype: fp32, bf16 or fp16 (default: keep the source dtype)."
+REVISION_HELP = "Branch, tag or commit when --input-dir is a Hub id (owner/name)."
 
 
 def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
@@ -22,9 +23,12 @@ def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
     return input_dir
 
 
-def _run(src: Path, dst: Path, *, src_format: str, dst_format: str, title: str, **kwargs) -> None:
+def _run(src: Path, dst: Path, *, src_format: str, dst_format: str, title: str, revision: str | None = None,
+         model_size: str | None = None, **kwargs) -> None:
     from megallama.convert import convert
+    from megallama.hub import resolve_model_path
 
+    src = _resolve_model_size(resolve_model_path(src, revision), model_size)  # a Hub id becomes its snapshot
     with byte_progress(title) as on_tensor:
         report = convert(src, dst, src_format=src_format, dst_format=dst_format, on_tensor=on_tensor,
                          on_start=on_tensor.set_total, **kwargs)
@@ -42,15 +46,19 @@ def hf2pth(
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
     output_type: str = typer.Option("pth", "--output-type", "--output_type", hidden=True),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
 ) -> None:
     """HuggingFace LLaMA -> Meta consolidated.NN.pth + params.json.
 
-    Example: megallama convert hf2pth --input-dir llama-2-7b-hf --output-dir llama-2-7b
+    \b
+    Examples:
+      megallama convert hf2pth --input-dir llama-2-7b-hf --output-dir llama-2-7b
+      megallama convert hf2pth --input-dir meta-llama/Llama-2-7b-hf --output-dir llama-2-7b   (HF Hub id)
     """
     if output_type != "pth":
         raise InputError(f"--output_type {output_type!r} is not supported: only 'pth'")
     _run(input_dir, output_dir, src_format="hf", dst_format="meta", title="hf2pth", shards=shards, dtype=dtype,
-         force=force)
+         force=force, revision=revision)
 
 
 @app.command("pth2hf")
@@ -61,13 +69,14 @@ def pth2hf(
     model_size: str = typer.Option(None, "--model-size", "--model_size", help="Read INPUT_DIR/MODEL_SIZE/."),
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
 ) -> None:
     """Meta consolidated.NN.pth -> HuggingFace safetensors + config.json.
 
     Example: megallama convert pth2hf --input-dir llama-2-7b --output-dir llama-2-7b-hf
     """
-    _run(_resolve_model_size(input_dir, model_size), output_dir, src_format="meta", dst_format="hf",
-         title="pth2hf", dtype=dtype, force=force)
+    _run(input_dir, output_dir, model_size=model_size, src_format="meta", dst_format="hf",
+         title="pth2hf", dtype=dtype, force=force, revision=revision)
 
 
 TP_HELP = "Tensor-parallel size (torch_dist: only pads the vocab and fills the launch flags; torch: split)."
@@ -104,15 +113,16 @@ def pth2megatron(
                                      help=DIVISIBLE_HELP),
     transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
 ) -> None:
     """Meta pth -> Megatron checkpoint (megatron-core GPTModel): torch_dist by default, or torch format split for
     TP x PP.
 
     Example: megallama convert pth2megatron --input-dir llama-2-7b --output-dir llama-2-7b-mcore --tp 2 --pp 2
     """
-    _to_megatron(_resolve_model_size(input_dir, model_size), output_dir, src_format="meta", title="pth2megatron",
+    _to_megatron(input_dir, output_dir, model_size=model_size, src_format="meta", title="pth2megatron",
                  tp=tp, pp=pp, ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl)
+                 transformer_impl=transformer_impl, revision=revision)
 
 
 @app.command("hf2megatron")
@@ -129,6 +139,7 @@ def hf2megatron(
                                      help=DIVISIBLE_HELP),
     transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
 ) -> None:
     """HuggingFace LLaMA -> Megatron checkpoint (torch_dist by default), without a pth step in between.
 
@@ -136,7 +147,7 @@ def hf2megatron(
     """
     _to_megatron(input_dir, output_dir, src_format="hf", title="hf2megatron", tp=tp, pp=pp,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl)
+                 transformer_impl=transformer_impl, revision=revision)
 
 
 @app.command("megatron2megatron")
@@ -154,6 +165,7 @@ def megatron2megatron(
     transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
     layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
 ) -> None:
     """Megatron -> Megatron: re-shard to another TP x PP and/or change the ckpt format (weights only).
 
@@ -161,7 +173,7 @@ def megatron2megatron(
     """
     _to_megatron(input_dir, output_dir, src_format="megatron", title="megatron2megatron", tp=tp, pp=pp,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl, layout=layout)
+                 transformer_impl=transformer_impl, layout=layout, revision=revision)
 
 
 @app.command("megatron2pth")
@@ -174,13 +186,14 @@ def megatron2pth(
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
     layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
 ) -> None:
     """Megatron checkpoint (any TP x PP) -> Meta pth: merge TP, join PP, drop padding, undo fusion.
 
     Example: megallama convert megatron2pth --input-dir runs/sft --output-dir llama-2-7b-sft
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="meta", title="megatron2pth", shards=shards,
-         dtype=dtype, force=force, layout=layout)
+         dtype=dtype, force=force, layout=layout, revision=revision)
 
 
 @app.command("megatron2hf")
@@ -192,10 +205,11 @@ def megatron2hf(
     dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
     layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
 ) -> None:
     """Megatron checkpoint (torch_dist or torch, any TP x PP) -> HuggingFace safetensors + config.json.
 
     Example: megallama convert megatron2hf --input-dir runs/sft --output-dir llama-2-7b-sft-hf
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="hf", title="megatron2hf", dtype=dtype,
-         force=force, layout=layout)
+         force=force, layout=layout, revision=revision)

@@ -157,6 +157,9 @@ def register(app: typer.Typer) -> None:
         dp: int = typer.Option(None, "--dp", help="Data-parallel size (default: world size / (TP x PP))."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan, check it, start nothing."),
+        slurm: int = typer.Option(None, "--slurm", metavar="NODES",
+                                  help="Write OUTPUT/launch.sbatch for this many Slurm nodes; start nothing."),
+        gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per Slurm node (with --slurm)."),
         args: list[str] = typer.Argument(None, metavar="[KEY=VALUE ...] [-- TORCHRUN ARGS]",
                                          help="Config overrides such as train.lr=1e-5; torchrun arguments after --."),
     ) -> None:
@@ -170,6 +173,7 @@ def register(app: typer.Typer) -> None:
           megallama sft --config configs/sft/tiny-cpu.yaml load=runs/tiny-tp1 data.train=train.jsonl
           megallama sft --config configs/sft/llama2-7b-reference.yaml --dry-run
           megallama sft --config run.yaml --resume -- --nnodes 2 --node-rank 0
+          megallama sft --config run.yaml --slurm 4 --gpus-per-node 8   (then: sbatch OUTPUT/launch.sbatch)
 
         Docs: README.md#sft
         """
@@ -182,6 +186,13 @@ def register(app: typer.Typer) -> None:
         from megallama.staging import check_writable_folder
 
         overrides, extra = split_args(list(args or []))
+        if slurm is not None:
+            from megallama.sft.slurm import torchrun_extra
+
+            if slurm < 1 or gpus_per_node < 1 or extra:
+                raise InputError("--slurm NODES and --gpus-per-node must be >= 1, and torchrun arguments after -- "
+                                 "do not combine with --slurm (the script sets them)")
+            extra = torchrun_extra(slurm, gpus_per_node)
         cfg = sft_config.load_config(config, overrides)
         for key, value in (("tp", tp), ("pp", pp), ("dp", dp)):
             if value is not None:
@@ -197,7 +208,7 @@ def register(app: typer.Typer) -> None:
         splits = tokenize_splits(cfg, vocab_size=spec.vocab_size)  # bad data exits 2 before any process starts
         plan = sft_config.resolve_plan(cfg, num_layers=spec.num_layers, padded_vocab_size=manifest["padded_vocab_size"],
                                        num_samples=len(splits["train"]), extra=extra,
-                                       devices=sft_config.local_devices())
+                                       devices=None if slurm else sft_config.local_devices())
         if start.step >= plan.steps:
             raise InputError(f"nothing to do: the checkpoint in {start.root} is at step {start.step} and the run "
                              f"has {plan.steps} steps; raise train.steps to train further")
@@ -214,6 +225,13 @@ def register(app: typer.Typer) -> None:
         output.mkdir(parents=True, exist_ok=True)
         sft_config.dump_config(final, output / "config.yaml")
         save_splits(final, splits, output / DATA_CACHE)
+        if slurm is not None:
+            from megallama.sft.slurm import write_sbatch
+
+            path = write_sbatch(plan, config=output / "config.yaml", output=output)
+            err.print(f"wrote the Slurm script; submit it with: sbatch {path}", highlight=False)
+            print(path)
+            return
         for stale in output.glob("error-rank*.json"):
             stale.unlink()
         result = run_torchrun(target, nproc=plan.nproc_per_node, extra=extra)

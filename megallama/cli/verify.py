@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from megallama.cli.common import err, handle_errors, out
+from megallama.cli.common import err, handle_errors, out, step_progress
 
 app = typer.Typer(help="Prove a Megatron checkpoint computes what the original computes. Docs: README.md#verify",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -18,7 +18,9 @@ app = typer.Typer(help="Prove a Megatron checkpoint computes what the original c
 @handle_errors
 def layer_diff(
     reference: Path = typer.Option(..., "--reference", "--ref",
-                                   help="Source model: HF folder (config.json) or Meta pth folder (params.json)."),
+                                   help="Source model: HF folder (config.json), Meta pth folder (params.json) or "
+                                        "an HF Hub id (owner/name)."),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit when --reference is a Hub id."),
     megatron: Path = typer.Option(..., "--megatron", "--load",
                                   help="Megatron folder written by `convert pth2megatron` or `sft`."),
     data: Path = typer.Option(None, "--data", help="Text file to tokenize (default: a built-in English sample)."),
@@ -35,17 +37,22 @@ def layer_diff(
     Examples:
       megallama verify layer-diff --reference llama-2-7b-hf --megatron llama-2-7b-tp2-pp2
       megallama verify layer-diff --reference llama-2-7b --megatron runs/sft --dtype bf16 --json diff.json
+      megallama verify layer-diff --reference meta-llama/Llama-2-7b-hf --megatron llama-2-7b-tp2-pp2
     """
+    from megallama.hub import resolve_model_path
     from megallama.spec import normalize_dtype
     from megallama.staging import check_writable_file
     from megallama.verify import layer_diff as run
     from megallama.verify import write_json
 
     dtype = normalize_dtype(dtype)
+    reference = resolve_model_path(reference, revision)
     if json_out is not None:
         check_writable_file(json_out)  # before the run, not after it
-    report = run(reference, megatron, data=data, seq_len=seq_len, batch=batch, dtype=dtype,
-                 on_stage=lambda message: err.print(message, highlight=False, markup=False))
+    with step_progress({"forward": "Megatron forward passes"}) as on_progress:
+        report = run(reference, megatron, data=data, seq_len=seq_len, batch=batch, dtype=dtype,
+                     on_stage=lambda message: err.print(message, highlight=False, markup=False),
+                     on_progress=on_progress)
     print_report(report)
     if json_out is not None:
         write_json(report, json_out)

@@ -64,9 +64,15 @@ DEFAULTS: dict = {
         "save_interval": 2000,
     },
     "output": None,
+    "logging": {  # besides metrics.jsonl and loss.png (megallama/sft/loggers.py)
+        "tensorboard": False,  # event files in OUTPUT/tensorboard/
+        "wandb_project": None,  # a W&B run in this project (needs wandb installed)
+        "wandb_run_name": None,
+    },
 }
 TYPES = {"load": str, "tokenizer": str, "data.train": str, "data.eval": str, "parallel.dp": int,
-         "train.epochs": float, "train.loss_scale": float, "output": str}
+         "train.epochs": float, "train.loss_scale": float, "output": str, "logging.wandb_project": str,
+         "logging.wandb_run_name": str}
 CHOICES = {
     "data.format": ("alpaca", "messages", "pretokenized"),
     "train.decay_style": ("cosine", "linear", "constant"),
@@ -245,6 +251,9 @@ def validate(cfg: dict) -> list[str]:
         value = get(cfg, key)
         if value and not Path(value).exists():
             problems.append(f"{key} {value} does not exist")
+    from megallama.sft.loggers import logging_problems
+
+    problems += logging_problems(cfg)
     if problems:
         raise InputError("; ".join(problems))
     train, evalf = cfg["data"]["train"], cfg["data"]["eval"]

@@ -52,8 +52,9 @@ def plot_losses(output: Path) -> Path | None:
 class Reporter:
     """Rank 0's metrics file, progress and plot; a no-op object on the other ranks (`enabled=False`)."""
 
-    def __init__(self, output: Path, *, steps: int, start_step: int, enabled: bool):
+    def __init__(self, output: Path, *, steps: int, start_step: int, enabled: bool, cfg: dict | None = None):
         self.output, self.steps, self.start_step, self.enabled = Path(output), steps, start_step, enabled
+        self.cfg, self.backends = cfg, []  # TensorBoard / W&B (loggers.py), opened on entry
         self.path = self.output / METRICS
         self.tty = sys.stderr.isatty()
         self.progress = self.task = None
@@ -65,6 +66,10 @@ class Reporter:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def __enter__(self):
+        if self.enabled:
+            from megallama.sft.loggers import open_backends
+
+            self.backends = open_backends(self.output, self.cfg, start_step=self.start_step)
         if self.enabled and self.tty:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -82,6 +87,13 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        for backend in self.backends:
+            backend.close()
+        self.backends = []
+
+    def _scalars(self, step: int, scalars: dict[str, float]) -> None:
+        for backend in self.backends:
+            backend.log(step, scalars)
 
     def _append(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -100,7 +112,10 @@ class Reporter:
             return
         self.last = record
         if log:
+            from megallama.sft.loggers import train_scalars
+
             self._append(record)
+            self._scalars(record["step"], train_scalars(record))
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], loss=f"{record['loss']:.4f}",
                                  lr=f"{record['lr']:.2e}", tps=f"{record['tokens_per_s']:,.0f}")
@@ -115,6 +130,7 @@ class Reporter:
     def eval(self, step: int, loss: float, tokens: int) -> None:
         if self.enabled:
             self._append({"step": step, "eval_loss": loss, "eval_tokens": tokens})
+            self._scalars(step, {"eval/loss": loss})
             self.line(f"eval at step {step}: loss {loss:.4f} over {tokens} tokens")
 
     def saved(self, step: int) -> None:

@@ -272,7 +272,7 @@ def train(cfg: dict) -> None:
     eval_lengths = None if eval_set is None else sample_lengths(eval_set.labels)
     batches = global_batches(len(train_set), global_batch_size=t["global_batch_size"], seed=t["seed"],
                              start_step=start.step)
-    reporter = Reporter(output, steps=t["steps"], start_step=start.step, enabled=rank0)
+    reporter = Reporter(output, steps=t["steps"], start_step=start.step, enabled=rank0, cfg=cfg)
     if rank0:
         reporter.line(f"sft: world {world} = TP {p['tp']} x PP {p['pp']} x DP {p['dp']}, "
                       f"{'resuming' if start.resumes else 'starting'} at step {start.step} of {t['steps']} "
