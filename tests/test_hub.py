@@ -67,9 +67,23 @@ def test_convert_takes_a_hub_id(hub_cache, hf_dir, tmp_path):
     assert (out / "consolidated.00.pth").is_file() and (out / "tokenizer.model").is_file()
 
 
+def test_inspect_and_hf2megatron_take_a_hub_id(hub_cache, tmp_path):
+    import json
+
+    result = CliRunner().invoke(app, ["inspect", "test-org/tiny-llama", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["format"] == "hf"
+    out = tmp_path / "meg"
+    result = CliRunner().invoke(app, ["convert", "hf2megatron", "--input-dir", "test-org/tiny-llama",
+                                      "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
+
+
 @pytest.mark.parametrize("command", [
     ["convert", "hf2pth", "--input-dir", "test-org/missing", "--output-dir", "{out}"],
     ["verify", "layer-diff", "--reference", "test-org/missing", "--megatron", "{out}"],
+    ["inspect", "test-org/missing"],
 ])
 def test_missing_repo_offline_exits_2_with_one_line(hub_cache, tmp_path, command):
     out = tmp_path / "out"

@@ -16,19 +16,22 @@ def register(app: typer.Typer) -> None:
     @app.command("inspect")
     @handle_errors
     def inspect(
-        path: Path = typer.Argument(..., help="An HF, Meta pth or Megatron (torch / torch_dist) checkpoint folder."),
+        path: Path = typer.Argument(..., help="An HF, Meta pth or Megatron (torch / torch_dist) checkpoint folder, "
+                                              "or an HF Hub id (owner/name)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         layout: str = typer.Option(None, "--layout", help="Force a Megatron layout: mcore-local, mcore-te, legacy, "
                                                           "llama-fork or alibaba (default: detect from the keys)."),
+        revision: str = typer.Option(None, "--revision", help="Branch, tag or commit when PATH is a Hub id."),
     ) -> None:
         """Detect a checkpoint's format, ckpt format, Megatron layout, TP x PP, iteration, dtype, model, parameter
         count, true and padded vocab, tokenizer and optimizer state. Exit 2 if the folder is none of them.
 
         Example: megallama inspect runs/sft --json
         """
+        from megallama.hub import resolve_model_path
         from megallama.inspect import inspect_checkpoint
 
-        report = inspect_checkpoint(path, layout=layout)
+        report = inspect_checkpoint(resolve_model_path(path, revision), layout=layout)
         if as_json:
             print(json.dumps(report.to_json(), indent=2))
             return
