@@ -7,7 +7,8 @@ Parts (`python bench/bench.py --only convert,verify` runs a slice and merges it 
            the largest output file; memory against the whole-model-in-RAM approach (transformers
            from_pretrained, split, torch.save).
   sft      SFT throughput on CPU: `megallama sft` TP1 x PP1 against a plain transformers + torch.optim loop, same
-           model, data, batch and threads.
+           model, data, batch and threads (attention sdpa).
+  packing  SFT trained tokens/s with data.pack true vs false on long-tail sample lengths.
   verify   Verify wall time for the tiny and the 1B-shaped model.
 
 Prints one table of every figure in results.json. Work files go to bench/work/ (about 9 GB at peak, removed after).
@@ -286,10 +287,63 @@ def bench_sft_throughput() -> dict:
     ours = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:]
     plain = json.loads(measure([PY, "-c", PLAIN_TRAIN, str(hf), str(data), str(steps), str(micro),
                                 str(accum)])["output"].strip().splitlines()[-1])["tokens_per_s"]
-    return {"model": "hidden 256, 4 layers, 8/4 heads, vocab 8000, fp32", "seq_length": seq,
+    return {"model": "hidden 256, 4 layers, 8/4 heads, vocab 8000, fp32", "attention": "sdpa", "seq_length": seq,
             "global_batch": micro * accum, "threads": os.cpu_count(),
             "megallama_tokens_per_s": statistics.median(ours), "plain_tokens_per_s": statistics.median(plain),
             "ratio": statistics.median(ours) / statistics.median(plain)}
+
+
+def long_tail_lengths(n: int, *, seed: int = 0) -> list[int]:
+    """SFT-like sample lengths: 20 to 1000 tokens, log-normal (median about 120, most under 200), deterministic."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(torch.randn(n, generator=gen) * 0.8 + 4.8).round().clamp(20, 1000)
+    return [int(x) for x in lengths]
+
+
+def bench_packing() -> dict:
+    """`megallama sft` with data.pack true vs false on a long-tail length mix (same model, data, steps, batch):
+    trained tokens/s (tokens with a loss) and the padding share of the token slots."""
+    from megallama.spec import ModelSpec
+    from megallama.tiny import make_hf_checkpoint
+
+    spec = ModelSpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=688,
+                     vocab_size=8000, max_position_embeddings=1024)
+    hf = make_hf_checkpoint(WORK / "sft-hf", spec, tokenizer=False)
+    pth, meg = WORK / "sft-pth", WORK / "sft-meg"
+    if not (meg / "megallama.json").exists():
+        measure(megallama("convert", "hf2pth", "--input-dir", str(hf), "--output-dir", str(pth), "--force"))
+        measure(megallama("convert", "pth2megatron", "--input-dir", str(pth), "--output-dir", str(meg), "--force"))
+    seq, micro, global_batch, steps = 1024, 4, 16, 8
+    lengths = long_tail_lengths(global_batch * steps)
+    data = WORK / "sft-long-tail.jsonl"
+    gen = torch.Generator().manual_seed(1)
+    with open(data, "w") as f:
+        for n in lengths:
+            ids = torch.randint(3, spec.vocab_size, (n + 1,), generator=gen).tolist()
+            f.write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
+    runs = {}
+    for pack in (False, True):
+        out = WORK / f"sft-pack-{pack}"
+        shutil.rmtree(out, ignore_errors=True)
+        measure(megallama("sft", "--config", str(ROOT.parent / "configs/sft/tiny-cpu.yaml"), f"load={meg}",
+                          f"data.train={data}", "data.eval=null", "data.format=pretokenized", f"data.seq_length={seq}",
+                          f"data.pack={str(pack).lower()}", f"train.micro_batch_size={micro}",
+                          f"train.global_batch_size={global_batch}", f"train.steps={steps}", "train.precision=fp32",
+                          "train.save_interval=1000", "train.eval_interval=1000", f"output={out}", "--tp", "1",
+                          "--pp", "1"))
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if "trained_tokens_per_s" in r][2:]
+        runs[pack] = {"trained_tokens_per_s": statistics.median(r["trained_tokens_per_s"] for r in train),
+                      "pad_fraction": statistics.mean(r["pad_fraction"] for r in train),
+                      "losses": [r["loss"] for r in records if "loss" in r]}
+    same = max(abs(a - b) / b for a, b in zip(runs[True]["losses"], runs[False]["losses"], strict=True))
+    return {"data": f"{len(lengths)} samples, lengths 20-1000 (median {statistics.median(lengths):.0f}, "
+                    f"{sum(n < 200 for n in lengths) / len(lengths):.0%} under 200)",
+            "seq_length": seq, "global_batch": global_batch, "micro_batch": micro,
+            "unpacked": {k: v for k, v in runs[False].items() if k != "losses"},
+            "packed": {k: v for k, v in runs[True].items() if k != "losses"},
+            "max_relative_loss_difference": same,
+            "ratio": runs[True]["trained_tokens_per_s"] / runs[False]["trained_tokens_per_s"]}
 
 
 def bench_verify() -> dict:
@@ -422,6 +476,14 @@ def sft_rows(sft: dict) -> list[tuple[str, str, str, str]]:
              f"transformers+AdamW {sft['plain_tokens_per_s']:.0f}", f"{sft['ratio']:.2f}x")]
 
 
+def packing_rows(pack: dict) -> list[tuple[str, str, str, str]]:
+    packed, unpacked = pack["packed"], pack["unpacked"]
+    return [("SFT trained tokens/s, data.pack (long-tail lengths)",
+             f"{packed['trained_tokens_per_s']:.0f} (pad {packed['pad_fraction']:.0%})",
+             f"unpacked {unpacked['trained_tokens_per_s']:.0f} (pad {unpacked['pad_fraction']:.0%})",
+             f"{pack['ratio']:.2f}x")]
+
+
 def verify_rows(ver: dict) -> list[tuple[str, str, str, str]]:
     return [(f"verify {name}", f"{v['seconds']:.1f} s ({v['verdict']})",
              f"max |dlogits| {v['max_abs_logits_diff']:.2e}", "") for name, v in ver.items()]
@@ -431,6 +493,7 @@ def verify_rows(ver: dict) -> list[tuple[str, str, str, str]]:
 PARTS = {
     "conversion": (bench_conversion, conversion_rows),
     "sft": (bench_sft_throughput, sft_rows),
+    "packing": (bench_packing, packing_rows),
     "verify": (bench_verify, verify_rows),
     "torch_dist": (bench_torch_dist, torch_dist_rows),
 }

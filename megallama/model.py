@@ -133,6 +133,49 @@ def gpt_layer_spec(config, attention: str = "sdpa"):
                                       layer_norm=SequenceParallelRMSNorm)
 
 
+class MaskPaddedVocab(torch.autograd.Function):
+    """logits[..., start:] = -inf, in place (no copy of the logits). The backward passes the gradient through
+    unchanged rather than zeroing those columns (another full copy): only the cross entropy reads the masked
+    logits, and its gradient there is exactly 0 already (softmax exp(-inf) = 0, and a padded id is never a label)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, start: int) -> torch.Tensor:
+        logits[..., start:] = float("-inf")
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def llama_gpt_model_class():
+    """megatron-core's GPTModel whose language-model loss leaves out the padded vocabulary (built lazily: importing
+    megatron-core is slow and not every command needs it)."""
+    from megatron.core.models.gpt import GPTModel
+
+    class LlamaGPTModel(GPTModel):
+        """GPTModel + `true_vocab_size`. Called with labels, it returns the per-token loss [b, s] over the true
+        vocabulary only: the output layer's padded rows (vocab padded to a multiple of 128 x TP) are set to -inf
+        before the softmax, otherwise their logits would enter the normaliser and the loss would depend on TP.
+        The loss is computed on the [s, b, V/TP] logits as megatron-core lays them out, which saves the copies
+        that returning [b, s, V/TP] logits costs (a transpose forward, two backward)."""
+
+        true_vocab_size: int
+
+        def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            from megatron.core import parallel_state as ps
+
+            logits = logits.float()  # the softmax in fp32 (a copy only in bf16/fp16 runs)
+            part = logits.shape[-1]  # [s, b, Vp / tp]
+            first = ps.get_tensor_model_parallel_rank() * part
+            if first + part > self.true_vocab_size:
+                logits = MaskPaddedVocab.apply(logits, max(self.true_vocab_size - first, 0))
+            return super().compute_language_model_loss(labels, logits)
+
+    return LlamaGPTModel
+
+
 def check_rope_supported(spec: ModelSpec) -> None:
     """megatron-core makes only the llama3 `factor` configurable; the other three are hard-coded."""
     if spec.rope_scaling:
@@ -151,7 +194,6 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
     Requires `megallama.runtime.init_distributed()` first. Pre/post-process default to this rank's stage.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
     from megallama.runtime import device
 
@@ -161,7 +203,7 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     config = transformer_config(spec, dtype=dtype, **config_overrides)
-    model = GPTModel(
+    model = llama_gpt_model_class()(
         config=config,
         transformer_layer_spec=gpt_layer_spec(config, attention),
         vocab_size=padded_vocab_size,
@@ -176,4 +218,5 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
         rope_scaling=spec.rope_scaling is not None,
         rope_scaling_factor=float(spec.rope_scaling["factor"]) if spec.rope_scaling else 8.0,
     )
+    model.true_vocab_size = spec.vocab_size
     return model.to(device())

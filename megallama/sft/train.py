@@ -115,31 +115,15 @@ def eval_batches(num_samples: int, *, global_batch_size: int, eval_steps: int) -
 
 
 # ================================================================ one step through megatron-core's schedule
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token cross entropy [b, s] over the true vocabulary only.
-
-    The padded rows of the output layer (vocab padded to a multiple of 128 x TP) are excluded from the softmax:
-    otherwise their logits would enter the normaliser, and how many there are depends on TP.
-    """
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    part = logits.shape[-1]  # [b, s, Vp / tp]
-    first = ps.get_tensor_model_parallel_rank() * part
-    if first + part > vocab_size:
-        padded = torch.arange(first, first + part, device=logits.device) >= vocab_size
-        logits = logits.masked_fill(padded, float("-inf"))
-    return vocab_parallel_cross_entropy(logits.float(), labels)
-
-
-def loss_func(batch: dict, vocab_size: int, seq_length: int, output_tensor: torch.Tensor):
+def loss_func(batch: dict, seq_length: int, output_tensor: torch.Tensor):
     """(loss to backpropagate, trained tokens, report); `finalize_grads` divides by the global token count.
 
+    `output_tensor` is the model's per-token cross entropy [b, s] over the true vocabulary (LlamaGPTModel).
     The backward loss is the token-loss sum / seq_length, not the plain sum: with fp16 loss scaling a sum over a
     whole micro-batch overflows the scaled gradients; `finalize_grads` multiplies seq_length back in.
     """
     loss_mask = batch["loss_mask"]
-    loss_sum = (token_losses(output_tensor, batch["labels"], vocab_size) * loss_mask).sum()
+    loss_sum = (output_tensor * loss_mask).sum()
     num_tokens = loss_mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), num_tokens.float()])
     return loss_sum / seq_length, num_tokens, {"loss": report}
@@ -154,14 +138,15 @@ def finalize_grads(seq_length: int, model, num_tokens, **kwargs):
     finalize_model_grads(model, tokens, **kwargs)
 
 
-def forward_step(vocab_size: int, seq_length: int, data_iterator, model):
+def forward_step(seq_length: int, data_iterator, model):
     batch = next(data_iterator)
-    # last stage: logits [b, s, Vp / tp]; packed: b = 1 and s = rows x seq_length
-    output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=batch.get("packed"))
-    return output, partial(loss_func, batch, vocab_size, seq_length)
+    # last stage: per-token losses [b, s]; packed: b = 1 and s = rows x seq_length
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   packed_seq_params=batch.get("packed"))
+    return output, partial(loss_func, batch, seq_length)
 
 
-def run_schedule(model, batches: list[dict], *, vocab_size: int, seq_length: int, forward_only: bool):
+def run_schedule(model, batches: list[dict], *, seq_length: int, forward_only: bool):
     """Forward (and backward) over this rank's micro-batches; returns (loss sum, tokens) of the global batch."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -169,7 +154,7 @@ def run_schedule(model, batches: list[dict], *, vocab_size: int, seq_length: int
 
     rows, length = batches[0]["tokens"].shape  # what the pipeline sends between stages: [length, rows, hidden]
     reports = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, vocab_size, seq_length), data_iterator=iter(batches), model=[model],
+        forward_step_func=partial(forward_step, seq_length), data_iterator=iter(batches), model=[model],
         num_microbatches=len(batches), seq_length=length, micro_batch_size=rows, forward_only=forward_only)
     total = torch.zeros(2, dtype=torch.float64)
     if ps.is_pipeline_last_stage():
@@ -196,22 +181,21 @@ def rank_batches(dataset, lengths: list[int], indices: list[int], cfg: dict):
     return [micro_batch(dataset, part) for part in layout.micro_batches], layout
 
 
-def train_step(model, optimizer, batches: list[dict], *, vocab_size: int, cfg: dict):
+def train_step(model, optimizer, batches: list[dict], *, cfg: dict):
     """One optimizer step on one global batch: (loss sum, trained tokens, update applied, grad norm)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    loss_sum, tokens = run_schedule(model, batches, vocab_size=vocab_size, seq_length=cfg["data"]["seq_length"],
-                                    forward_only=False)
+    loss_sum, tokens = run_schedule(model, batches, seq_length=cfg["data"]["seq_length"], forward_only=False)
     ok, grad_norm, _ = optimizer.step()  # unscale, clip, Adam; fp16: skipped when the grads overflowed
     return loss_sum, tokens, ok, grad_norm
 
 
-def evaluate(model, dataset, lengths: list[int], cfg: dict, *, vocab_size: int) -> tuple[float, int]:
+def evaluate(model, dataset, lengths: list[int], cfg: dict) -> tuple[float, int]:
     t = cfg["train"]
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for indices in eval_batches(len(dataset), global_batch_size=t["global_batch_size"], eval_steps=t["eval_steps"]):
-            s, n = run_schedule(model, rank_batches(dataset, lengths, indices, cfg)[0], vocab_size=vocab_size,
+            s, n = run_schedule(model, rank_batches(dataset, lengths, indices, cfg)[0],
                                 seq_length=cfg["data"]["seq_length"], forward_only=True)
             loss_sum, tokens = loss_sum + s, tokens + n
     return loss_sum / max(tokens, 1), tokens
@@ -288,8 +272,7 @@ def train(cfg: dict) -> None:
             scheduler.step(1)  # the LR of step s is the schedule at s (warmup starts above zero)
             tic = time.perf_counter()
             step_batches, layout = rank_batches(train_set, train_lengths, next(batches), cfg)
-            loss_sum, tokens, ok, grad_norm = train_step(model, optimizer, step_batches, vocab_size=spec.vocab_size,
-                                                         cfg=cfg)
+            loss_sum, tokens, ok, grad_norm = train_step(model, optimizer, step_batches, cfg=cfg)
             seconds = time.perf_counter() - tic
             # tokens_per_s: token slots (rows x seq_length, padding included); trained: tokens with a loss
             record = {"step": step, "loss": loss_sum / max(tokens, 1), "lr": optimizer.param_groups[0]["lr"],
@@ -302,7 +285,7 @@ def train(cfg: dict) -> None:
             reporter.train(record, log=step % t["log_interval"] == 0 or step == t["steps"])
 
             if eval_set is not None and step % t["eval_interval"] == 0:
-                reporter.eval(step, *evaluate(model, eval_set, eval_lengths, cfg, vocab_size=spec.vocab_size))
+                reporter.eval(step, *evaluate(model, eval_set, eval_lengths, cfg))
                 last_eval = step
             if step % t["save_interval"] == 0:
                 ckpt.save_checkpoint(output, step, consumed_samples=step * t["global_batch_size"], **save_kw)
@@ -311,7 +294,7 @@ def train(cfg: dict) -> None:
 
         # ------------------------------------------------------------ 6. the end: final eval, checkpoint, plot
         if eval_set is not None and last_eval != step and step > start.step:
-            reporter.eval(step, *evaluate(model, eval_set, eval_lengths, cfg, vocab_size=spec.vocab_size))
+            reporter.eval(step, *evaluate(model, eval_set, eval_lengths, cfg))
         if last_save != step and step > start.step:
             ckpt.save_checkpoint(output, step, consumed_samples=step * t["global_batch_size"], **save_kw)
             reporter.saved(step)
