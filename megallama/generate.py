@@ -175,7 +175,8 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     if not megatron.is_dir():
         raise InputError(f"Megatron folder {megatron} does not exist")
     with open_reader(megatron, "megatron") as reader:
-        spec, tp, pp = reader.spec, getattr(reader, "tp", 1), getattr(reader, "pp", 1)
+        spec = reader.spec
+        tp, pp = getattr(reader, "saved_tp", reader.tp), getattr(reader, "saved_pp", reader.pp)  # torch_dist
     tp, pp = s.tp or tp, s.pp or pp
     check_launchable(spec, tp=tp, pp=pp)  # TP, PP divide the model; on GPU, TP x PP fits this host's GPUs
     tok = load_tokenizer(tokenizer or megatron)

@@ -98,10 +98,17 @@ def stream_torchrun(target: list[str], *, nproc: int, on_line, extra: list[str] 
 
     cmd = torchrun_command(target, nproc=nproc, extra=extra)
     tail: collections.deque[str] = collections.deque(maxlen=keep)
-    with subprocess.Popen(cmd, env=launch_env(nproc), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          bufsize=1) as proc:
+    proc = subprocess.Popen(cmd, env=launch_env(nproc), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            bufsize=1, start_new_session=True)  # its own group: stopped whole, as in run_torchrun
+    try:
         for line in proc.stdout:
             line = line.rstrip("\n")
             if not on_line(line) and line.strip():
                 tail.append(line)
+        proc.wait()
+    except BaseException:
+        stop_group(proc)
+        raise
+    finally:
+        proc.stdout.close()
     return proc.returncode, list(tail)

@@ -89,13 +89,13 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
     dist_dir = find_iteration_dir(megatron)
     with (open_torch_dist if dist_dir else open_megatron)(megatron) as meg:
         spec, tp, pp, files, notes = meg.spec, meg.tp, meg.pp, [str(f) for f in meg.source_files], list(meg.notes)
+        tp, pp = getattr(meg, "saved_tp", tp), getattr(meg, "saved_pp", pp)  # torch_dist: the split it was saved for
         layout, padded, interleaved = meg.layout.name, meg.padded_vocab_size, meg.rotary_interleaved
     manifest = read_manifest(megatron) or read_manifest(megatron.parent) or {}
     padded = manifest.get("padded_vocab_size") or padded
     if dist_dir is not None:
-        # torch_dist loads at any TP x PP: run it at the one it was written for (megallama.json), else 1 x 1;
+        # torch_dist loads at any TP x PP: run it at the one it was saved for (megallama.json or args);
         # every rank reads its own slices of the iteration folder with megatron-core's dist_checkpointing
-        tp, pp = int(manifest.get("tp", 1)), int(manifest.get("pp", 1))
         from megallama.formats.megatron.torch_dist import DistCheckpoint
         from megallama.spec import padded_vocab_size
 

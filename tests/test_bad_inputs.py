@@ -428,10 +428,10 @@ def test_killed_between_the_two_renames_restores_the_previous_output(world, tmp_
 def test_crashed_verify_worker_exits_3(world, monkeypatch):
     import megallama.launch
 
-    def crashed(target, *, nproc, extra=None, capture=False):
-        return subprocess.CompletedProcess(target, -9, stdout="", stderr="Killed")
+    def crashed(target, *, nproc, on_line, extra=None, keep=40):
+        return -9, ["Killed"]
 
-    monkeypatch.setattr(megallama.launch, "run_torchrun", crashed)
+    monkeypatch.setattr(megallama.launch, "stream_torchrun", crashed)
     result = runner.invoke(app, ["verify", "layer-diff", "--reference", str(world["hf"]), "--megatron",
                                  str(world["meg"])])
     assert result.exit_code == 3, result.output

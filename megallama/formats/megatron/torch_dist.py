@@ -491,6 +491,9 @@ def open_torch_dist(path: Path) -> MegatronReader:
     reader.tokenizer_files = [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
     reader.source_files = sorted(p for p in it_dir.iterdir() if p.is_file())
     reader.notes = notes
+    # torch_dist loads at any TP x PP; commands that run the model default to the split it was saved for
+    reader.saved_tp = int(manifest.get("tp") or getattr(args, "tensor_model_parallel_size", 1) or 1)
+    reader.saved_pp = int(manifest.get("pp") or getattr(args, "pipeline_model_parallel_size", 1) or 1)
     return reader
 
 
