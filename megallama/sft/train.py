@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     from megallama.runtime import destroy_distributed
 
     for noise in ("The .grad attribute of a Tensor that is not a leaf", ".*is deprecated. Please use",
-                  "Please use DTensor instead and we are deprecating ShardedTensor"):
+                  "Please use DTensor instead and we are deprecating ShardedTensor",
+                  "`load_state_dict` is deprecated and will be removed"):
         warnings.filterwarnings("ignore", message=noise)  # raised inside megatron-core / torch, harmless here
     try:
         train(load_config(args.config))
