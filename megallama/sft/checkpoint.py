@@ -334,7 +334,7 @@ def _restore_dist(start: Start, *, model, optimizer, scheduler) -> list[str]:
     load_model(model, loaded)
     notes = []
     if start.resumes:
-        optimizer.load_state_dict(loaded["optimizer"])
+        dist_checkpoint.load_optimizer(optimizer, loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if with_rng:
             _restore_rng(loaded["rng_state"])

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from megallama.errors import InputError
 from megallama.formats.megatron.torch_format import CHECKPOINT_VERSION, load_rank_file
 
@@ -113,7 +115,6 @@ def load(it_dir: Path, *, model, optimizer=None, rng_state: dict | None = None) 
     """The checkpoint's weights for this rank's `model` (any TP x PP x DP), plus the optimizer state when
     `optimizer` is given and the RNG states when `rng_state` (this rank's, as a template) is; and the common
     part (args, iteration, opt_param_scheduler). Raises InputError when the checkpoint does not fit the model."""
-    import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.safe_globals import SAFE_GLOBALS
@@ -121,6 +122,7 @@ def load(it_dir: Path, *, model, optimizer=None, rng_state: dict | None = None) 
     meta = _with_group(dict(read_common(it_dir).get("content_metadata") or {}))
     request = {"model": model.sharded_state_dict(metadata=meta)}
     if optimizer is not None:
+        _allocate_torch_adam_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(request["model"], is_loading=True, metadata=meta)
     if rng_state is not None:
         request["rng_state"] = _rng_object([rng_state])
@@ -132,6 +134,48 @@ def load(it_dir: Path, *, model, optimizer=None, rng_state: dict | None = None) 
     except CheckpointingException as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"torch_dist checkpoint {it_dir} does not fit this model: {first[:300]}") from None
+
+
+def load_optimizer(optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict` of what `load` returned, then one correct 'step' tensor per parameter.
+
+    Without apex / TE, Adam is torch's, which keeps a 'step' tensor per parameter. megatron-core's distributed
+    optimizer restores it from its param groups, then overwrites it while copying each parameter's state from
+    the load request, whose 'step' is the placeholder the request was built with; and it hands every parameter
+    one shared tensor, which torch's Adam would advance once per parameter per step. So each parameter gets
+    its own copy of its group's step back. In fp32 the main-parameter shards are views of parameters that
+    require grad, which autograd refuses to copy into outside no_grad.
+    """
+    with torch.no_grad():
+        optimizer.load_state_dict(state)
+    for inner in _torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                step = inner.state.get(param, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    inner.state[param]["step"] = torch.full_like(step, group["step"]) if "step" in group \
+                        else step.clone()
+
+
+def _allocate_torch_adam_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its torch-Adam state, so that megatron-core can build its load request.
+
+    `DistributedOptimizer.sharded_state_dict(is_loading=True)` starts from `state_dict()`, which without apex /
+    TE reads torch Adam's per-parameter 'step' and fails (AssertionError) while the state is still empty. Its
+    own `load_state_dict`, given just the param groups, allocates that state (placeholders the load overwrites).
+    """
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            groups = [{**{k: v for k, v in g.items() if k != "params"}, "step": 0} for g in opt.optimizer.param_groups]
+            opt.load_state_dict({"optimizer": {"param_groups": groups}})
+
+
+def _torch_optimizers(optimizer) -> list:
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
 def _with_group(meta: dict) -> dict:
