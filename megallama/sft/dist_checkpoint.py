@@ -21,6 +21,7 @@ Every function here is collective unless it says otherwise.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -139,15 +140,24 @@ def load(it_dir: Path, *, model, optimizer=None, rng_state: dict | None = None) 
 def load_optimizer(optimizer, state: dict) -> None:
     """`optimizer.load_state_dict` of what `load` returned, then one correct 'step' tensor per parameter.
 
-    Without apex / TE, Adam is torch's, which keeps a 'step' tensor per parameter. megatron-core's distributed
-    optimizer restores it from its param groups, then overwrites it while copying each parameter's state from
-    the load request, whose 'step' is the placeholder the request was built with; and it hands every parameter
-    one shared tensor, which torch's Adam would advance once per parameter per step. So each parameter gets
-    its own copy of its group's step back. In fp32 the main-parameter shards are views of parameters that
-    require grad, which autograd refuses to copy into outside no_grad.
+    Without apex / TE, Adam is torch's, which keeps a 'step' tensor per parameter, and megatron-core's
+    distributed optimizer mishandles it: it restores the step from its param groups, then copies each
+    parameter's state from the load request over it, with the placeholder step the request was built with
+    (dp_reshardable) or none at all (fully_reshardable: KeyError 'step'); and it hands every parameter one
+    shared tensor, which torch's Adam would advance once per parameter per step. So while it loads, a missing
+    step is copied onto itself, and afterwards each parameter gets its own copy of its group's step. In fp32
+    the main-parameter shards are views of parameters that require grad: copies into them need no_grad.
     """
-    with torch.no_grad():
-        optimizer.load_state_dict(state)
+    distributed = [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "gbuf_ranges")]
+    for opt in distributed:
+        opt._set_main_param_and_optimizer_states = partial(_set_states_keeping_step, opt,
+                                                           opt._set_main_param_and_optimizer_states)
+    try:
+        with torch.no_grad():
+            optimizer.load_state_dict(state)
+    finally:
+        for opt in distributed:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
     for inner in _torch_optimizers(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
@@ -155,6 +165,14 @@ def load_optimizer(optimizer, state: dict) -> None:
                 if isinstance(step, torch.Tensor):
                     inner.state[param]["step"] = torch.full_like(step, group["step"]) if "step" in group \
                         else step.clone()
+
+
+def _set_states_keeping_step(opt, original, model_param, tensors: dict) -> None:
+    if "step" not in tensors:
+        live = opt._get_main_param_and_optimizer_states(model_param)
+        if "step" in live:
+            tensors = {**tensors, "step": live["step"]}
+    original(model_param, tensors)
 
 
 def _allocate_torch_adam_state(optimizer) -> None:
