@@ -116,7 +116,8 @@ def main() -> None:
                    f"train.steps={STEPS}", "train.micro_batch_size=4", "train.global_batch_size=16",
                    "train.lr=3e-3", "train.min_lr=3e-4", f"train.warmup_steps={max(1, STEPS // 10)}",
                    "train.log_interval=10", f"train.eval_interval={max(1, STEPS // 4)}", "train.eval_steps=4",
-                   f"train.save_interval={STEPS}", f"output={sft}"))
+                   f"train.save_interval={STEPS}", "checkpoint.format=torch",  # megatron2pth reads torch format
+                   f"output={sft}"))
     step("convert megatron2pth", megallama("convert", "megatron2pth", "--input-dir", str(sft),
                                            "--output-dir", str(OUT / "sft-pth")))
     step("convert pth2hf", megallama("convert", "pth2hf", "--input-dir", str(OUT / "sft-pth"),

@@ -22,6 +22,12 @@ GPTModel, pipeline schedules, DDP and optimizer on CPU with the gloo backend, `a
 5. `Tensor.cuda()` -> identity: optimizer.py / distrib_optimizer.py move state with `.cuda()`.
 6. `Tensor.type()` reports CPU tensors under their CUDA names ('torch.cuda.FloatTensor') when megatron-core
    asks: optimizer.py, distrib_optimizer.py and clip_grads.py recognise parameter dtypes by those strings.
+7. Checkpoint saving (`_bridge_dist_checkpoint_save`, dist_checkpointing/strategies/filesystem_async.py): the
+   torch_dist writer collects its results in a queue of a `spawn`ed multiprocessing Manager, which starts a
+   fresh interpreter that re-imports `__main__` (seconds per rank on a small CPU, and a re-run of any script
+   without a main guard). megallama only saves synchronously, where the results never leave the saving
+   process, so a plain in-process queue stands in. Its `torch.cuda.synchronize` and
+   `device=torch.cuda.current_device()` calls are already covered by 3 and 1.
 
 Outside megatron-core only code that itself names CUDA (`torch.cuda.*`, `.cuda()`) sees a difference.
 
@@ -202,6 +208,18 @@ def apply_cpu_compat() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     # (6) dtype names as the optimizer expects them on GPU
     torch.Tensor.type = _cuda_named_type(torch.Tensor.type)
+    # (7) torch_dist checkpoint saving
+    _bridge_dist_checkpoint_save()
+
+
+def _bridge_dist_checkpoint_save() -> None:
+    """(7): the torch_dist writer's results queue, in process instead of in a spawned Manager (sync saves only)."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    results: queue.Queue = queue.Queue()
+    filesystem_async._get_write_results_queue = lambda: results
 
 
 def _cuda_named_type(original):

@@ -72,7 +72,7 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float) -> 
 @pytest.fixture(scope="module")
 def base(tiny) -> Path:
     """TP1 x PP1 x DP1, micro 4 x accumulation 2: the reference run."""
-    result, output = sft(tiny, "tp1pp1")
+    result, output = sft(tiny, "tp1pp1", "checkpoint.format=torch")  # megatron2pth / verify read it below
     assert result.exit_code == 0, result.output
     return output
 
@@ -130,18 +130,28 @@ def test_train_on_prompt_counts_prompt_tokens(base, tiny):
 
 
 def test_tp2_pp2_matches_tp1_pp1(base, tiny):
+    """TP2 x PP2 saves torch_dist (the default), as Megatron-LM writes it; resumed at TP1 x PP1 from its step-3
+    checkpoint (weights and Adam state re-sharded by megatron-core), it continues the uninterrupted curve."""
     result, output = sft(tiny, "tp2pp2", "--tp", "2", "--pp", "2", load="meg22")
     assert result.exit_code == 0, result.output
-    assert (output / "iter_0000006/mp_rank_01_001/model_optim_rng.pt").is_file()
     assert_same_losses(losses(output), losses(base), 1e-4)
     assert_same_losses(eval_losses(output), eval_losses(base), 1e-4)
+    it = output / "iter_0000006"
+    assert {p.name for p in it.iterdir()} == {".metadata", "common.pt", "metadata.json"} | \
+        {f"__{r}_{k}.distcp" for r in range(4) for k in range(2)}
+    common = torch.load(it / "common.pt", weights_only=False)
+    assert common["checkpoint_version"] == 3.0 and common["iteration"] == 6
+    assert common["args"].ckpt_format == "torch_dist" and common["opt_param_scheduler"]["num_steps"] == 6
+    assert json.loads((it / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    resumed = resume_after_kill(output, "tp2pp2-at-tp1pp1", "--tp", "1", "--pp", "1")
+    assert_same_losses({s: losses(resumed)[s] for s in (4, 5, 6)}, {s: losses(base)[s] for s in (4, 5, 6)}, 1e-4)
 
 
 def test_sequence_parallel_tp2_pp2_matches_tp1_pp1(base, tiny):
     """Sequence parallelism (activations split over TP along the sequence, megallama's SP RMSNorm) changes where
     the work happens, not the maths; the checkpoint keeps the keys pth2megatron writes."""
     result, output = sft(tiny, "tp2pp2sp", "--tp", "2", "--pp", "2", "parallel.sequence_parallel=true",
-                         load="meg22")
+                         "checkpoint.format=torch", load="meg22")
     assert result.exit_code == 0, result.output
     assert_same_losses(losses(output), losses(base), 1e-4)
     assert_same_losses(eval_losses(output), eval_losses(base), 1e-4)
@@ -172,7 +182,7 @@ def test_packed_tp2_pp2_matches_unpacked(base, tiny):
 
 def test_dp2_matches_and_learns(base, tiny):
     """micro 4 x DP 2 x accumulation 1, with megatron-core's distributed optimizer (sharded Adam state)."""
-    result, output = sft(tiny, "dp2", "--dp", "2", "parallel.distributed_optimizer=true")
+    result, output = sft(tiny, "dp2", "--dp", "2", "parallel.distributed_optimizer=true", "checkpoint.format=torch")
     assert result.exit_code == 0, result.output
     assert (output / "iter_0000006/mp_rank_00/distrib_optim.pt").is_file()
     assert_same_losses(losses(output), losses(base), 1e-4)
@@ -186,14 +196,15 @@ def test_accumulation_split_does_not_change_the_loss(base, tiny):
     assert_same_losses(losses(output), losses(base), 1e-4)
 
 
-def resume_after_kill(run: Path, name: str) -> Path:
+def resume_after_kill(run: Path, name: str, *args: str) -> Path:
     """Emulate a run killed after its step-3 checkpoint (the metrics of steps 4-6 it never saved stay behind),
     then continue it with --resume."""
     killed = run.parent / name
     shutil.copytree(run, killed)
     shutil.rmtree(killed / "iter_0000006")
     (killed / "latest_checkpointed_iteration.txt").write_text("3")
-    result = runner.invoke(app, ["sft", "--config", str(killed / "config.yaml"), f"output={killed}", "--resume"])
+    result = runner.invoke(app, ["sft", "--config", str(killed / "config.yaml"), f"output={killed}", "--resume",
+                                 *args])
     assert result.exit_code == 0, result.output
     return killed
 
@@ -355,3 +366,15 @@ def test_bad_input_found_inside_a_rank_still_exits_2(tiny):
     result, _ = sft(tiny, "truncated-run", load="meg11-truncated", steps=1)
     assert result.exit_code == 2, result.output
     assert "error" in result.output
+
+
+def test_half_written_iteration_folders_are_removed(tmp_path):
+    """A save killed midway leaves an iteration folder newer than the tracker; the next save removes only that."""
+    from megallama.sft.checkpoint import remove_uncommitted
+
+    for step in (3, 6, 9):
+        (tmp_path / f"iter_{step:07d}").mkdir()
+        (tmp_path / f"iter_{step:07d}" / "__0_0.distcp").write_bytes(b"x")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("6")
+    assert remove_uncommitted(tmp_path) == [tmp_path / "iter_0000009"]
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000003", "iter_0000006"]

@@ -36,8 +36,11 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
-    """The checkpoint must exist, carry megallama's manifest, and be split for the requested TP x PP."""
-    from megallama.sft.checkpoint import rank_path, read_tracker
+    """The checkpoint must exist, carry megallama's manifest, be complete, and (torch format) be split for the
+    requested TP x PP; torch_dist loads at any TP x PP."""
+    from megallama.formats.megatron.torch_format import iteration_dir
+    from megallama.sft.checkpoint import checkpoint_format, rank_path, read_tracker, torch_grid
+    from megallama.sft.dist_checkpoint import missing_files
     from megallama.spec import ModelSpec, check_parallel
 
     if manifest is None or "spec" not in manifest or "padded_vocab_size" not in manifest:
@@ -46,17 +49,26 @@ def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
     spec = ModelSpec.from_dict(manifest["spec"])
     p = cfg["parallel"]
     check_parallel(spec, tp=p["tp"], pp=p["pp"])
-    have = (manifest.get("tp"), manifest.get("pp"))
-    if have != (p["tp"], p["pp"]):
-        raise InputError(f"checkpoint {root} is split for TP={have[0]} PP={have[1]} but the run asks for "
-                         f"TP={p['tp']} PP={p['pp']}: re-split it with `"
-                         + REPARTITION.format(load=root, tp=p["tp"], pp=p["pp"]) + "` and set load to NEW")
     iteration = read_tracker(root)
-    missing = [str(path) for t in range(p["tp"]) for q in range(p["pp"])
-               if not (path := rank_path(root, iteration, tp_rank=t, pp_rank=q, pp=p["pp"])).is_file()]
-    if missing:
-        raise InputError(f"checkpoint {root} is incomplete: {missing[0]} is missing"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    it_dir = iteration_dir(root, iteration)
+    if not it_dir.is_dir():
+        raise InputError(f"checkpoint {root} is incomplete: {it_dir} (named by its tracker) is missing")
+    if checkpoint_format(it_dir) == "torch_dist":
+        missing = missing_files(it_dir)
+        if missing:
+            raise InputError(f"torch_dist checkpoint {it_dir} is incomplete: {missing[0]} is missing")
+    else:
+        have = torch_grid(it_dir)
+        if have != (p["tp"], p["pp"]):
+            raise InputError(f"checkpoint {root} is split for TP={have[0]} PP={have[1]} but the run asks for "
+                             f"TP={p['tp']} PP={p['pp']}: re-split it with `"
+                             + REPARTITION.format(load=root, tp=p["tp"], pp=p["pp"]) + "` and set load to NEW "
+                             "(torch_dist checkpoints, sft's default, load at any TP x PP)")
+        missing = [str(path) for t in range(p["tp"]) for q in range(p["pp"])
+                   if not (path := rank_path(root, iteration, tp_rank=t, pp_rank=q, pp=p["pp"])).is_file()]
+        if missing:
+            raise InputError(f"checkpoint {root} is incomplete: {missing[0]} is missing"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if cfg["data"]["seq_length"] > spec.max_position_embeddings:
         raise InputError(f"data.seq_length {cfg['data']['seq_length']} exceeds the model's max_position_embeddings "
                          f"{spec.max_position_embeddings}")
@@ -102,7 +114,8 @@ def plan_table(cfg: dict, plan, splits: dict, start, command: list[str]) -> Tabl
         ("layers per stage", f"{plan.layers_per_stage} ({plan.num_layers} layers / PP {plan.pp})"),
         ("padded vocab", str(plan.padded_vocab_size)),
         ("steps", f"{plan.steps}" + (f" ({t['epochs']:g} epochs)" if t["epochs"] is not None else "")),
-        ("start", f"resume at step {start.step} from {start.root}" if start.resumes else f"step 0 from {start.root}"),
+        ("start", _start_row(start)),
+        ("checkpoints", f"{cfg['checkpoint']['format']} every {t['save_interval']} steps"),
         ("schedule", f"lr {t['lr']:g} -> {t['min_lr']:g} {t['decay_style']}, warmup {t['warmup_steps']}, "
                      f"clip {t['clip_grad']:g}, wd {t['weight_decay']:g}, betas {t['adam_beta1']}/{t['adam_beta2']}"),
         ("precision", f"{t['precision']}, recompute {t['recompute']}, distributed optimizer "
@@ -141,6 +154,15 @@ def _packing_row(cfg: dict, plan, train_set) -> str:
             f"(data.pack=true would fill {e['packed_fill']:.0%})")
 
 
+def _start_row(start) -> str:
+    where = f"from {start.root} ({start.fmt})"
+    if start.resumes:
+        return f"resume at step {start.step} {where}"
+    if start.continues:
+        return f"resume at step {start.step} {where}, weights only: fresh optimizer state, RNG reseeded"
+    return f"step 0 {where}"
+
+
 def _data_row(path: str, ds, d: dict) -> str:
     s = ds.stats
     return (f"{path} ({d['format']}, seq {d['seq_length']}): {s.samples} samples, {s.loss_tokens} loss tokens, "
@@ -156,6 +178,10 @@ def register(app: typer.Typer) -> None:
         pp: int = typer.Option(None, "--pp", "--pipeline-size", "--pipeline_size", help="Pipeline-parallel size."),
         dp: int = typer.Option(None, "--dp", help="Data-parallel size (default: world size / (TP x PP))."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output."),
+        resume_weights_only: bool = typer.Option(
+            False, "--resume-weights-only",
+            help="Resume from the output's weights and step only, with a fresh optimizer state and RNG "
+                 "(Megatron-LM's --no-load-optim --no-load-rng); for optimizer state that cannot be re-sharded."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan, check it, start nothing."),
         slurm: int = typer.Option(None, "--slurm", metavar="NODES",
                                   help="Write OUTPUT/launch.sbatch for this many Slurm nodes; start nothing."),
@@ -174,13 +200,14 @@ def register(app: typer.Typer) -> None:
           megallama sft --config configs/sft/llama2-7b-reference.yaml --dry-run
           megallama sft --config run.yaml --resume -- --nnodes 2 --node-rank 0
           megallama sft --config run.yaml --slurm 4 --gpus-per-node 8   (then: sbatch OUTPUT/launch.sbatch)
+          megallama sft --config runs/x/config.yaml --resume --tp 2 --pp 1
 
         Docs: README.md#sft
         """
         from megallama.formats.base import read_manifest
         from megallama.launch import run_torchrun, torchrun_command
         from megallama.sft import config as sft_config
-        from megallama.sft.checkpoint import find_start
+        from megallama.sft.checkpoint import check_resume, find_start
         from megallama.sft.train import DATA_CACHE, save_splits, tokenize_splits
         from megallama.spec import ModelSpec
         from megallama.staging import check_writable_folder
@@ -197,13 +224,18 @@ def register(app: typer.Typer) -> None:
         for key, value in (("tp", tp), ("pp", pp), ("dp", dp)):
             if value is not None:
                 cfg["parallel"][key] = value
-        cfg["resume"] = cfg["resume"] or resume
+        if resume or resume_weights_only:  # the command line decides (a resumed run's config.yaml holds both keys)
+            cfg["resume"], cfg["resume_weights_only"] = True, resume_weights_only
         warnings = sft_config.validate(cfg)
         check_writable_folder(Path(cfg["output"]))  # before tokenizing, and long before training
         root = start_folder(cfg)
         manifest = read_manifest(root)
         check_checkpoint(cfg, manifest, root)
-        start = find_start(Path(cfg["load"]), Path(cfg["output"]), resume=cfg["resume"])
+        start = find_start(Path(cfg["load"]), Path(cfg["output"]), resume=cfg["resume"],
+                           weights_only=cfg["resume_weights_only"])
+        check_resume(start, tp=cfg["parallel"]["tp"], pp=cfg["parallel"]["pp"],
+                     distributed_optimizer=cfg["parallel"]["distributed_optimizer"],
+                     precision=cfg["train"]["precision"])
         spec = ModelSpec.from_dict(manifest["spec"])
         splits = tokenize_splits(cfg, vocab_size=spec.vocab_size)  # bad data exits 2 before any process starts
         plan = sft_config.resolve_plan(cfg, num_layers=spec.num_layers, padded_vocab_size=manifest["padded_vocab_size"],

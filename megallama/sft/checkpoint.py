@@ -1,24 +1,36 @@
-"""SFT checkpoints in pth2megatron's layout, plus what resuming needs (optimizer, LR schedule, RNG, step).
+"""SFT checkpoints (Megatron-LM's torch_dist by default, or its per-rank torch format) and what resuming needs.
 
     OUTPUT/
-      latest_checkpointed_iteration.txt      written by rank 0 after every rank has finished its files
-      iter_0000200/mp_rank_TT[_PPP]/model_optim_rng.pt   {args, checkpoint_version, iteration, model,
+      latest_checkpointed_iteration.txt      names the newest complete checkpoint; replaced (atomically) only
+                                             after every rank has finished writing it
+      iter_0000200/                          torch_dist: see dist_checkpoint.py
+      iter_0000200/mp_rank_TT[_PPP]/model_optim_rng.pt   torch: {args, checkpoint_version, iteration, model,
                                                           optimizer, opt_param_scheduler, rng_state, sft}
-                                    distrib_optim.pt     only with the distributed optimizer (its own format)
+                                    distrib_optim.pt     torch, only with the distributed optimizer
       megallama.json, megatron_args.txt, tokenizer files
 
-The `model` dict is `GPTModel.state_dict()` of the rank, exactly what pth2megatron writes, so
-`megallama convert megatron2pth` and Megatron-LM (`--ckpt-format torch`) read an SFT checkpoint like a converted one.
-One writer per model-parallel rank (DP rank 0); RNG states of all DP ranks are gathered into a list, as
-Megatron-LM does. Every function here is collective unless it says otherwise.
+torch format: the `model` dict is `GPTModel.state_dict()` of the rank, exactly what pth2megatron writes, so
+`megallama convert megatron2pth` and Megatron-LM (`--ckpt-format torch`) read it like a converted checkpoint;
+one writer per model-parallel rank (DP rank 0). RNG states of all DP ranks are gathered into a list, as
+Megatron-LM does with --data-parallel-random-init (it reads entry 0 otherwise).
+
+Crash safety: a checkpoint counts only once the tracker names it. A save killed midway leaves an iteration
+folder newer than the tracker; `--resume` ignores it and the next save removes it (`remove_uncommitted`).
+Test hook: with MEGALLAMA_TEST_KILL_IN_SAVE=STEP in the environment, rank 0 SIGKILLs itself while saving step
+STEP, after every rank has written its data files and before the checkpoint is committed (tests/test_sft.py).
+Every function here is collective unless it says otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
+import signal
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +49,14 @@ from megallama.formats.megatron.torch_format import (
     detect_tokenizer,
     iteration_dir,
     load_rank_file,
-    write_tracker,
 )
+from megallama.sft import dist_checkpoint
 from megallama.spec import ModelSpec
 
+FORMATS = ("torch_dist", "torch")
+KILL_IN_SAVE = "MEGALLAMA_TEST_KILL_IN_SAVE"  # test-only hook, see the module docstring
+_ITERATION = re.compile(r"^iter_(\d{7})$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 
 
@@ -67,27 +83,68 @@ def rank_path(root: Path, iteration: int | None, *, tp_rank: int, pp_rank: int, 
     return checkpoint_dir(root, iteration, tp_rank, pp_rank, pp) / MODEL_FILE
 
 
+def checkpoint_format(it_dir: Path) -> str:
+    """"torch_dist" (metadata.json, as Megatron-LM detects it) or "torch" (mp_rank_* folders)."""
+    it_dir = Path(it_dir)
+    if dist_checkpoint.is_dist_checkpoint(it_dir):
+        return "torch_dist"
+    if it_dir.is_dir() and any(_RANK_DIR.match(p.name) for p in it_dir.iterdir()):
+        return "torch"
+    if it_dir.is_dir() and (it_dir / dist_checkpoint.COMMON_FILE).is_file():
+        raise InputError(f"torch_dist checkpoint {it_dir} is incomplete: metadata.json is missing (a save that did "
+                         "not finish?)")
+    raise InputError(f"{it_dir} holds neither a torch_dist checkpoint (metadata.json) nor mp_rank_* folders")
+
+
+def torch_grid(it_dir: Path) -> tuple[int, int]:
+    """(TP, PP) of a torch-format iteration folder, from its mp_rank_TT[_PPP] folder names."""
+    ranks = [m.groups() for p in Path(it_dir).iterdir() if (m := _RANK_DIR.match(p.name))]
+    return max(int(t) for t, _ in ranks) + 1, max(int(q or 0) for _, q in ranks) + 1
+
+
 @dataclass
 class Start:
-    """Where a run starts: the folder and iteration to read, and whether that checkpoint holds training state."""
+    """Where a run starts: the folder and iteration to read, its format, and what comes from it besides weights."""
 
     root: Path
     iteration: int | None
-    resumes: bool  # optimizer, scheduler, RNG and step come from the checkpoint
+    continues: bool  # an sft checkpoint: the step (data position, LR schedule) continues from it
+    resumes: bool  # optimizer (fp32 master weights, Adam moments), scheduler and RNG come from it, too
+    fmt: str = "torch"
 
     @property
     def step(self) -> int:
-        return (self.iteration or 0) if self.resumes else 0
+        return (self.iteration or 0) if self.continues else 0
+
+    @property
+    def it_dir(self) -> Path:
+        return iteration_dir(self.root, self.iteration)
 
 
-def find_start(load: Path, output: Path, *, resume: bool) -> Start:
-    """`--resume` continues `output`; otherwise `load` (a converted checkpoint, or an sft output, which continues)."""
+def find_start(load: Path, output: Path, *, resume: bool, weights_only: bool = False) -> Start:
+    """`--resume` continues `output`; otherwise `load` (a converted checkpoint, or an sft output, which continues).
+
+    `weights_only` (Megatron-LM's --no-load-optim --no-load-rng): weights and step only, fresh optimizer state.
+    """
     root = Path(output if resume else load)
     if resume and not has_checkpoint(root):
         raise InputError(f"--resume: output folder {root} holds no checkpoint yet; start without --resume")
     iteration = read_tracker(root)
     manifest = read_manifest(root) or {}
-    return Start(root=root, iteration=iteration, resumes=bool(manifest.get("sft")) and iteration is not None)
+    continues = bool(manifest.get("sft")) and iteration is not None
+    return Start(root=root, iteration=iteration, continues=continues, resumes=continues and not weights_only,
+                 fmt=checkpoint_format(iteration_dir(root, iteration)))
+
+
+def remove_uncommitted(root: Path) -> list[Path]:
+    """Iteration folders newer than the tracker's (a save killed midway), removed; no collectives."""
+    root = Path(root)
+    committed = (read_tracker(root) or 0) if has_checkpoint(root) else -1  # `release` counts as iteration 0
+    stale = sorted(p for p in root.glob("iter_*") if (m := _ITERATION.match(p.name)) and p.is_dir()
+                   and int(m.group(1)) > committed)
+    for folder in stale:
+        shutil.rmtree(folder)
+    return stale
 
 
 # ---------------------------------------------------------------- RNG
@@ -120,55 +177,101 @@ def _gather_rng_states() -> list[dict]:
 
 
 # ---------------------------------------------------------------- save
-def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, spec: ModelSpec, base_manifest: dict,
-                    tokenizer_dir: Path | None, seq_length: int, consumed_samples: int,
-                    distributed_optimizer: bool, train_args: dict) -> Path:
-    """Write `iter_{step:07d}` for this rank; the tracker moves to it only after every rank is done.
+def save_checkpoint(root: Path, step: int, *, fmt: str, model, optimizer, scheduler, spec: ModelSpec,
+                    base_manifest: dict, tokenizer_dir: Path | None, seq_length: int, consumed_samples: int,
+                    distributed_optimizer: bool, optim_fully_reshardable: bool, train_args: dict) -> list[Path]:
+    """Write `iter_{step:07d}` in `fmt`; the tracker moves to it only after every rank is done.
 
-    `model` is the bare GPTModel (no DDP / Float16Module wrapper), so keys match pth2megatron's.
+    `model` is the bare GPTModel (no DDP / Float16Module wrapper), so keys match pth2megatron's. Returns the
+    half-written iteration folders of an earlier, killed save that were removed first.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     root = Path(root)
+    rank0 = dist.get_rank() == 0
+    removed = remove_uncommitted(root) if rank0 else []
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    writer = ps.get_data_parallel_rank() == 0
-    path = rank_path(root, step, tp_rank=tp_rank, pp_rank=pp_rank, pp=pp)
+    saved_spec = spec.replace(dtype=_dtype_name(next(model.parameters()).dtype))
+    tokenizer_type, tokenizer_model = detect_tokenizer(_tokenizer_files(tokenizer_dir), root.resolve())
+    dp = ps.get_data_parallel_world_size()
+    args = megatron_args(saved_spec, tp=tp, pp=pp, padded_vocab_size=base_manifest["padded_vocab_size"],
+                         divisible_by=base_manifest.get("divisible_by", 128), iteration=step,
+                         tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, seq_length=seq_length,
+                         consumed_train_samples=consumed_samples, ckpt_format=fmt, use_dist_ckpt=fmt != "torch",
+                         dist_ckpt_optim_fully_reshardable=optim_fully_reshardable, data_parallel_size=dp,
+                         world_size=tp * pp * dp, no_save_optim=False, no_save_rng=False, **train_args)
     rng_states = _gather_rng_states()
+    dist.barrier()  # stale folders are gone before anyone writes
+    if fmt == "torch_dist":
+        dist_checkpoint.save(iteration_dir(root, step), model=model, optimizer=optimizer, scheduler=scheduler,
+                             args=args, iteration=step, rng_states=rng_states,
+                             distributed_optimizer=distributed_optimizer, fully_reshardable=optim_fully_reshardable,
+                             before_commit=partial(_kill_hook, step))
+    else:
+        _save_torch(root, step, model=model, optimizer=optimizer, scheduler=scheduler, args=args,
+                    rng_states=rng_states, consumed_samples=consumed_samples,
+                    distributed_optimizer=distributed_optimizer)
+        dist.barrier()
+        _kill_hook(step)
+    dist.barrier()
+    if rank0:
+        _write_folder_files(root, step, saved_spec, base_manifest, tokenizer_dir, args, fmt=fmt, tp=tp, pp=pp)
+        _commit(root, step)
+    dist.barrier()
+    return removed
+
+
+def _save_torch(root: Path, step: int, *, model, optimizer, scheduler, args, rng_states: list,
+                consumed_samples: int, distributed_optimizer: bool) -> None:
+    """One model_optim_rng.pt per model-parallel rank (DP rank 0), plus the distributed optimizer's shards."""
+    from megatron.core import parallel_state as ps
+
+    path = rank_path(root, step, tp_rank=ps.get_tensor_model_parallel_rank(),
+                     pp_rank=ps.get_pipeline_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_world_size())
+    writer = ps.get_data_parallel_rank() == 0
     if writer:
         path.parent.mkdir(parents=True, exist_ok=True)
     if distributed_optimizer:  # gathers the optimizer shards of the DP group onto DP rank 0
         optimizer.save_parameter_state(str(path.parent / DISTRIB_OPTIM_FILE))
     if writer:
-        saved_spec = spec.replace(dtype=_dtype_name(next(model.parameters()).dtype))
-        tokenizer_type, tokenizer_model = detect_tokenizer(_tokenizer_files(tokenizer_dir), root.resolve())
-        args = megatron_args(saved_spec, tp=tp, pp=pp, padded_vocab_size=base_manifest["padded_vocab_size"],
-                             divisible_by=base_manifest.get("divisible_by", 128), iteration=step,
-                             tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, seq_length=seq_length,
-                             consumed_train_samples=consumed_samples, **train_args)
         torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "opt_param_scheduler": scheduler.state_dict(), "rng_state": rng_states,
                     "sft": {"step": step, "consumed_samples": consumed_samples}}, path)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        _write_folder_files(root, step, saved_spec, base_manifest, tokenizer_dir, args)
-        write_tracker(root, step)
-    dist.barrier()
-    return iteration_dir(root, step)
+
+
+def _kill_hook(step: int) -> None:
+    """Test-only (MEGALLAMA_TEST_KILL_IN_SAVE=STEP): rank 0 dies by SIGKILL with this save half done."""
+    import torch.distributed as dist
+
+    if os.environ.get(KILL_IN_SAVE) == str(step) and dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _commit(root: Path, step: int) -> None:
+    """Point the tracker at `step`: write a temporary file, then rename it over the old one (atomic on POSIX)."""
+    tmp = root / f".{TRACKER}.tmp"
+    tmp.write_text(str(step))
+    os.replace(tmp, root / TRACKER)
 
 
 def _write_folder_files(root: Path, step: int, spec: ModelSpec, base: dict, tokenizer_dir: Path | None,
-                        args) -> None:
+                        args, *, fmt: str, tp: int, pp: int) -> None:
     """Rank 0 only: manifest, launch flags and tokenizer, beside the iteration folders."""
     for f in _tokenizer_files(tokenizer_dir):
         if not (root / f.name).exists():
             shutil.copy2(f, root / f.name)
-    manifest = {**base, "tool": "megallama", "version": __version__, "format": "megatron", "spec": spec.to_dict(),
-                "iteration": step, "sft": {"step": step}}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    (root / ARGS_FILE).write_text("\n".join(launch_flags(args, load_dir=root.resolve())) + "\n")
+    manifest = {**base, "tool": "megallama", "version": __version__, "format": "megatron", "ckpt_format": fmt,
+                "tp": tp, "pp": pp, "spec": spec.to_dict(), "iteration": step, "sft": {"step": step}}
+    _write_atomic(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    _write_atomic(root / ARGS_FILE, "\n".join(launch_flags(args, load_dir=root.resolve())) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _tokenizer_files(folder: Path | None) -> list[Path]:
@@ -185,6 +288,58 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------- load
+def check_resume(start: Start, *, tp: int, pp: int, distributed_optimizer: bool, precision: str) -> None:
+    """InputError when the optimizer state `start` resumes cannot be loaded by this run (no collectives).
+
+    torch_dist re-shards weights to any TP x PP x DP; the optimizer state only where megatron-core can
+    (dist_checkpoint.optimizer_reshard_problem). The torch format is checked against its TP x PP by the CLI.
+    """
+    if not start.resumes or start.fmt != "torch_dist":
+        return
+    problem = dist_checkpoint.optimizer_reshard_problem(dist_checkpoint.read_common(start.it_dir), tp=tp, pp=pp,
+                                                        distributed_optimizer=distributed_optimizer,
+                                                        precision=precision)
+    if problem:
+        raise InputError(f"cannot resume the optimizer state of {start.it_dir}: {problem}; or add "
+                         f"--resume-weights-only to continue from its weights at step {start.step} with a fresh "
+                         "optimizer state (Megatron-LM's --no-load-optim --no-load-rng)")
+
+
+def restore(start: Start, state: dict | None, *, model, optimizer, scheduler, distributed_optimizer: bool) -> list[str]:
+    """Once the optimizer exists: torch_dist weights (torch-format ones are loaded before wrapping, `state` is
+    their rank file), then whatever `start` resumes. Returns notes for the log."""
+    notes = []
+    if start.fmt == "torch_dist":
+        notes = _restore_dist(start, model=model, optimizer=optimizer, scheduler=scheduler)
+    elif start.resumes:
+        restore_training_state(start, state, optimizer=optimizer, scheduler=scheduler,
+                               distributed_optimizer=distributed_optimizer)
+    if not start.resumes:
+        optimizer.reload_model_params()  # fp32 master weights from the loaded weights (formats.md P19)
+        scheduler.step(start.step)  # a weights-only resume keeps its place in the LR schedule
+    return notes
+
+
+def _restore_dist(start: Start, *, model, optimizer, scheduler) -> list[str]:
+    from megatron.core import parallel_state as ps
+
+    saved = dist_checkpoint.saved_grid(dist_checkpoint.read_common(start.it_dir))
+    here = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    with_rng = start.resumes and saved == here  # as Megatron-LM: RNG states belong to one TP x PP layout
+    loaded = dist_checkpoint.load(start.it_dir, model=model, optimizer=optimizer if start.resumes else None,
+                                  rng_state=rng_state() if with_rng else None)
+    load_model(model, loaded)
+    notes = []
+    if start.resumes:
+        dist_checkpoint.load_optimizer(optimizer, loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        if with_rng:
+            _restore_rng(loaded["rng_state"])
+        else:
+            notes.append(f"RNG state not restored: it was saved at TP={saved[0]} PP={saved[1]}")
+    return notes
+
+
 def load_rank_state(start: Start) -> dict:
     """This rank's `model_optim_rng.pt` (no collectives)."""
     from megatron.core import parallel_state as ps
@@ -223,10 +378,16 @@ def restore_training_state(start: Start, state: dict, *, optimizer, scheduler, d
                              "resume with parallel.distributed_optimizer=false")
         _load_parameter_state(optimizer, path)
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    states = state.get("rng_state") or []
+    if state.get("rng_state"):
+        _restore_rng(state["rng_state"])
+
+
+def _restore_rng(states: list[dict]) -> None:
+    """This DP rank's entry when every DP rank's state was saved, else entry 0 (Megatron-LM's rule)."""
+    from megatron.core import parallel_state as ps
+
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    if states:
-        set_rng_state(states[dp_rank] if len(states) == dp else states[0])
+    set_rng_state(states[dp_rank] if len(states) == dp else states[0])
 
 
 def _load_parameter_state(optimizer, path: Path) -> None:

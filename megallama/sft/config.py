@@ -23,6 +23,7 @@ DEFAULTS: dict = {
     "load": None,  # Megatron folder from pth2megatron, or an earlier sft output (continues it)
     "tokenizer": None,  # default: the tokenizer stored with the checkpoint
     "resume": False,  # continue from the latest checkpoint in `output`
+    "resume_weights_only": False,  # with resume: weights and step only, fresh optimizer (--no-load-optim --no-load-rng)
     "data": {
         "train": None,
         "eval": None,
@@ -63,6 +64,10 @@ DEFAULTS: dict = {
         "eval_steps": 20,
         "save_interval": 2000,
     },
+    "checkpoint": {
+        "format": "torch_dist",  # torch_dist (Megatron-LM's default; loads at any TP x PP) | torch (per-rank files)
+        "optim_fully_reshardable": False,  # distributed optimizer: store Adam state re-shardable to any TP x PP
+    },
     "output": None,
     "logging": {  # besides metrics.jsonl and loss.png (megallama/sft/loggers.py)
         "tensorboard": False,  # event files in OUTPUT/tensorboard/
@@ -79,6 +84,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.recompute": ("none", "selective", "full"),
     "train.attention": ("sdpa", "local", "te"),
+    "checkpoint.format": ("torch_dist", "torch"),
 }
 POSITIVE = ("data.seq_length", "parallel.tp", "parallel.pp", "train.micro_batch_size", "train.global_batch_size",
             "train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval")

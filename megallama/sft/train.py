@@ -226,23 +226,24 @@ def train(cfg: dict) -> None:
     rank0 = dist.get_rank() == 0
 
     # ---------------------------------------------------------------- 2. the model, from the checkpoint's manifest
-    start = ckpt.find_start(Path(cfg["load"]), output, resume=cfg["resume"])
+    start = ckpt.find_start(Path(cfg["load"]), output, resume=cfg["resume"], weights_only=cfg["resume_weights_only"])
+    ckpt.check_resume(start, tp=p["tp"], pp=p["pp"], distributed_optimizer=p["distributed_optimizer"],
+                      precision=t["precision"])
     manifest = read_manifest(start.root)
     spec = ModelSpec.from_dict(manifest["spec"])
     gpt = build_gpt_model(spec, padded_vocab_size=manifest["padded_vocab_size"], dtype=normalize_dtype(t["precision"]),
                           attention=t["attention"], sequence_parallel=p["sequence_parallel"],
                           recompute=t["recompute"], calculate_per_token_loss=True)
-    state = ckpt.load_rank_state(start)
-    ckpt.load_model(gpt, state)  # before wrapping: DDP moves the parameters into its buffers
+    state = ckpt.load_rank_state(start) if start.fmt == "torch" else None
+    if state is not None:
+        ckpt.load_model(gpt, state)  # before wrapping: DDP moves the parameters into its buffers
     model = wrap_model(gpt, distributed_optimizer=p["distributed_optimizer"])
 
     # ---------------------------------------------------------------- 3. optimizer and LR schedule
     optimizer, scheduler = build_optimizer(model, cfg)
-    if start.resumes:
-        ckpt.restore_training_state(start, state, optimizer=optimizer, scheduler=scheduler,
-                                    distributed_optimizer=p["distributed_optimizer"])
-    else:
-        optimizer.reload_model_params()  # fp32 master weights from the loaded weights (formats.md P19)
+    # torch_dist weights (any TP x PP x DP), then the optimizer, schedule and RNG when resuming
+    notes = ckpt.restore(start, state, model=gpt, optimizer=optimizer, scheduler=scheduler,
+                         distributed_optimizer=p["distributed_optimizer"])
     del state
     config = model.config  # how megatron-core's schedule reaches DDP, loss scaling and the grad finaliser
     config.grad_scale_func = optimizer.scale_loss
@@ -258,14 +259,17 @@ def train(cfg: dict) -> None:
                              start_step=start.step)
     reporter = Reporter(output, steps=t["steps"], start_step=start.step, enabled=rank0, cfg=cfg)
     if rank0:
-        reporter.line(f"sft: world {world} = TP {p['tp']} x PP {p['pp']} x DP {p['dp']}, "
-                      f"{'resuming' if start.resumes else 'starting'} at step {start.step} of {t['steps']} "
-                      f"from {start.root}; {len(train_set)} train samples")
+        how = "resuming" if start.resumes else "resuming (weights only)" if start.continues else "starting"
+        reporter.line(f"sft: world {world} = TP {p['tp']} x PP {p['pp']} x DP {p['dp']}, {how} at step "
+                      f"{start.step} of {t['steps']} from {start.root} ({start.fmt}); {len(train_set)} train samples")
+        for note in notes:
+            reporter.line(f"note: {note}")
 
     # ---------------------------------------------------------------- 5. the loop
-    save_kw = dict(model=gpt, optimizer=optimizer, scheduler=scheduler, spec=spec, base_manifest=manifest,
-                   tokenizer_dir=tokenizer_path(cfg), seq_length=d["seq_length"],
-                   distributed_optimizer=p["distributed_optimizer"], train_args=_train_args(cfg))
+    save_kw = dict(fmt=cfg["checkpoint"]["format"], model=gpt, optimizer=optimizer, scheduler=scheduler, spec=spec,
+                   base_manifest=manifest, tokenizer_dir=tokenizer_path(cfg), seq_length=d["seq_length"],
+                   distributed_optimizer=p["distributed_optimizer"],
+                   optim_fully_reshardable=cfg["checkpoint"]["optim_fully_reshardable"], train_args=_train_args(cfg))
     step, last_eval, last_save = start.step, None, None
     with reporter:
         for step in range(start.step + 1, t["steps"] + 1):
@@ -288,22 +292,28 @@ def train(cfg: dict) -> None:
                 reporter.eval(step, *evaluate(model, eval_set, eval_lengths, cfg))
                 last_eval = step
             if step % t["save_interval"] == 0:
-                ckpt.save_checkpoint(output, step, consumed_samples=step * t["global_batch_size"], **save_kw)
-                reporter.saved(step)
+                save(output, step, reporter, consumed_samples=step * t["global_batch_size"], **save_kw)
                 last_save = step
 
         # ------------------------------------------------------------ 6. the end: final eval, checkpoint, plot
         if eval_set is not None and last_eval != step and step > start.step:
             reporter.eval(step, *evaluate(model, eval_set, eval_lengths, cfg))
         if last_save != step and step > start.step:
-            ckpt.save_checkpoint(output, step, consumed_samples=step * t["global_batch_size"], **save_kw)
-            reporter.saved(step)
+            save(output, step, reporter, consumed_samples=step * t["global_batch_size"], **save_kw)
     reporter.finish(output)
     if ps.model_parallel_is_initialized():
         dist.barrier()
 
 
 # ================================================================ building blocks of the recipe
+def save(output: Path, step: int, reporter, **kw) -> None:
+    from megallama.sft import checkpoint as ckpt
+
+    for folder in ckpt.save_checkpoint(output, step, **kw):
+        reporter.line(f"removed {folder.name}: a checkpoint save that never finished (the tracker did not name it)")
+    reporter.saved(step)
+
+
 def wrap_model(gpt, *, distributed_optimizer: bool):
     """Float16Module for bf16/fp16 (casts inputs and the loss), then megatron-core's DDP with fp32 grad buffers."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -356,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from megallama.runtime import destroy_distributed
 
-    for noise in ("The .grad attribute of a Tensor that is not a leaf", ".*is deprecated. Please use"):
+    for noise in ("The .grad attribute of a Tensor that is not a leaf", ".*is deprecated. Please use",
+                  "Please use DTensor instead and we are deprecating ShardedTensor",
+                  "`load_state_dict` is deprecated and will be removed"):
         warnings.filterwarnings("ignore", message=noise)  # raised inside megatron-core / torch, harmless here
     try:
         train(load_config(args.config))

@@ -97,7 +97,8 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, padded_vocab_size: int, 
 def launch_flags(args: argparse.Namespace, *, load_dir: Path | None = None) -> list[str]:
     """Megatron-LM flags matching a checkpoint's args (formats.md 4.4); one flag (with its value) per item."""
     a = args
-    flags = ["--ckpt-format torch", f"--transformer-impl {getattr(a, 'transformer_impl', 'local')}"]
+    flags = [f"--ckpt-format {getattr(a, 'ckpt_format', 'torch')}",
+             f"--transformer-impl {getattr(a, 'transformer_impl', 'local')}"]
     if load_dir is not None:
         flags += [f"--load {shlex.quote(str(load_dir))}", "--finetune", "--exit-on-missing-checkpoint"]
     flags += [f"--num-layers {a.num_layers}", f"--hidden-size {a.hidden_size}",
