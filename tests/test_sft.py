@@ -378,3 +378,23 @@ def test_half_written_iteration_folders_are_removed(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("6")
     assert remove_uncommitted(tmp_path) == [tmp_path / "iter_0000009"]
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000003", "iter_0000006"]
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_sigkill_during_a_save_loses_nothing(tiny, fmt):
+    """Rank 0 of a TP2 x PP2 run is SIGKILLed while saving step 6, after every rank wrote its data files and before
+    the commit (MEGALLAMA_TEST_KILL_IN_SAVE). The tracker still names step 3; --resume continues from it
+    bit-exactly (the killed run logged steps 4-6 before dying) and its save replaces the half-written folder."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MEGALLAMA_TEST_KILL_IN_SAVE", "6")
+        result, output = sft(tiny, f"sigkill-{fmt}", "--tp", "2", "--pp", "2", f"checkpoint.format={fmt}",
+                             load="meg22")
+    assert result.exit_code != 0
+    assert (output / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert (output / "iter_0000006").is_dir()  # half-written
+    before = losses(output)
+    result = runner.invoke(app, ["sft", "--config", str(output / "config.yaml"), f"output={output}", "--resume"])
+    assert result.exit_code == 0, result.output
+    after = losses(output)
+    assert [after[s] for s in (4, 5, 6)] == [before[s] for s in (4, 5, 6)]
+    assert (output / "latest_checkpointed_iteration.txt").read_text() == "6"
