@@ -104,9 +104,9 @@ def main() -> None:
     hf, train, evaluation = build_inputs()
     pth, meg, sft = OUT / "base-pth", OUT / "base-tp2-pp2", OUT / "sft"
     step("convert hf2pth", megallama("convert", "hf2pth", "--input-dir", str(hf), "--output-dir", str(pth)))
-    step("convert pth2megatron --tp 2 --pp 2", megallama("convert", "pth2megatron", "--input-dir", str(pth),
-                                                          "--output-dir", str(meg), "--tp", "2", "--pp", "2",
-                                                          "--ckpt-format", "torch"))
+    step("convert pth2megatron --tp 2 --pp 2 (torch_dist)",
+         megallama("convert", "pth2megatron", "--input-dir", str(pth), "--output-dir", str(meg), "--tp", "2",
+                   "--pp", "2"))
     step("verify layer-diff (HF vs Megatron TP2xPP2)",
          megallama("verify", "layer-diff", "--reference", str(hf), "--megatron", str(meg),
                    "--json", str(OUT / "verify.json")))
@@ -116,7 +116,7 @@ def main() -> None:
                    f"train.steps={STEPS}", "train.micro_batch_size=4", "train.global_batch_size=16",
                    "train.lr=3e-3", "train.min_lr=3e-4", f"train.warmup_steps={max(1, STEPS // 10)}",
                    "train.log_interval=10", f"train.eval_interval={max(1, STEPS // 4)}", "train.eval_steps=4",
-                   f"train.save_interval={STEPS}", "checkpoint.format=torch",  # megatron2pth reads torch format
+                   f"train.save_interval={STEPS}",
                    f"output={sft}"))
     step("convert megatron2pth", megallama("convert", "megatron2pth", "--input-dir", str(sft),
                                            "--output-dir", str(OUT / "sft-pth")))

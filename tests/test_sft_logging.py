@@ -29,7 +29,7 @@ def scalars(folder: Path) -> dict[str, dict[int, float]]:
 
 def record(step: int, loss: float) -> dict:
     return {"step": step, "loss": loss, "lr": 1e-3 * step, "tokens_per_s": 100.0 + step, "grad_norm": 0.5,
-            "loss_tokens": 10, "step_time_s": 0.1}
+            "loss_tokens": 10, "step_time_s": 0.1, "trained_tokens_per_s": 50.0 + step, "pad_fraction": 0.5}
 
 
 def test_reporter_writes_scalars_and_a_resume_drops_the_steps_after_its_checkpoint(tmp_path):
