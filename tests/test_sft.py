@@ -1,9 +1,11 @@
 """`megallama sft` end to end on CPU (gloo, tiny LLaMA-2 GQA model, seq 96, 6 steps).
 
-Invariance, not stored numbers: the loss per step of TP2 x PP2, DP2 and a different accumulation split equals the
-TP1 x PP1 run's; a resumed run equals the uninterrupted one; the step-1 loss and the final eval loss equal what
-transformers computes on the same batch with the same weights (before training, and after the round trip
-sft checkpoint -> megatron2pth -> pth2hf). Six torchrun launches (1, 4, 2, 1, 1, 1 ranks).
+Invariance, not stored numbers: the loss and the pre-clip grad_norm per step of TP2 x PP2, DP2 and a different
+accumulation split equal the TP1 x PP1 run's (the step-1 grad_norm equals transformers' per-token gradient norm,
+and wrong normalisations are shown to fail that tolerance); a resumed run equals the uninterrupted one; the step-1
+loss and the final eval loss equal what transformers computes on the same batch with the same weights (before
+training, and after the round trip sft checkpoint -> megatron2pth -> pth2hf). Six torchrun launches (1, 4, 2, 1, 1,
+1 ranks).
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def sft(tiny: dict, name: str, *args: str, load: str = "meg11", steps: int = STE
 
 def losses(output: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(output) if "loss" in r}
+
+
+def grad_norms(output: Path) -> dict[int, float]:
+    """Pre-clip global gradient norm per step: unlike the logged loss (a ratio of sums every split agrees on), it
+    depends on how the gradients were normalised, so a wrong per-micro-batch or per-rank scaling shows here."""
+    return {r["step"]: r["grad_norm"] for r in read_metrics(output) if "loss" in r}
 
 
 def eval_losses(output: Path) -> dict[int, float]:
@@ -119,6 +127,52 @@ def test_step_one_loss_is_the_masked_token_loss(base, tiny):
     assert abs(first["loss"] - expected) <= 1e-4 * expected, (first["loss"], expected)
 
 
+def hf_sample_grads(tiny: dict, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+    """Per sample of `indices`: (gradient of its summed token loss over all parameters, flattened; its trained
+    tokens), from transformers' LlamaForCausalLM at the starting weights."""
+    from transformers import LlamaForCausalLM
+
+    ds = load_dataset(tiny["train"], fmt="alpaca", tokenizer=load_tokenizer(tiny["hf"]), seq_length=SEQ,
+                      vocab_size=320)
+    model = LlamaForCausalLM.from_pretrained(tiny["hf"], dtype=torch.float32)  # no dropout in LLaMA
+    out = []
+    for i in indices:
+        tokens, labels = ds.batch([i])
+        model.zero_grad()
+        logits = model(tokens).logits.float()  # labels are already shifted
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+        grad = torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None])
+        out.append((grad, int((labels != -100).sum())))
+    return out
+
+
+def test_step_one_grad_norm_is_the_per_token_gradient_and_catches_a_wrong_normalisation(base, tiny):
+    """Step 1's logged grad_norm (megatron-core's norm before clipping) is the norm of transformers' gradient of
+    the token-loss sum divided by the trained tokens of the whole global batch: the quantity the grad_norm parity
+    checks compare across TP / PP / DP / accumulation.
+
+    Negative controls, which the same 1e-4 relative tolerance must reject (else those checks could not fail):
+    each micro-batch's mean token loss summed over the base run's two micro-batches of 4 (a gradient twice too
+    large), and each sample's mean token loss averaged over the batch (Megatron's per-micro-batch normalisation at
+    micro-batch 1; the samples hold 7 to 15 trained tokens, so it weights tokens unequally). Both give a loss of
+    the same scale; only the gradient tells them apart. (The two micro-batches of 4 happen to hold 41 trained
+    tokens each, which is why the subtle control splits per sample.)"""
+    indices = next(global_batches(256, global_batch_size=GLOBAL, seed=SEED))
+    samples = hf_sample_grads(tiny, indices)
+    total = sum(n for _, n in samples)
+    per_token = float(sum(g for g, _ in samples).norm()) / total
+    micro = [(sum(g for g, _ in samples[k: k + MICRO]), sum(n for _, n in samples[k: k + MICRO]))
+             for k in range(0, GLOBAL, MICRO)]
+    per_micro_summed = float(sum(g / n for g, n in micro).norm())
+    per_sample_mean = float(sum(g / n for g, n in samples).norm()) / len(samples)
+    logged = read_metrics(base)[0]["grad_norm"]
+    assert logged > 1.0  # above clip_grad = 1: the logged norm is the one before clipping
+    assert abs(logged - per_token) <= 1e-4 * per_token, (logged, per_token)
+    assert len({n for _, n in samples}) > 1
+    for wrong in (per_micro_summed, per_sample_mean):
+        assert abs(logged - wrong) > 1e-4 * logged, (logged, wrong)
+
+
 def test_train_on_prompt_counts_prompt_tokens(base, tiny):
     result, output = sft(tiny, "on-prompt", "data.train_on_prompt=true", "train.warmup_steps=1", steps=2)
     assert result.exit_code == 0, result.output
@@ -135,6 +189,7 @@ def test_tp2_pp2_matches_tp1_pp1(base, tiny):
     result, output = sft(tiny, "tp2pp2", "--tp", "2", "--pp", "2", load="meg22")
     assert result.exit_code == 0, result.output
     assert_same_losses(losses(output), losses(base), 1e-4)
+    assert_same_losses(grad_norms(output), grad_norms(base), 1e-4)
     assert_same_losses(eval_losses(output), eval_losses(base), 1e-4)
     it = output / "iter_0000006"
     assert {p.name for p in it.iterdir()} == {".metadata", "common.pt", "metadata.json"} | \
@@ -154,6 +209,7 @@ def test_sequence_parallel_tp2_pp2_matches_tp1_pp1(base, tiny):
                          "checkpoint.format=torch", load="meg22")
     assert result.exit_code == 0, result.output
     assert_same_losses(losses(output), losses(base), 1e-4)
+    assert_same_losses(grad_norms(output), grad_norms(base), 1e-4)
     assert_same_losses(eval_losses(output), eval_losses(base), 1e-4)
     for shard in ("mp_rank_00_000", "mp_rank_01_001"):
         saved = torch.load(output / "iter_0000006" / shard / "model_optim_rng.pt", weights_only=False)["model"]
@@ -173,6 +229,7 @@ def test_packed_tp2_pp2_matches_unpacked(base, tiny):
     assert result.exit_code == 0, result.output
     assert_same_losses(losses(output), losses(base), 1e-5)
     assert_same_losses(eval_losses(output), eval_losses(base), 1e-5)
+    assert_same_losses(grad_norms(output), grad_norms(base), 1e-5)
     packed, unpacked = ([r for r in read_metrics(run) if "loss" in r] for run in (output, base))
     for p, u in zip(packed, unpacked, strict=True):
         assert p["loss_tokens"] == u["loss_tokens"]
@@ -186,6 +243,7 @@ def test_dp2_matches_and_learns(base, tiny):
     assert result.exit_code == 0, result.output
     assert (output / "iter_0000006/mp_rank_00/distrib_optim.pt").is_file()
     assert_same_losses(losses(output), losses(base), 1e-4)
+    assert_same_losses(grad_norms(output), grad_norms(base), 1e-4)
     assert losses(output)[STEPS] < losses(output)[1] - 0.5
     assert_resumed(resume_after_kill(output, "dp2-killed"), output)  # Adam shards come back from distrib_optim.pt
 
@@ -194,6 +252,7 @@ def test_accumulation_split_does_not_change_the_loss(base, tiny):
     result, output = sft(tiny, "micro8", micro=8)  # micro 8 x accumulation 1 vs micro 4 x accumulation 2
     assert result.exit_code == 0, result.output
     assert_same_losses(losses(output), losses(base), 1e-4)
+    assert_same_losses(grad_norms(output), grad_norms(base), 1e-4)
 
 
 def resume_after_kill(run: Path, name: str, *args: str) -> Path:
