@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -14,6 +15,27 @@ app = typer.Typer(help="Convert between HF, Meta pth and Megatron (torch_dist, t
 
 DTYPE_HELP = "Output dtype: fp32, bf16 or fp16 (default: keep the source dtype)."
 REVISION_HELP = "Branch, tag or commit when --input-dir is a Hub id (owner/name)."
+TP_HELP = "Tensor-parallel size (torch_dist: only pads the vocab and fills the launch flags; torch: split)."
+PP_HELP = "Pipeline-parallel size (torch_dist: only fills the launch flags; torch: split)."
+CKPT_FORMAT_HELP = ("Megatron --ckpt-format to write: torch_dist (default, as Megatron-LM; loads at any TP x PP) or "
+                    "torch (per-rank mp_rank_* files for exactly --tp x --pp).")
+DIVISIBLE_HELP = "Pad the vocab to a multiple of this x TP (Megatron's default 128)."
+LAYOUT_HELP = ("Force the input's Megatron layout: mcore-local, mcore-te, legacy, llama-fork or alibaba "
+               "(default: detected from the keys).")
+IMPL_HELP = ("Megatron-LM's --transformer-impl the torch-format keys are for: local or transformer_engine "
+             "(torch_dist stores the same keys for both).")
+
+# Options shared by several commands, declared once (Typer reads the Annotated metadata).
+Dtype = Annotated[str | None, typer.Option("--dtype", help=DTYPE_HELP)]
+Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")]
+Revision = Annotated[str | None, typer.Option("--revision", help=REVISION_HELP)]
+Tp = Annotated[int | None, typer.Option("--tp", "--tensor-size", "--tensor_size", help=TP_HELP)]
+Pp = Annotated[int | None, typer.Option("--pp", "--pipeline-size", "--pipeline_size", help=PP_HELP)]
+CkptFormat = Annotated[str, typer.Option("--ckpt-format", "--ckpt_format", help=CKPT_FORMAT_HELP)]
+DivisibleBy = Annotated[int, typer.Option("--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
+                                          help=DIVISIBLE_HELP)]
+TransformerImpl = Annotated[str, typer.Option("--transformer-impl", "--transformer_impl", help=IMPL_HELP)]
+Layout = Annotated[str | None, typer.Option("--layout", help=LAYOUT_HELP)]
 
 
 def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
@@ -43,10 +65,10 @@ def hf2pth(
                                    help="HF folder: config.json + *.safetensors or pytorch_model*.bin."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Meta pth folder to write."),
     shards: int = typer.Option(1, "--shards", help="Number of consolidated.NN.pth model-parallel shards."),
-    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    dtype: Dtype = None,
     output_type: str = typer.Option("pth", "--output-type", "--output_type", hidden=True),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
-    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
+    force: Force = False,
+    revision: Revision = None,
 ) -> None:
     """HuggingFace LLaMA -> Meta consolidated.NN.pth + params.json.
 
@@ -67,9 +89,9 @@ def pth2hf(
     input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", help="Meta pth folder."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="HF folder to write."),
     model_size: str = typer.Option(None, "--model-size", "--model_size", help="Read INPUT_DIR/MODEL_SIZE/."),
-    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
-    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
+    dtype: Dtype = None,
+    force: Force = False,
+    revision: Revision = None,
 ) -> None:
     """Meta consolidated.NN.pth -> HuggingFace safetensors + config.json.
 
@@ -77,17 +99,6 @@ def pth2hf(
     """
     _run(input_dir, output_dir, model_size=model_size, src_format="meta", dst_format="hf",
          title="pth2hf", dtype=dtype, force=force, revision=revision)
-
-
-TP_HELP = "Tensor-parallel size (torch_dist: only pads the vocab and fills the launch flags; torch: split)."
-PP_HELP = "Pipeline-parallel size (torch_dist: only fills the launch flags; torch: split)."
-CKPT_FORMAT_HELP = ("Megatron --ckpt-format to write: torch_dist (default, as Megatron-LM; loads at any TP x PP) or "
-                    "torch (per-rank mp_rank_* files for exactly --tp x --pp).")
-DIVISIBLE_HELP = "Pad the vocab to a multiple of this x TP (Megatron's default 128)."
-LAYOUT_HELP = ("Force the input's Megatron layout: mcore-local, mcore-te, legacy, llama-fork or alibaba "
-               "(default: detected from the keys).")
-IMPL_HELP = ("Megatron-LM's --transformer-impl the torch-format keys are for: local or transformer_engine "
-             "(torch_dist stores the same keys for both).")
 
 
 def _to_megatron(src: Path, dst: Path, *, src_format: str, title: str, **kwargs) -> None:
@@ -104,16 +115,15 @@ def _to_megatron(src: Path, dst: Path, *, src_format: str, title: str, **kwargs)
 def pth2megatron(
     input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", help="Meta pth folder."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
-    tp: int = typer.Option(None, "--tp", "--tensor-size", "--tensor_size", help=TP_HELP),
-    pp: int = typer.Option(None, "--pp", "--pipeline-size", "--pipeline_size", help=PP_HELP),
-    ckpt_format: str = typer.Option("torch_dist", "--ckpt-format", "--ckpt_format", help=CKPT_FORMAT_HELP),
+    tp: Tp = None,
+    pp: Pp = None,
+    ckpt_format: CkptFormat = "torch_dist",
     model_size: str = typer.Option(None, "--model-size", "--model_size", help="Read INPUT_DIR/MODEL_SIZE/."),
-    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
-                                     help=DIVISIBLE_HELP),
-    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
-    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
+    dtype: Dtype = None,
+    divisible_by: DivisibleBy = 128,
+    transformer_impl: TransformerImpl = "local",
+    force: Force = False,
+    revision: Revision = None,
 ) -> None:
     """Meta pth -> Megatron checkpoint (megatron-core GPTModel): torch_dist by default, or torch format split for
     TP x PP.
@@ -131,15 +141,14 @@ def hf2megatron(
     input_dir: Path = typer.Option(..., "--input-dir", "--input_dir", "--base_model", "--base-model",
                                    help="HF folder: config.json + *.safetensors or pytorch_model*.bin."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
-    tp: int = typer.Option(None, "--tp", "--tensor-size", "--tensor_size", help=TP_HELP),
-    pp: int = typer.Option(None, "--pp", "--pipeline-size", "--pipeline_size", help=PP_HELP),
-    ckpt_format: str = typer.Option("torch_dist", "--ckpt-format", "--ckpt_format", help=CKPT_FORMAT_HELP),
-    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
-                                     help=DIVISIBLE_HELP),
-    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
-    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
+    tp: Tp = None,
+    pp: Pp = None,
+    ckpt_format: CkptFormat = "torch_dist",
+    dtype: Dtype = None,
+    divisible_by: DivisibleBy = 128,
+    transformer_impl: TransformerImpl = "local",
+    force: Force = False,
+    revision: Revision = None,
 ) -> None:
     """HuggingFace LLaMA -> Megatron checkpoint (torch_dist by default), without a pth step in between.
 
@@ -156,16 +165,15 @@ def megatron2megatron(
     input_dir: Path = typer.Option(..., "--input-dir", "--input_dir",
                                    help="Megatron folder (torch_dist or torch format, any TP x PP)."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
-    tp: int = typer.Option(None, "--tp", "--tensor-size", "--tensor_size", help=TP_HELP),
-    pp: int = typer.Option(None, "--pp", "--pipeline-size", "--pipeline_size", help=PP_HELP),
-    ckpt_format: str = typer.Option("torch_dist", "--ckpt-format", "--ckpt_format", help=CKPT_FORMAT_HELP),
-    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    divisible_by: int = typer.Option(128, "--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
-                                     help=DIVISIBLE_HELP),
-    transformer_impl: str = typer.Option("local", "--transformer-impl", "--transformer_impl", help=IMPL_HELP),
-    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
-    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
+    tp: Tp = None,
+    pp: Pp = None,
+    ckpt_format: CkptFormat = "torch_dist",
+    dtype: Dtype = None,
+    divisible_by: DivisibleBy = 128,
+    transformer_impl: TransformerImpl = "local",
+    layout: Layout = None,
+    force: Force = False,
+    revision: Revision = None,
 ) -> None:
     """Megatron -> Megatron: re-shard to another TP x PP and/or change the ckpt format (weights only).
 
@@ -183,10 +191,10 @@ def megatron2pth(
                                    help="Megatron folder (torch_dist or torch format, any TP x PP)."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Meta pth folder to write."),
     shards: int = typer.Option(1, "--shards", help="Number of consolidated.NN.pth model-parallel shards."),
-    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
-    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
+    dtype: Dtype = None,
+    layout: Layout = None,
+    force: Force = False,
+    revision: Revision = None,
 ) -> None:
     """Megatron checkpoint (any TP x PP) -> Meta pth: merge TP, join PP, drop padding, undo fusion.
 
@@ -202,10 +210,10 @@ def megatron2hf(
     input_dir: Path = typer.Option(..., "--input-dir", "--input_dir",
                                    help="Megatron folder (torch_dist or torch format, any TP x PP)."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="HF folder to write."),
-    dtype: str = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    layout: str = typer.Option(None, "--layout", help=LAYOUT_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
-    revision: str = typer.Option(None, "--revision", help=REVISION_HELP),
+    dtype: Dtype = None,
+    layout: Layout = None,
+    force: Force = False,
+    revision: Revision = None,
 ) -> None:
     """Megatron checkpoint (torch_dist or torch, any TP x PP) -> HuggingFace safetensors + config.json.
 
