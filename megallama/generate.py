@@ -54,16 +54,9 @@ def read_prompts(path: Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"prompts file {path} does not exist")
-    prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from None
-        prompts.append(_prompt(item, where))
+    from megallama.sft.data import json_lines
+
+    prompts = [_prompt(item, where) for where, item in json_lines(path)]
     if not prompts:
         raise InputError(f"prompts file {path} holds no prompts")
     return prompts

@@ -64,16 +64,22 @@ def _read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if head.startswith("["):
         yield from _read_json_array(path)
         return
-    with path.open(encoding="utf-8") as f:
+    for where, record in json_lines(path):
+        yield where, _require_object(record, where)
+
+
+def json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """`(path:line, value)` for every non-blank line of a JSONL file; a malformed line is one clear InputError."""
+    with Path(path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from e
-            yield where, _require_object(record, where)
+                raise InputError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            yield where, value
 
 
 def _read_json_array(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
