@@ -367,11 +367,11 @@ def bench_verify() -> dict:
 WHOLE_MODEL_DIST_SAVE = r"""
 import sys, torch
 from pathlib import Path
-import megallama.runtime
+import megallama.engine.runtime
 from megallama.formats.hf import open_hf
 from megallama.formats.megatron.torch_format import rank_state_dict
-from megallama.model import build_gpt_model
-from megallama.runtime import init_distributed
+from megallama.engine.model import build_gpt_model
+from megallama.engine.runtime import init_distributed
 from megallama.spec import padded_vocab_size
 
 def main():

@@ -1,4 +1,4 @@
-"""The SDPA core attention (megallama.attention) against megatron-core's local DotProductAttention, and the
+"""The SDPA core attention (megallama.engine.attention) against megatron-core's local DotProductAttention, and the
 choice of core attention (`train.attention`).
 
 One torchrun launch (4 ranks) runs tests/workers/attention_parity.py at TP1 x PP1 (4 replicas) and TP2 x PP2:
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from megallama.errors import InputError
-from megallama.launch import run_torchrun
-from megallama.model import ATTENTIONS, check_attention
-from megallama.runtime import cuda_available
+from megallama.engine.launch import run_torchrun
+from megallama.engine.model import ATTENTIONS, check_attention
+from megallama.engine.runtime import cuda_available
 
 WORKER = Path(__file__).parent / "workers" / "attention_parity.py"
 # fp32 rounding: the fused softmax and the unfused baddbmm + softmax round differently, a few units in the last

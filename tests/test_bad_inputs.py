@@ -426,12 +426,12 @@ def test_killed_between_the_two_renames_restores_the_previous_output(world, tmp_
 
 # ---------------------------------------------------------------- internal errors: exit 3, not 1 (a FAIL verdict)
 def test_crashed_verify_worker_exits_3(world, monkeypatch):
-    import megallama.launch
+    import megallama.engine.launch
 
     def crashed(target, *, nproc, on_line, extra=None, keep=40):
         return -9, ["Killed"]
 
-    monkeypatch.setattr(megallama.launch, "stream_torchrun", crashed)
+    monkeypatch.setattr(megallama.engine.launch, "stream_torchrun", crashed)
     result = runner.invoke(app, ["verify", "layer-diff", "--reference", str(world["hf"]), "--megatron",
                                  str(world["meg"])])
     assert result.exit_code == 3, result.output
@@ -453,7 +453,7 @@ def test_sigterm_stops_the_torchrun_ranks_too(tmp_path):
     rank = tmp_path / "sleepy_rank.py"
     rank.write_text(f"import os, time\nopen({str(tmp_path)!r} + f'/rank-{{os.getpid()}}', 'w').close()\n"
                     "time.sleep(120)\n")
-    driver = ("from megallama.cli.common import stop_signals_interrupt\nfrom megallama.launch import run_torchrun\n"
+    driver = ("from megallama.cli.common import stop_signals_interrupt\nfrom megallama.engine.launch import run_torchrun\n"
               f"with stop_signals_interrupt():\n    run_torchrun([{str(rank)!r}], nproc=2)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     log = (tmp_path / "driver.log").open("w")  # not a pipe: orphaned ranks would hold it open

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from megallama import __version__
 from megallama.cli import app
-from megallama.launch import torchrun_command
+from megallama.engine.launch import torchrun_command
 
 runner = CliRunner()
 
@@ -31,9 +31,9 @@ def test_version():
 def test_torchrun_command_defaults_and_multinode(monkeypatch):
     for var in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    cmd = torchrun_command(["-m", "megallama.smoke"], nproc=4, extra=["--max-restarts=0"])
+    cmd = torchrun_command(["-m", "megallama.engine.smoke"], nproc=4, extra=["--max-restarts=0"])
     assert "--nproc-per-node=4" in cmd and "--nnodes=1" in cmd and "--master-addr=127.0.0.1" in cmd
-    assert cmd[-3:] == ["--max-restarts=0", "-m", "megallama.smoke"]
+    assert cmd[-3:] == ["--max-restarts=0", "-m", "megallama.engine.smoke"]
     monkeypatch.setenv("NNODES", "2")
     monkeypatch.setenv("NODE_RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from megallama.runtime import cuda_available
+from megallama.engine.runtime import cuda_available
 
 pytestmark = pytest.mark.skipif(cuda_available(), reason="the bridge is applied only when CUDA is absent")
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(cuda_available(), reason="the bridge is applied 
 # uninitialised memory when torch.tensor itself was replaced), then saves the model's logits and buffers.
 AFTER_BRIDGE = textwrap.dedent("""
     import sys, torch
-    from megallama.runtime import apply_cpu_compat
+    from megallama.engine.runtime import apply_cpu_compat
     factories = {n: getattr(torch, n) for n in ("tensor", "zeros", "empty", "arange")}
     type_name = torch.ones(1).type()
     apply_cpu_compat()

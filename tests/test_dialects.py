@@ -173,7 +173,7 @@ def test_te_file_loads_strictly_into_the_te_gpt_model(hf_dirs, tmp_path):
 # ---------------------------------------------------------------- layer-diff after reading each dialect
 def test_layer_diff_passes_for_every_dialect(hf_dirs, tmp_path):
     """One torchrun launch (all TP1 x PP1) runs every dialect against its HF model through megatron-core."""
-    from megallama.verify import layer_diff_many
+    from megallama.verify.layer_diff import layer_diff_many
 
     dialects = ["te", "legacy", "fork", "alibaba"]
     pairs = [(hf_dirs[HF_FOR[d]], build(d, hf_dirs[HF_FOR[d]], tmp_path / d, tp=1, pp=1)) for d in dialects]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from megallama.cli import app
 from megallama.convert import convert
 from megallama.errors import InputError
-from megallama.generate import Prompt, Settings, generate, next_token, prompt_ids, read_prompts
+from megallama.generate.driver import Prompt, Settings, generate, next_token, prompt_ids, read_prompts
 from megallama.sft.data import text_sample
 from megallama.sft.templates import ROLE_HEADERS
 from megallama.sft.tokenizer import load_tokenizer
@@ -171,7 +171,7 @@ def test_plain_progress_lines_when_not_a_terminal(capsys):
 
 
 def test_verify_reports_workers_forward_and_points(gen_megs):
-    from megallama.verify import layer_diff
+    from megallama.verify.layer_diff import layer_diff
 
     events = []
     report = layer_diff(gen_megs["hf-eos"], gen_megs["tp1"], seq_len=8, batch=1,

@@ -63,7 +63,7 @@ def test_args_values_follow_the_spec():
 
 def test_rotary_interleaved_is_read_from_args_without_a_manifest(hf_dirs, tmp_path):
     """A Megatron-LM checkpoint (no megallama.json) trained with --rotary-interleaved keeps Meta's q/k order."""
-    from megallama.verify_data import prepare
+    from megallama.verify.data import prepare
 
     out = convert(hf_dirs["llama2"], tmp_path / "meg", src_format="hf", dst_format="megatron",
                   ckpt_format="torch").output

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from megallama.formats.base import DictReader
 from megallama.formats.megatron.torch_format import write_megatron
-from megallama.launch import run_torchrun
+from megallama.engine.launch import run_torchrun
 from megallama.spec import ModelSpec, padded_vocab_size
 from megallama.transforms import hf_to_meta_rotary
 

@@ -7,7 +7,7 @@ import torch
 
 from megallama.convert import convert
 from megallama.formats.hf import open_hf
-from megallama.reference import MetaReference, rope_frequencies
+from megallama.verify.reference import MetaReference, rope_frequencies
 from megallama.tiny import PRESETS
 
 

@@ -24,7 +24,7 @@ from megallama.convert import convert
 from megallama.formats.base import DictReader
 from megallama.formats.megatron.torch_dist import DistCheckpoint, dist_key, open_torch_dist, write_torch_dist
 from megallama.formats.megatron.torch_format import open_megatron, write_megatron
-from megallama.launch import run_torchrun
+from megallama.engine.launch import run_torchrun
 from megallama.spec import ModelSpec, padded_vocab_size
 
 WORKER = Path(__file__).parent / "workers" / "load_and_forward.py"

@@ -22,7 +22,7 @@ from megallama.convert import convert
 from megallama.errors import InputError
 from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir
 from megallama.tiny import make_hf_checkpoint
-from megallama.verify import (
+from megallama.verify.layer_diff import (
     TOLERANCES,
     PointDiff,
     compare_point,
@@ -31,7 +31,7 @@ from megallama.verify import (
     next_token_loss,
     topk_agreement,
 )
-from megallama.verify_data import reference_format, sample_tokens
+from megallama.verify.data import reference_format, sample_tokens
 
 GRIDS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 CONTRACT_KEYS = {"verdict", "dtype", "tp", "pp", "max_abs_logits_diff", "top1_agreement", "first_diverging_layer",
@@ -491,6 +491,6 @@ def test_cli_bad_input_exits_2_with_one_line(hf_dirs, meg_dirs, hf_vocab_256, tm
 
 
 def test_cli_refuses_a_world_it_cannot_launch(hf_dirs, meg_dirs, monkeypatch):
-    monkeypatch.setattr("megallama.verify_data.MAX_CPU_RANKS", 2)
+    monkeypatch.setattr("megallama.verify.data.MAX_CPU_RANKS", 2)
     result = cli("--reference", hf_dirs["llama2"], "--megatron", meg_dirs["llama2", 2, 2])
     assert result.exit_code == 2 and "4 ranks" in result.stderr

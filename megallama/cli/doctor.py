@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 
         Example: megallama doctor
         """
-        from megallama.doctor import environment, smoke_test
+        from megallama.engine.doctor import environment, smoke_test
 
         table = Table(title="megallama doctor", show_header=False, title_justify="left")
         for key, value in environment():

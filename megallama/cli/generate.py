@@ -46,8 +46,8 @@ def register(app: typer.Typer) -> None:
 
         Docs: README.md#generate
         """
-        from megallama.generate import Prompt, Settings, read_prompts, write_json
-        from megallama.generate import generate as run
+        from megallama.generate.driver import Prompt, Settings, read_prompts, write_json
+        from megallama.generate.driver import generate as run
         from megallama.hub import resolve_model_path
 
         if (prompt is None) == (prompts is None):

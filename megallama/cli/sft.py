@@ -205,7 +205,7 @@ def register(app: typer.Typer) -> None:
         Docs: README.md#sft
         """
         from megallama.formats.base import read_manifest
-        from megallama.launch import run_torchrun, torchrun_command
+        from megallama.engine.launch import run_torchrun, torchrun_command
         from megallama.sft import config as sft_config
         from megallama.sft.checkpoint import check_resume, find_start
         from megallama.sft.train import DATA_CACHE, save_splits, tokenize_splits

@@ -42,8 +42,8 @@ def layer_diff(
     from megallama.hub import resolve_model_path
     from megallama.spec import normalize_dtype
     from megallama.staging import check_writable_file
-    from megallama.verify import layer_diff as run
-    from megallama.verify import write_json
+    from megallama.verify.layer_diff import layer_diff as run
+    from megallama.verify.layer_diff import write_json
 
     dtype = normalize_dtype(dtype)
     reference = resolve_model_path(reference, revision)

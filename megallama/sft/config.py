@@ -57,7 +57,7 @@ DEFAULTS: dict = {
         "initial_loss_scale": 4294967296.0,  # fp16 only: dynamic loss scaling starts here
         "loss_scale": None,  # fp16 only: a constant loss scale instead of the dynamic one
         "recompute": "none",  # none | selective | full
-        "attention": "sdpa",  # sdpa | local | te: the core attention (megallama.model.ATTENTIONS)
+        "attention": "sdpa",  # sdpa | local | te: the core attention (megallama.engine.model.ATTENTIONS)
         "seed": 1234,
         "log_interval": 1,
         "eval_interval": 1000,
@@ -245,7 +245,7 @@ def validate(cfg: dict) -> list[str]:
         problems.append("data.pack needs train.attention sdpa or te: megatron-core's local DotProductAttention "
                         "refuses packed sequences; set train.attention=sdpa")
     if t["attention"] == "te":
-        from megallama.model import check_attention
+        from megallama.engine.model import check_attention
 
         try:
             check_attention("te")

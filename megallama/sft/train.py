@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
+import megallama.engine.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
 from megallama.errors import InputError, MegallamaError
 from megallama.sft.config import load_config
 from megallama.sft.data import IGNORE_INDEX
@@ -79,7 +79,7 @@ def load_splits(cfg: dict, *, vocab_size: int) -> dict:
 
 def micro_batch(dataset, indices: list[int]) -> dict:
     """Tensors for one micro-batch; index -1 is a filler row whose tokens carry no loss (partial eval batches)."""
-    from megallama.runtime import device
+    from megallama.engine.runtime import device
 
     tokens, labels = dataset.batch([max(i, 0) for i in indices])
     labels[torch.tensor([i < 0 for i in indices])] = IGNORE_INDEX
@@ -96,7 +96,7 @@ def packed_batch(dataset, lengths: list[int], rows: list[list[int]], seq_length:
     PackedSeqParams in the thd format, which the core attention and the rotary embedding follow."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from megallama.runtime import device
+    from megallama.engine.runtime import device
     from megallama.sft.packing import packed_micro_batch
 
     batch = packed_micro_batch(dataset.input_ids, dataset.labels, lengths, rows, seq_length)
@@ -160,7 +160,7 @@ def run_schedule(model, batches: list[dict], *, seq_length: int, forward_only: b
     if ps.is_pipeline_last_stage():
         total += sum(r["loss"].double().cpu() for r in reports)
     # Only the last stage has losses: share them along the pipeline, then add up the DP replicas.
-    total = total.to(megallama.runtime.device())
+    total = total.to(megallama.engine.runtime.device())
     dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
     dist.all_reduce(total, group=ps.get_data_parallel_group())
     return float(total[0]), int(total[1])
@@ -207,8 +207,8 @@ def train(cfg: dict) -> None:
     from megatron.core import parallel_state as ps
 
     from megallama.formats.base import read_manifest
-    from megallama.model import build_gpt_model
-    from megallama.runtime import init_distributed
+    from megallama.engine.model import build_gpt_model
+    from megallama.engine.runtime import init_distributed
     from megallama.sft import checkpoint as ckpt
     from megallama.sft.data import global_batches
     from megallama.sft.packing import sample_lengths
@@ -331,7 +331,7 @@ def build_optimizer(model, cfg: dict):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megallama.model import TORCH_DTYPES
+    from megallama.engine.model import TORCH_DTYPES
 
     t = cfg["train"]
     opt_config = OptimizerConfig(
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="One rank of `megallama sft` (start it with torchrun).")
     parser.add_argument("--config", required=True, type=Path, help="resolved config.yaml written by megallama sft")
     args = parser.parse_args(argv)
-    from megallama.runtime import destroy_distributed
+    from megallama.engine.runtime import destroy_distributed
 
     for noise in ("The .grad attribute of a Tensor that is not a leaf", ".*is deprecated. Please use",
                   "Please use DTensor instead and we are deprecating ShardedTensor",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
+import megallama.engine.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
 from megallama.tiny import PRESETS
 
 SPEC = PRESETS["llama2"]  # hidden 64, 4 layers, 4 heads / 2 KV heads (GQA)
@@ -65,7 +65,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[fl
 
 
 def build(attention: str, state: dict | None = None):
-    from megallama.model import build_gpt_model
+    from megallama.engine.model import build_gpt_model
 
     model = build_gpt_model(SPEC, padded_vocab_size=PADDED, dtype="float32", attention=attention)
     if state is not None:
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megallama.runtime import destroy_distributed, init_distributed
+    from megallama.engine.runtime import destroy_distributed, init_distributed
 
     job = json.loads(Path(argv[0]).read_text())
     results = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
+import megallama.engine.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
 
 
 def run_case(case: dict) -> None:
@@ -28,8 +28,8 @@ def run_case(case: dict) -> None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, load_rank_file
-    from megallama.model import build_gpt_model
-    from megallama.runtime import init_distributed
+    from megallama.engine.model import build_gpt_model
+    from megallama.engine.runtime import init_distributed
     from megallama.spec import ModelSpec
 
     if ps.model_parallel_is_initialized():
@@ -87,7 +87,7 @@ def run_case(case: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from megallama.runtime import destroy_distributed
+    from megallama.engine.runtime import destroy_distributed
 
     for case in json.loads(Path(argv[0]).read_text()):
         if case.get("kind") == "mcore_save":

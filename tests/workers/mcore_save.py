@@ -24,8 +24,8 @@ def save_case(case: dict) -> None:
 
     from megallama.formats.megatron.local import megatron_args
     from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, load_rank_file
-    from megallama.model import build_gpt_model
-    from megallama.runtime import init_distributed
+    from megallama.engine.model import build_gpt_model
+    from megallama.engine.runtime import init_distributed
     from megallama.spec import ModelSpec
 
     if ps.model_parallel_is_initialized():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
+import megallama.engine.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
 
 
 def main(ckpt: Path) -> None:
@@ -16,8 +16,8 @@ def main(ckpt: Path) -> None:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, open_megatron
-    from megallama.model import transformer_config
-    from megallama.runtime import destroy_distributed, init_distributed
+    from megallama.engine.model import transformer_config
+    from megallama.engine.runtime import destroy_distributed, init_distributed
 
     with open_megatron(ckpt) as reader:
         spec, padded = reader.spec, reader.padded_vocab_size

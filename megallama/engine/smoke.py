@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
+import megallama.engine.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megallama.model import build_gpt_model
-    from megallama.runtime import destroy_distributed, device, init_distributed
+    from megallama.engine.model import build_gpt_model
+    from megallama.engine.runtime import destroy_distributed, device, init_distributed
     from megallama.tiny import PRESETS
 
     init_distributed(tp=args.tp, pp=args.pp, seed=1234)

@@ -160,7 +160,7 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     from megallama.convert import open_reader
     from megallama.sft.tokenizer import load_tokenizer
     from megallama.spec import normalize_dtype, padded_vocab_size
-    from megallama.verify_data import check_launchable
+    from megallama.verify.data import check_launchable
 
     s = settings or Settings()
     check_settings(s)
@@ -196,7 +196,7 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
 
 def run_workers(job: dict, *, on_progress: OnProgress | None = None) -> list[tuple[list[int], str]]:
     """Launch the ranks; [(new token ids, stop reason)] per prompt."""
-    from megallama.launch import stream_torchrun
+    from megallama.engine.launch import stream_torchrun
 
     report = on_progress or (lambda what, done, total: None)
 
@@ -211,7 +211,7 @@ def run_workers(job: dict, *, on_progress: OnProgress | None = None) -> list[tup
         job_file, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps({**job, "out": tmp}))
         report("workers", 0, job["tp"] * job["pp"])
-        returncode, tail = stream_torchrun(["-m", "megallama.generate_worker", str(job_file)],
+        returncode, tail = stream_torchrun(["-m", "megallama.generate.worker", str(job_file)],
                                            nproc=job["tp"] * job["pp"], on_line=on_line)
         error = Path(tmp) / "error.json"
         if error.is_file():

@@ -48,7 +48,7 @@ import warnings
 
 import torch
 
-from megallama.launch import free_port
+from megallama.engine.launch import free_port
 
 # Known, harmless start-up noise from megatron-core on machines without apex/TE/CUDA.
 for _msg in ("Apex is not installed", "full scope is deprecated", "When using async grad allreduce",

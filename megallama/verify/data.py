@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from megallama.errors import InputError
-from megallama.model import TORCH_DTYPES
+from megallama.engine.model import TORCH_DTYPES
 from megallama.spec import ModelSpec, check_parallel
 
 SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size")
@@ -268,7 +268,7 @@ def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str) -> dict[str, to
 
 def meta_captures(path: Path, tokens: torch.Tensor, *, dtype: str) -> dict[str, torch.Tensor]:
     """The project's Meta-style reference (interleaved complex rotary, as Meta's model.py)."""
-    from megallama.reference import MetaReference
+    from megallama.verify.reference import MetaReference
 
     model = MetaReference.from_meta_dir(path, dtype=dtype).to(reference_device())
     captures: dict[str, torch.Tensor] = {}

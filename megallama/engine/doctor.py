@@ -30,7 +30,7 @@ def environment() -> list[tuple[str, str]]:
     import torch
 
     from megallama import __version__
-    from megallama.runtime import backend, cuda_available
+    from megallama.engine.runtime import backend, cuda_available
 
     rows = [
         ("megallama", __version__),
@@ -48,7 +48,7 @@ def environment() -> list[tuple[str, str]]:
 
 
 def smoke_test(tp: int = 2, pp: int = 2):
-    """Run megallama.smoke on TP x PP local ranks; returns the CompletedProcess (captured output)."""
-    from megallama.launch import run_torchrun
+    """Run megallama.engine.smoke on TP x PP local ranks; returns the CompletedProcess (captured output)."""
+    from megallama.engine.launch import run_torchrun
 
-    return run_torchrun(["-m", "megallama.smoke", "--tp", str(tp), "--pp", str(pp)], nproc=tp * pp, capture=True)
+    return run_torchrun(["-m", "megallama.engine.smoke", "--tp", str(tp), "--pp", str(pp)], nproc=tp * pp, capture=True)

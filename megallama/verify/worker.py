@@ -1,4 +1,4 @@
-"""verify layer-diff, Megatron side: one copy per rank under torchrun (launched by `megallama.verify`).
+"""verify layer-diff, Megatron side: one copy per rank under torchrun (launched by `megallama.verify.layer_diff`).
 
 Each rank builds the project's GPTModel for its TP x PP slot, loads its own rank file strictly, and runs one
 forward through megatron-core's pipeline schedule (forward_only) with hooks on the compared modules. mcore keeps
@@ -6,7 +6,7 @@ hidden states as [s, b, h]; captures are stored as [b, s, h] like the reference'
 outputs are already complete on every TP rank (vocab-parallel embedding and row-parallel linears all-reduce), so
 only TP rank 0 of each stage writes them; the vocab-parallel logits are all-gathered over TP first.
 
-Usage: python -m torch.distributed.run --nproc-per-node TP*PP -m megallama.verify_worker JOBS.json
+Usage: python -m torch.distributed.run --nproc-per-node TP*PP -m megallama.verify.worker JOBS.json
 JOBS.json = {"dtype", "jobs": [{"spec", "tp", "pp", "padded_vocab_size", "rotary_interleaved", "rank_files",
 "layout", "megatron", "tokens", "out"}, ...]}; writes OUT/capture-PPP.pt per stage, or OUT/error.json when a job
 cannot run. A checkpoint of another layout (TE, legacy, forks) is read as canonical tensors and re-split into this
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
+import megallama.engine.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
 from megallama.errors import InputError, MegallamaError
 
 
@@ -83,7 +83,7 @@ def load_model(job: dict, dtype: str):
     """The GPTModel of this rank with its own rank file loaded strictly (every key, every shape)."""
     from megatron.core import parallel_state as ps
 
-    from megallama.model import build_gpt_model
+    from megallama.engine.model import build_gpt_model
     from megallama.spec import ModelSpec
 
     spec = ModelSpec.from_dict(job["spec"])
@@ -110,7 +110,7 @@ def run_job(job: dict, dtype: str) -> dict[str, torch.Tensor]:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megallama.runtime import device
+    from megallama.engine.runtime import device
 
     model = load_model(job, dtype)
     tokens = torch.load(job["tokens"], weights_only=True).to(device())  # [b, s]
@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megallama.runtime import destroy_distributed, init_distributed
+    from megallama.engine.runtime import destroy_distributed, init_distributed
 
     plan = json.loads(Path(argv[0]).read_text())
     jobs, dtype = plan["jobs"], plan["dtype"]

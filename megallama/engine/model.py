@@ -1,6 +1,6 @@
 """The one place a ModelSpec becomes a megatron-core GPTModel (local spec), shared by verify, sft and doctor.
 
-Core attention is chosen by name (`ATTENTIONS`): `sdpa` (default; megallama.attention.SDPAttention), `local`
+Core attention is chosen by name (`ATTENTIONS`): `sdpa` (default; megallama.engine.attention.SDPAttention), `local`
 (megatron-core's DotProductAttention) or `te` (Transformer Engine's fused/flash TEDotProductAttention). Only the
 core attention changes: the linears and norms stay the local spec's, so every choice loads the same checkpoint.
 """
@@ -100,7 +100,7 @@ def core_attention(name: str) -> type:
     """The core-attention module class for `train.attention`; InputError when it cannot run here."""
     check_attention(name)
     if name == "sdpa":
-        from megallama.attention import SDPAttention
+        from megallama.engine.attention import SDPAttention
 
         return SDPAttention
     if name == "local":
@@ -191,11 +191,11 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
     """A megatron-core GPTModel (local spec, `attention` core attention) for this process's pipeline stage, on this
     process's device.
 
-    Requires `megallama.runtime.init_distributed()` first. Pre/post-process default to this rank's stage.
+    Requires `megallama.engine.runtime.init_distributed()` first. Pre/post-process default to this rank's stage.
     """
     from megatron.core import parallel_state
 
-    from megallama.runtime import device
+    from megallama.engine.runtime import device
 
     check_rope_supported(spec)
     if pre_process is None:

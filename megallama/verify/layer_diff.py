@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from megallama.errors import InputError, MegallamaError
 from megallama.spec import normalize_dtype
-from megallama.verify_data import Job, prepare
+from megallama.verify.data import Job, prepare
 
 OnStage = Callable[[str], None]  # progress messages for the CLI (the library never prints)
 OnProgress = Callable[[str, int, int], None]  # (what, done, total): "workers", "forward", "layers"
@@ -226,8 +226,8 @@ def compare(ref: dict[str, torch.Tensor], meg: dict[str, torch.Tensor], *, num_l
 def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
                  on_progress: OnProgress | None = None) -> list[dict[str, torch.Tensor]]:
     """Captures of every job's Megatron forward. Jobs with the same TP x PP share one torchrun launch."""
-    from megallama.launch import stream_torchrun
-    from megallama.verify_worker import parse_progress
+    from megallama.engine.launch import stream_torchrun
+    from megallama.verify.worker import parse_progress
 
     groups: dict[tuple[int, int], list[int]] = {}
     for n, job in enumerate(jobs):
@@ -247,7 +247,7 @@ def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
         job_file.write_text(json.dumps({"dtype": dtype, "jobs": specs}))
         if on_progress is not None:
             on_progress("workers", 0, tp * pp)
-        returncode, tail = stream_torchrun(["-m", "megallama.verify_worker", str(job_file)], nproc=tp * pp,
+        returncode, tail = stream_torchrun(["-m", "megallama.verify.worker", str(job_file)], nproc=tp * pp,
                                            on_line=lambda line: parse_progress(line, on_progress))
         for n in members:
             _raise_worker_error(workdir / f"job{n}")
@@ -270,7 +270,7 @@ def _raise_worker_error(out: Path) -> None:
 
 def reference_captures(job: Job, *, dtype: str) -> dict[str, torch.Tensor]:
     """Run the reference model on the job's tokens; every point as [b, s, ...] in the requested dtype."""
-    from megallama.verify_data import hf_captures, meta_captures
+    from megallama.verify.data import hf_captures, meta_captures
 
     run = hf_captures if job.reference_format == "hf" else meta_captures
     return run(job.reference, job.tokens, dtype=dtype)

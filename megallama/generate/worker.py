@@ -1,4 +1,4 @@
-"""megallama generate, Megatron side: one copy per rank under torchrun (launched by `megallama.generate`).
+"""megallama generate, Megatron side: one copy per rank under torchrun (launched by `megallama.generate.driver`).
 
 Each rank builds the project's GPTModel for its TP x PP slot and fills it from the canonical Reader of the
 checkpoint (`rank_state_dict`: the same rule table the converters write with), so every format megallama reads
@@ -7,7 +7,7 @@ megatron-core's pipeline schedule (forward_only; no KV cache, which is fine at t
 the last stage gathers the vocab-parallel logits over TP and chooses the token, and the pipeline group
 broadcasts it to the other stages.
 
-Usage: python -m torch.distributed.run --nproc-per-node TP*PP -m megallama.generate_worker JOB.json
+Usage: python -m torch.distributed.run --nproc-per-node TP*PP -m megallama.generate.worker JOB.json
 JOB.json = {"megatron", "tp", "pp", "dtype", "padded_vocab_size", "prompts": [[ids]], "eos_id", "settings", "out"};
 rank 0 writes OUT/result.json = [{"ids", "stop"}] and prints progress lines (generate.EVENT), or OUT/error.json.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-import megallama.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
+import megallama.engine.runtime  # noqa: F401  (filters megatron-core start-up noise before it is imported)
 from megallama.errors import InputError, MegallamaError
-from megallama.generate import EVENT, next_token
+from megallama.generate.driver import EVENT, next_token
 
 
 def progress(what: str, done: int, total: int) -> None:
@@ -39,7 +39,7 @@ def load_model(job: dict):
 
     from megallama.convert import open_reader
     from megallama.formats.megatron.torch_format import rank_state_dict
-    from megallama.model import build_gpt_model
+    from megallama.engine.model import build_gpt_model
 
     tp, pp = job["tp"], job["pp"]
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -58,7 +58,7 @@ def last_logits(model, ids: list[int]) -> torch.Tensor | None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megallama.runtime import device
+    from megallama.engine.runtime import device
 
     tokens = torch.tensor([ids], device=device())  # [1, s]
     position_ids = torch.arange(len(ids), device=device()).unsqueeze(0)
@@ -85,7 +85,7 @@ def share_token(token: int | None) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megallama.runtime import device
+    from megallama.engine.runtime import device
 
     t = torch.tensor([-1 if token is None else token], dtype=torch.long, device=device())
     dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
@@ -134,7 +134,7 @@ def write_error(out: Path, error: BaseException) -> None:
 def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
-    from megallama.runtime import destroy_distributed, init_distributed
+    from megallama.engine.runtime import destroy_distributed, init_distributed
 
     job = json.loads(Path(argv[0]).read_text())
     out = Path(job["out"])
