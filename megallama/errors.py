@@ -1,6 +1,6 @@
 """The error types the library raises; the CLI turns each into one line and its exit code.
 
-Exit codes (README.md#exit-codes): 0 success, 1 a check ran and failed (CheckFailed, a FAIL verdict),
+Exit codes (docs/operations.md#exit-codes): 0 success, 1 a check ran and failed (CheckFailed, a FAIL verdict),
 2 bad input (InputError, usage errors), 3 megallama itself broke (MegallamaError, any unexpected exception).
 """
 

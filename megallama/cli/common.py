@@ -1,6 +1,6 @@
 """Shared CLI plumbing: one-line errors with the contract's exit codes, signals, progress bars, summaries.
 
-Exit codes (README.md#exit-codes): 0 success, 1 failed check or verdict, 2 bad input (usage errors too),
+Exit codes (docs/operations.md#exit-codes): 0 success, 1 failed check or verdict, 2 bad input (usage errors too),
 3 internal error; 130 / 143 / 129 after SIGINT / SIGTERM / SIGHUP.
 """
 

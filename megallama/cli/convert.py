@@ -1,4 +1,4 @@
-"""`megallama convert ...`: HF <-> Meta pth <-> Megatron. Docs: README.md#convert."""
+"""`megallama convert ...`: HF <-> Meta pth <-> Megatron. Docs: docs/convert.md."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from megallama.cli.common import byte_progress, err, handle_errors, print_write_report
 from megallama.errors import InputError
 
-app = typer.Typer(help="Convert between HF, Meta pth and Megatron (torch_dist, torch). Docs: README.md#convert",
+app = typer.Typer(help="Convert between HF, Meta pth and Megatron (torch_dist, torch). Docs: docs/convert.md",
                   no_args_is_help=True, rich_markup_mode=None)
 
 DTYPE_HELP = "Output dtype: fp32, bf16 or fp16 (default: keep the source dtype)."

@@ -1,4 +1,4 @@
-"""`megallama generate`: complete prompts with a Megatron checkpoint on megatron-core. Docs: README.md#generate."""
+"""`megallama generate`: complete prompts with a Megatron checkpoint on megatron-core. Docs: docs/generate.md."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
           megallama generate --megatron runs/sft --prompts prompts.jsonl --json answers.json
           megallama generate --megatron runs/chat --chat --prompt "Hi!" --temperature 0.7 --top-p 0.9 --seed 1
 
-        Docs: README.md#generate
+        Docs: docs/generate.md
         """
         from megallama.generate.driver import Prompt, Settings, read_prompts, write_json
         from megallama.generate.driver import generate as run

@@ -1,4 +1,4 @@
-"""`megallama inspect PATH`: what a checkpoint folder is. Docs: README.md#inspect."""
+"""`megallama inspect PATH`: what a checkpoint folder is. Docs: docs/operations.md#inspect."""
 
 from __future__ import annotations
 

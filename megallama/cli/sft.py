@@ -1,5 +1,5 @@
 """`megallama sft`: check everything, print the plan, then run the recipe on TP x PP x DP ranks via torchrun.
-Docs: README.md#sft."""
+Docs: docs/sft.md."""
 
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def register(app: typer.Typer) -> None:
           megallama sft --config run.yaml --slurm 4 --gpus-per-node 8   (then: sbatch OUTPUT/launch.sbatch)
           megallama sft --config runs/x/config.yaml --resume --tp 2 --pp 1
 
-        Docs: README.md#sft
+        Docs: docs/sft.md
         """
         from megallama.formats.base import read_manifest
         from megallama.engine.launch import run_torchrun, torchrun_command

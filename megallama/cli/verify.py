@@ -1,4 +1,4 @@
-"""`megallama verify layer-diff`: is this Megatron checkpoint the same model as its source? Docs: README.md#verify."""
+"""`megallama verify layer-diff`: is this Megatron checkpoint the same model as its source? Docs: docs/verify.md."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.table import Table
 
 from megallama.cli.common import err, handle_errors, out, step_progress
 
-app = typer.Typer(help="Prove a Megatron checkpoint computes what the original computes. Docs: README.md#verify",
+app = typer.Typer(help="Prove a Megatron checkpoint computes what the original computes. Docs: docs/verify.md",
                   no_args_is_help=True, rich_markup_mode=None)
 
 

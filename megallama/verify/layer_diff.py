@@ -43,7 +43,7 @@ class Tolerance:
     A point passes when max|m - r| <= (atol + max_rel * max|r|) * g and ||m - r|| / ||r|| <= l2_rel * g, where
     g = sqrt(1 + depth) and depth = the number of transformer layers the signal has passed: both sides round
     independently at every layer and the residual stream carries the error on, which adds up like a random walk
-    (measured on the tiny fixtures: the layer-output error grows as sqrt(depth)). README.md#verify has the numbers.
+    (measured on the tiny fixtures: the layer-output error grows as sqrt(depth)). docs/verify.md has the numbers.
     """
 
     max_rel: float  # worst element, relative to the largest reference magnitude at that point
