@@ -154,14 +154,11 @@ def _torch_dist(path: Path, it_dir: Path) -> Inspection:
 
 def _dcp_tensors(it_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{key: (global shape, dtype)} from a PyTorch Distributed Checkpoint's `.metadata` (no tensor data read)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from megallama.formats.safe_pickle import read_dcp_metadata
     from megallama.spec import normalize_dtype
 
-    try:
-        metadata = FileSystemReader(str(it_dir)).read_metadata()
-    except Exception as e:  # unreadable metadata: one line, like every other bad input
-        raise InputError(f"{it_dir / '.metadata'} is not readable DCP metadata: {type(e).__name__}: {e}") from None
+    metadata = read_dcp_metadata(it_dir / ".metadata")  # restricted unpickler: nothing in it runs
     return {k: (tuple(m.size), normalize_dtype(str(m.properties.dtype)))
             for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}

@@ -1,0 +1,155 @@
+"""Issue #21 section 1: no code runs from a checkpoint, interrupts are reported as interrupts, bad input is
+refused before any work (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from megallama.cli import app
+
+CONFIG = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line(result, code: int, *needles: str) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def ckpts(hf_dir, tmp_path_factory):
+    """{'torch_dist' | 'torch': a Megatron checkpoint of the LLaMA-2 fixture}, written by hf2megatron."""
+    root = tmp_path_factory.mktemp("trust")
+    out = {}
+    for fmt in ("torch_dist", "torch"):
+        result = cli("convert", "hf2megatron", "--input-dir", hf_dir, "--output-dir", root / fmt, "--ckpt-format", fmt)
+        assert result.exit_code == 0, result.output
+        out[fmt] = root / fmt
+    return out
+
+
+# ---------------------------------------------------------------- 1. no code from pickles
+class Payload:
+    """Unpickling this runs a shell command that creates `marker` (what a crafted checkpoint would do)."""
+
+    def __init__(self, marker: Path, via: str):
+        self.marker, self.via = marker, via
+
+    def __reduce__(self):
+        if self.via == "exec":
+            return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+        return os.system, (f"touch {self.marker}",)
+
+
+def crafted(ckpts: dict, where: str, tmp_path: Path, via: str = "system") -> tuple[Path, Path]:
+    """A copy of a checkpoint whose `where` pickle (.metadata, common.pt, model_optim_rng.pt) carries a payload."""
+    marker = tmp_path / "PWNED"
+    fmt = "torch" if where == "model_optim_rng.pt" else "torch_dist"
+    ckpt = tmp_path / f"evil-{fmt}"
+    shutil.copytree(ckpts[fmt], ckpt)
+    it_dir = ckpt / "release"
+    if where == ".metadata":
+        metadata = pickle.loads((it_dir / ".metadata").read_bytes())
+        metadata.planner_data = Payload(marker, via)  # inside an otherwise valid Metadata
+        (it_dir / ".metadata").write_bytes(pickle.dumps(metadata))
+    else:
+        path = it_dir / "common.pt" if where == "common.pt" else next(it_dir.glob("mp_rank_*/model_optim_rng.pt"))
+        state = torch.load(path, weights_only=False)
+        state["args"].evil = Payload(marker, via)
+        torch.save(state, path)
+    return ckpt, marker
+
+
+def test_safe_unpickler_reads_both_writers_metadata(ckpts):
+    """Our writer's .metadata reads through the allow-list; the payload check below is not vacuous."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megallama.formats.safe_pickle import read_dcp_metadata
+
+    it_dir = ckpts["torch_dist"] / "release"
+    ours, plain = read_dcp_metadata(it_dir / ".metadata"), FileSystemReader(str(it_dir)).read_metadata()
+    assert ours.state_dict_metadata == plain.state_dict_metadata
+    assert ours.storage_data == plain.storage_data
+
+
+COMMANDS = {
+    "megatron2hf": lambda c, o, hf: ("convert", "megatron2hf", "--input-dir", c, "--output-dir", o),
+    "megatron2pth": lambda c, o, hf: ("convert", "megatron2pth", "--input-dir", c, "--output-dir", o),
+    "megatron2megatron": lambda c, o, hf: ("convert", "megatron2megatron", "--input-dir", c, "--output-dir", o,
+                                           "--tp", "2"),
+    "verify": lambda c, o, hf: ("verify", "layer-diff", "--reference", hf, "--megatron", c),
+    "inspect": lambda c, o, hf: ("inspect", c),
+    "generate": lambda c, o, hf: ("generate", "--megatron", c, "--prompt", "hello", "--max-new-tokens", "2"),
+    "sft": lambda c, o, hf: ("sft", "--config", CONFIG, f"load={c}", f"data.train={o.parent / 'train.jsonl'}",
+                             f"output={o}", "train.steps=1", "train.warmup_steps=0"),
+}
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Ranks must never start: any launch fails the test loudly."""
+    import megallama.engine.launch as launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a worker was launched")
+
+    monkeypatch.setattr(launch, "run_torchrun", refuse)
+    monkeypatch.setattr(launch.subprocess, "Popen", refuse)  # also what the generate/verify launchers use
+
+
+@pytest.mark.parametrize("where", [".metadata", "common.pt", "model_optim_rng.pt"])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_crafted_pickle_never_runs(ckpts, hf_dir, tmp_path, no_launch, command, where):
+    ckpt, marker = crafted(ckpts, where, tmp_path, via="exec" if command == "inspect" else "system")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
+    out = tmp_path / "out"
+    result = cli(*COMMANDS[command](ckpt, out, hf_dir))
+    assert not marker.exists(), "the payload ran"
+    line = assert_one_line(result, 2, "not allowed")
+    assert ("exec" if command == "inspect" else "system") in line
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+
+
+def test_rank_side_guard_refuses_payload(ckpts, tmp_path):
+    """Inside a rank, megatron-core's own reads (FileSystemReader.read_metadata, load_bytes) are restricted too."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from megallama.errors import InputError
+    from megallama.formats.safe_pickle import guard_dcp_loading
+
+    ckpt, marker = crafted(ckpts, ".metadata", tmp_path)
+    saved = FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes
+    try:
+        guard_dcp_loading()
+        with pytest.raises(InputError, match="posix.system is not allowed"):
+            FileSystemReader(str(ckpt / "release")).read_metadata()
+        planner = DefaultLoadPlanner(flatten_state_dict=False)
+        planner.state_dict = {}
+        item = type("Item", (), {"dest_index": type("I", (), {"fqn": "x"})()})()
+        with pytest.raises(pickle.UnpicklingError):
+            buf = io.BytesIO()
+            torch.save([Payload(marker, "system")], buf)
+            buf.seek(0)
+            planner.load_bytes(item, buf)
+        assert FileSystemReader(str(ckpts["torch_dist"] / "release")).read_metadata().storage_data
+    finally:
+        FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = saved
+    assert not marker.exists()
