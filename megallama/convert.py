@@ -67,6 +67,9 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
     if src_abs == dst_abs or dst_abs in src_abs.parents or src_abs in dst_abs.parents:
         raise InputError(f"input {src} and output {dst} overlap: choose an output folder outside the input "
                          "(and not containing it)")
+    for flag, size in (("--tp", tp), ("--pp", pp)):  # `tp or 1` below must never turn a 0 into 1
+        if size is not None and size < 1:
+            raise InputError(f"{flag} must be >= 1 (got {size})")
     if ckpt_format not in CKPT_FORMATS:
         raise InputError(f"unknown --ckpt-format {ckpt_format!r}: expected one of {', '.join(CKPT_FORMATS)}")
     if transformer_impl not in TRANSFORMER_IMPLS:

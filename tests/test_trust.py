@@ -153,3 +153,81 @@ def test_rank_side_guard_refuses_payload(ckpts, tmp_path):
     finally:
         FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = saved
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- 2. --tp 0 / --pp 0
+@pytest.mark.parametrize("command,fmt,flag", [
+    ("hf2megatron", "torch_dist", "--tp"), ("hf2megatron", "torch", "--pp"), ("pth2megatron", "torch_dist", "--pp"),
+    ("pth2megatron", "torch", "--tp"), ("megatron2megatron", "torch", "--tp"), ("megatron2megatron", "torch_dist", "--pp"),
+    ("generate", None, "--tp")])
+def test_zero_parallel_size_is_refused(ckpts, hf_dir, tmp_path, no_launch, command, fmt, flag):
+    src = {"hf2megatron": hf_dir, "megatron2megatron": ckpts["torch"]}.get(command)
+    if command == "pth2megatron":
+        src = tmp_path / "pth"
+        assert cli("convert", "hf2pth", "--input-dir", hf_dir, "--output-dir", src).exit_code == 0
+    out = tmp_path / "out"
+    if command == "generate":
+        args = ("generate", "--megatron", ckpts["torch_dist"], "--prompt", "hi", "--json", out / "c.json", flag, "0")
+    else:
+        args = ("convert", command, "--input-dir", src, "--output-dir", out, "--ckpt-format", fmt, flag, "0")
+    assert_one_line(cli(*args), 2, f"{flag} must be >= 1 (got 0)")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- 3. an interrupt inside torch.save
+# Every write of torch.save's zip writer into a stream sleeps (the .distcp files are streams), so the signal lands
+# inside a write called from torch's C++ writer, which then raises RuntimeError ("enforce fail at
+# inline_container.cc:672 ... unexpected pos") over the KeyboardInterrupt: what a user's Ctrl-C mostly hit.
+SLOW_SAVE = """
+import time
+import torch.serialization as ts
+busy = []
+class SlowStream:
+    def __init__(self, f):
+        self.f = f
+    def write(self, b):
+        if busy:
+            time.sleep(0.01)
+        return self.f.write(b)
+    def flush(self):
+        self.f.flush()
+def slow_save(*args, **kwargs):
+    busy.append(1)
+    try:
+        return _save(*args, **kwargs)
+    finally:
+        busy.pop()
+init, _save = ts._open_zipfile_writer_buffer.__init__, ts._save
+ts._open_zipfile_writer_buffer.__init__ = lambda self, buffer: init(self, SlowStream(buffer))
+ts._save = slow_save
+from megallama.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_interrupt_inside_a_torch_dist_write_is_the_interrupt(hf_dir, tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sig = signal.Signals[sig]
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "convert", "hf2megatron", "--input-dir", str(hf_dir),
+                             "--output-dir", str(work / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(work.glob(".out.tmp-*/release/*.distcp")):  # mid-write: the first .distcp is open
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert stderr.strip().splitlines() == [f"error: interrupted by {sig.name}"]
+    assert os.listdir(work) == []  # neither the output nor its staging folder
