@@ -231,3 +231,28 @@ def test_interrupt_inside_a_torch_dist_write_is_the_interrupt(hf_dir, tmp_path, 
     assert proc.returncode == 128 + sig, stderr
     assert stderr.strip().splitlines() == [f"error: interrupted by {sig.name}"]
     assert os.listdir(work) == []  # neither the output nor its staging folder
+
+
+# ---------------------------------------------------------------- 4. sft on a torch_dist checkpoint missing a .distcp
+@pytest.mark.parametrize("resume", [False, True])
+def test_sft_refuses_a_missing_distcp_before_writing(ckpts, tmp_path, no_launch, resume):
+    broken = tmp_path / ("run" if resume else "broken")
+    shutil.copytree(ckpts["torch_dist"], broken)
+    (broken / "release" / "__0_1.distcp").unlink()
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"instruction": "say hi", "output": "hi"}) + "\n")
+    if resume:  # a run whose latest checkpoint lost a data file: its config.yaml must stay as it is
+        (broken / "config.yaml").write_text("# the run's own config\n")
+        output, extra = broken, ["--resume"]
+    else:
+        output, extra = tmp_path / "out", []
+    before = sorted(p.name for p in output.iterdir()) if resume else None
+    load = ckpts["torch_dist"] if resume else broken
+    result = cli("sft", "--config", CONFIG, f"load={load}", f"data.train={train}", f"output={output}",
+                 "train.steps=1", "train.warmup_steps=0", *extra)
+    assert_one_line(result, 2, "__0_1.distcp is missing")
+    if resume:
+        assert (broken / "config.yaml").read_text() == "# the run's own config\n"
+        assert sorted(p.name for p in output.iterdir()) == before
+    else:
+        assert not output.exists()
