@@ -23,7 +23,7 @@ from megallama.formats.base import (
     torch_threads,
 )
 from megallama.formats.megatron.args import TRANSFORMER_IMPLS
-from megallama.spec import check_parallel, normalize_dtype
+from megallama.spec import check_parallel, check_rope_for_megatron, normalize_dtype
 
 FORMATS = ("hf", "meta", "megatron")
 CKPT_FORMATS = ("torch_dist", "torch")  # Megatron --ckpt-format; torch_dist is Megatron-LM's default
@@ -85,6 +85,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
             check_complete(reader)
             if dst_format == "megatron":
                 check_parallel(reader.spec, tp=tp or 1, pp=pp or 1)
+                check_rope_for_megatron(reader.spec)  # the launch flags could only rebuild another model
             bytes_read = sum(p.stat().st_size for p in reader.source_files)
             prefetch_sha256(reader.source_files)  # the manifest's checksums, hashed while the conversion runs
             if on_start is not None:

@@ -10,6 +10,7 @@ from megallama.errors import InputError
 from megallama.spec import ModelSpec, padded_vocab_size
 
 DIST_FILES = (".metadata", "common.pt", "metadata.json")  # a torch_dist iteration folder (formats.md addendum)
+NOT_TOKENIZER = {"generation_config.json"}  # copied with the tokenizer files, but it is not one
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # the distributed optimizer's state beside a rank's model file
 
 
@@ -68,7 +69,7 @@ def _subdirs(path: Path) -> list[Path]:
 def _base(path: Path, fmt: str, spec: ModelSpec, tokenizer_files) -> Inspection:
     from megallama.formats.megatron.torch_format import detect_tokenizer
 
-    files = [Path(f) for f in tokenizer_files]
+    files = [Path(f) for f in tokenizer_files if Path(f).name not in NOT_TOKENIZER]
     return Inspection(path=str(path), format=fmt, dtype=spec.dtype, spec=spec.to_dict(),
                       num_parameters=spec.num_parameters(), vocab_size=spec.vocab_size,
                       tokenizer=[f.name for f in files], tokenizer_type=detect_tokenizer(files, path)[0])

@@ -256,3 +256,62 @@ def test_sft_refuses_a_missing_distcp_before_writing(ckpts, tmp_path, no_launch,
         assert sorted(p.name for p in output.iterdir()) == before
     else:
         assert not output.exists()
+
+
+# ---------------------------------------------------------------- 6. rope scaling megatron-core cannot represent
+def test_hf2megatron_refuses_unrepresentable_llama3_rope(hf_dirs, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dirs["llama3"], hf)
+    config = json.loads((hf / "config.json").read_text())
+    config["rope_parameters"]["high_freq_factor"] = 2.0  # transformers 5 writes rope_parameters
+    (hf / "config.json").write_text(json.dumps(config))
+    for fmt in ("torch_dist", "torch"):
+        result = cli("convert", "hf2megatron", "--input-dir", hf, "--output-dir", tmp_path / "out", "--ckpt-format", fmt)
+        assert_one_line(result, 2, "high_freq_factor", "hard-coded")
+        assert not (tmp_path / "out").exists()
+    from megallama.engine.model import check_rope_supported  # verify's check is the same one
+    from megallama.errors import InputError
+    from megallama.spec import ModelSpec
+
+    with pytest.raises(InputError, match="high_freq_factor"):
+        check_rope_supported(ModelSpec.from_hf_config(config))
+
+
+# ---------------------------------------------------------------- 7. inspect's tokenizer
+def test_inspect_does_not_call_generation_config_a_tokenizer(hf_dir, tmp_path):
+    from megallama.formats.base import TOKENIZER_FILES
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dir, hf)
+    for name in TOKENIZER_FILES:
+        if name != "generation_config.json":
+            (hf / name).unlink(missing_ok=True)
+    assert (hf / "generation_config.json").is_file()
+    assert cli("convert", "hf2megatron", "--input-dir", hf, "--output-dir", tmp_path / "td").exit_code == 0
+    result = cli("inspect", tmp_path / "td", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["tokenizer"] == [] and report["tokenizer_type"] is None
+
+
+# ---------------------------------------------------------------- 9. missing rank files, outputs checked first
+def test_missing_alibaba_rank_is_named(hf_dir, tmp_path):
+    from dialect_fixtures import build
+
+    ckpt = build("alibaba", hf_dir, tmp_path / "alibaba", tp=2, pp=1)
+    missing = next(p for p in ckpt.rglob("mp_rank_01*") if p.is_dir())
+    shutil.rmtree(missing)
+    result = cli("convert", "megatron2hf", "--input-dir", ckpt, "--output-dir", tmp_path / "out")
+    assert_one_line(result, 2, missing.name, "TP=2")
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_unwritable_json_is_refused_before_the_model_runs(ckpts, hf_dir, tmp_path, no_launch, command):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    target = blocker / "report.json"  # a file where a folder should be: never writable
+    if command == "generate":
+        args = ("generate", "--megatron", ckpts["torch_dist"], "--prompt", "hi", "--json", target)
+    else:
+        args = ("verify", "layer-diff", "--reference", hf_dir, "--megatron", ckpts["torch_dist"], "--json", target)
+    assert_one_line(cli(*args), 2, str(blocker))

@@ -408,6 +408,7 @@ def open_megatron(path: Path, *, layout: str | None = None) -> MegatronReader:
     files, tp, pp = _rank_files(it_dir)
     first = load_rank_file(files[0, 0])
     args = first.get("args") if isinstance(first, dict) else None
+    _check_saved_grid(it_dir, files, args, tp=tp, pp=pp)
     stage_keys = [flatten(_model(load_rank_file(files[0, p]), files[0, p])) for p in range(pp)]
     chosen = layout_named(layout) if layout else detect_layout(k for keys in stage_keys for k in keys)
     model = chosen.rename(stage_keys[0])
@@ -503,6 +504,20 @@ def _rank_files(it_dir: Path) -> tuple[dict[tuple[int, int], Path], int, int]:
     if missing:
         raise InputError(f"{it_dir} is missing {MODEL_FILE} for {', '.join(missing[:4])} (TP={tp}, PP={pp} grid)")
     return {k: f for k, (f, _) in found.items()}, tp, pp
+
+
+def _check_saved_grid(it_dir: Path, files: dict, args, *, tp: int, pp: int) -> None:
+    """The rank files found cover the TP x PP grid the args were saved at: a deleted last rank would otherwise
+    shrink the grid and surface later as a shape mismatch. Names the missing rank folders."""
+    saved_tp = getattr(args, "tensor_model_parallel_size", None)
+    saved_pp = getattr(args, "pipeline_model_parallel_size", None) or 1
+    if not isinstance(saved_tp, int) or not isinstance(saved_pp, int) or (saved_tp <= tp and saved_pp <= pp):
+        return
+    missing = [checkpoint_dir(it_dir.parent, 0, t, p, saved_pp).name for p in range(saved_pp)
+               for t in range(saved_tp) if (t, p) not in files]
+    raise InputError(f"{it_dir} is missing {MODEL_FILE} for {', '.join(missing[:4])}"
+                     + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else "")
+                     + f": its args say TP={saved_tp}, PP={saved_pp}")
 
 
 def _model(ckpt: dict, path: Path) -> dict:
