@@ -29,7 +29,7 @@ FORMATS = ("hf", "meta", "megatron")
 CKPT_FORMATS = ("torch_dist", "torch")  # Megatron --ckpt-format; torch_dist is Megatron-LM's default
 
 
-def open_reader(path: Path, fmt: str, *, layout: str | None = None):
+def open_reader(path: Path, fmt: str, *, layout: str | None = None, model_config: Path | None = None):
     """Open a checkpoint folder of format `fmt` as a canonical Reader; `layout` forces a Megatron torch-format
     layout (`formats/megatron/detect.py`) instead of detecting it from the keys."""
     path = require_folder(path)
@@ -46,14 +46,15 @@ def open_reader(path: Path, fmt: str, *, layout: str | None = None):
                 raise InputError(f"--layout {layout}: {path} is torch_dist, which has one layout (megatron-core's)")
             return open_torch_dist(path)
         from megallama.formats.megatron.torch_format import open_megatron
-        return open_megatron(path, layout=layout)
+        return open_megatron(path, layout=layout, model_config=model_config)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int | None = None, pp: int | None = None,
             shards: int = 1, dtype: str | None = None, divisible_by: int = 128, force: bool = False,
             ckpt_format: str = "torch_dist", transformer_impl: str = "local", on_tensor: OnTensor | None = None,
-            on_start: Callable[[int], None] | None = None, layout: str | None = None) -> WriteReport:
+            on_start: Callable[[int], None] | None = None, layout: str | None = None,
+            model_config: Path | None = None) -> WriteReport:
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
 
     Megatron output is `ckpt_format` "torch_dist" (loads at any TP x PP; `tp`/`pp` only pad the vocab and fill
@@ -80,7 +81,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
     # The output is checked and its staging folder made first: an unwritable target fails before any reading.
     with Timer() as timer, staged_output(dst, force=force, notes=notes) as tmp, \
             torch_threads(1):  # copies are memory-bound: spare cores go to writing and hashing
-        reader = open_reader(src, src_format, layout=layout)
+        reader = open_reader(src, src_format, layout=layout, model_config=model_config)
         try:
             check_complete(reader)
             if dst_format == "megatron":

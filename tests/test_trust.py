@@ -315,3 +315,30 @@ def test_unwritable_json_is_refused_before_the_model_runs(ckpts, hf_dir, tmp_pat
     else:
         args = ("verify", "layer-diff", "--reference", hf_dir, "--megatron", ckpts["torch_dist"], "--json", target)
     assert_one_line(cli(*args), 2, str(blocker))
+
+
+# ---------------------------------------------------------------- 5. --model-config for args without the architecture
+@pytest.mark.parametrize("dialect", ["fork", "alibaba"])
+def test_model_config_gives_the_architecture_the_args_lack(hf_dirs, tmp_path, dialect):
+    """The fork saves `args: None`, alibaba's args lack eps and theta; the user's folder stays untouched."""
+    from dialect_fixtures import build
+    from safetensors.torch import load_file
+
+    hf_dir = hf_dirs["llama1" if dialect == "fork" else "llama2"]  # the fork is MHA only
+
+    ckpt = build(dialect, hf_dir, tmp_path / dialect, tp=2, pp=1)
+    for name in ("config.json", "params.json"):
+        moved = ckpt / name
+        if moved.is_file():
+            shutil.move(moved, tmp_path / f"{dialect}-{name}")  # as the user has it: not in the checkpoint
+    config = tmp_path / f"{dialect}-params.json" if dialect == "fork" else hf_dir / "config.json"
+    out = tmp_path / "hf"
+    assert_one_line(cli("convert", "megatron2hf", "--input-dir", ckpt, "--output-dir", out), 2, "--model-config")
+    before = sorted(p.name for p in ckpt.rglob("*"))
+    result = cli("convert", "megatron2hf", "--input-dir", ckpt, "--output-dir", out, "--model-config", config)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in ckpt.rglob("*")) == before
+    source, converted = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert source.keys() == converted.keys()
+    for name, t in source.items():
+        assert torch.equal(t, converted[name]), name
