@@ -370,7 +370,8 @@ def check_rope_for_megatron(spec: ModelSpec) -> None:
     the converters to Megatron and for every command that runs megatron-core."""
     if spec.rope_scaling:
         fixed = {k: v for k, v in LLAMA3_ROPE_DEFAULTS.items() if k != "factor"}
-        wrong = {k: spec.rope_scaling.get(k) for k in fixed if float(spec.rope_scaling.get(k, fixed[k])) != float(fixed[k])}
+        wrong = {k: spec.rope_scaling.get(k) for k in fixed
+                 if float(spec.rope_scaling.get(k, fixed[k])) != float(fixed[k])}
         if wrong:
             raise InputError(f"rope scaling {wrong} differs from megatron-core's hard-coded llama3 values {fixed}: "
                              "Megatron-LM cannot rebuild this model")

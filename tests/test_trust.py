@@ -158,7 +158,8 @@ def test_rank_side_guard_refuses_payload(ckpts, tmp_path):
 # ---------------------------------------------------------------- 2. --tp 0 / --pp 0
 @pytest.mark.parametrize("command,fmt,flag", [
     ("hf2megatron", "torch_dist", "--tp"), ("hf2megatron", "torch", "--pp"), ("pth2megatron", "torch_dist", "--pp"),
-    ("pth2megatron", "torch", "--tp"), ("megatron2megatron", "torch", "--tp"), ("megatron2megatron", "torch_dist", "--pp"),
+    ("pth2megatron", "torch", "--tp"), ("megatron2megatron", "torch", "--tp"),
+    ("megatron2megatron", "torch_dist", "--pp"),
     ("generate", None, "--tp")])
 def test_zero_parallel_size_is_refused(ckpts, hf_dir, tmp_path, no_launch, command, fmt, flag):
     src = {"hf2megatron": hf_dir, "megatron2megatron": ckpts["torch"]}.get(command)
@@ -266,7 +267,8 @@ def test_hf2megatron_refuses_unrepresentable_llama3_rope(hf_dirs, tmp_path):
     config["rope_parameters"]["high_freq_factor"] = 2.0  # transformers 5 writes rope_parameters
     (hf / "config.json").write_text(json.dumps(config))
     for fmt in ("torch_dist", "torch"):
-        result = cli("convert", "hf2megatron", "--input-dir", hf, "--output-dir", tmp_path / "out", "--ckpt-format", fmt)
+        result = cli("convert", "hf2megatron", "--input-dir", hf, "--output-dir", tmp_path / "out",
+                     "--ckpt-format", fmt)
         assert_one_line(result, 2, "high_freq_factor", "hard-coded")
         assert not (tmp_path / "out").exists()
     from megallama.engine.model import check_rope_supported  # verify's check is the same one

@@ -54,7 +54,6 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megallama.errors import InputError
-from megallama.formats.safe_pickle import read_dcp_metadata
 from megallama.formats.base import (
     MANIFEST,
     TOKENIZER_FILES,
@@ -89,6 +88,7 @@ from megallama.formats.megatron.torch_format import (
     load_rank_file,
     write_tracker,
 )
+from megallama.formats.safe_pickle import read_dcp_metadata
 from megallama.names import expected_shapes
 from megallama.spec import ModelSpec, check_parallel, normalize_dtype, padded_vocab_size
 
