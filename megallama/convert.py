@@ -23,13 +23,13 @@ from megallama.formats.base import (
     torch_threads,
 )
 from megallama.formats.megatron.args import TRANSFORMER_IMPLS
-from megallama.spec import check_parallel, normalize_dtype
+from megallama.spec import check_parallel, check_rope_for_megatron, normalize_dtype
 
 FORMATS = ("hf", "meta", "megatron")
 CKPT_FORMATS = ("torch_dist", "torch")  # Megatron --ckpt-format; torch_dist is Megatron-LM's default
 
 
-def open_reader(path: Path, fmt: str, *, layout: str | None = None):
+def open_reader(path: Path, fmt: str, *, layout: str | None = None, model_config: Path | None = None):
     """Open a checkpoint folder of format `fmt` as a canonical Reader; `layout` forces a Megatron torch-format
     layout (`formats/megatron/detect.py`) instead of detecting it from the keys."""
     path = require_folder(path)
@@ -46,14 +46,15 @@ def open_reader(path: Path, fmt: str, *, layout: str | None = None):
                 raise InputError(f"--layout {layout}: {path} is torch_dist, which has one layout (megatron-core's)")
             return open_torch_dist(path)
         from megallama.formats.megatron.torch_format import open_megatron
-        return open_megatron(path, layout=layout)
+        return open_megatron(path, layout=layout, model_config=model_config)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int | None = None, pp: int | None = None,
             shards: int = 1, dtype: str | None = None, divisible_by: int = 128, force: bool = False,
             ckpt_format: str = "torch_dist", transformer_impl: str = "local", on_tensor: OnTensor | None = None,
-            on_start: Callable[[int], None] | None = None, layout: str | None = None) -> WriteReport:
+            on_start: Callable[[int], None] | None = None, layout: str | None = None,
+            model_config: Path | None = None) -> WriteReport:
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
 
     Megatron output is `ckpt_format` "torch_dist" (loads at any TP x PP; `tp`/`pp` only pad the vocab and fill
@@ -67,6 +68,9 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
     if src_abs == dst_abs or dst_abs in src_abs.parents or src_abs in dst_abs.parents:
         raise InputError(f"input {src} and output {dst} overlap: choose an output folder outside the input "
                          "(and not containing it)")
+    for flag, size in (("--tp", tp), ("--pp", pp)):  # `tp or 1` below must never turn a 0 into 1
+        if size is not None and size < 1:
+            raise InputError(f"{flag} must be >= 1 (got {size})")
     if ckpt_format not in CKPT_FORMATS:
         raise InputError(f"unknown --ckpt-format {ckpt_format!r}: expected one of {', '.join(CKPT_FORMATS)}")
     if transformer_impl not in TRANSFORMER_IMPLS:
@@ -77,11 +81,12 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
     # The output is checked and its staging folder made first: an unwritable target fails before any reading.
     with Timer() as timer, staged_output(dst, force=force, notes=notes) as tmp, \
             torch_threads(1):  # copies are memory-bound: spare cores go to writing and hashing
-        reader = open_reader(src, src_format, layout=layout)
+        reader = open_reader(src, src_format, layout=layout, model_config=model_config)
         try:
             check_complete(reader)
             if dst_format == "megatron":
                 check_parallel(reader.spec, tp=tp or 1, pp=pp or 1)
+                check_rope_for_megatron(reader.spec)  # the launch flags could only rebuild another model
             bytes_read = sum(p.stat().st_size for p in reader.source_files)
             prefetch_sha256(reader.source_files)  # the manifest's checksums, hashed while the conversion runs
             if on_start is not None:

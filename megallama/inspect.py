@@ -10,6 +10,7 @@ from megallama.errors import InputError
 from megallama.spec import ModelSpec, padded_vocab_size
 
 DIST_FILES = (".metadata", "common.pt", "metadata.json")  # a torch_dist iteration folder (formats.md addendum)
+NOT_TOKENIZER = {"generation_config.json"}  # copied with the tokenizer files, but it is not one
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # the distributed optimizer's state beside a rank's model file
 
 
@@ -68,7 +69,7 @@ def _subdirs(path: Path) -> list[Path]:
 def _base(path: Path, fmt: str, spec: ModelSpec, tokenizer_files) -> Inspection:
     from megallama.formats.megatron.torch_format import detect_tokenizer
 
-    files = [Path(f) for f in tokenizer_files]
+    files = [Path(f) for f in tokenizer_files if Path(f).name not in NOT_TOKENIZER]
     return Inspection(path=str(path), format=fmt, dtype=spec.dtype, spec=spec.to_dict(),
                       num_parameters=spec.num_parameters(), vocab_size=spec.vocab_size,
                       tokenizer=[f.name for f in files], tokenizer_type=detect_tokenizer(files, path)[0])
@@ -154,14 +155,11 @@ def _torch_dist(path: Path, it_dir: Path) -> Inspection:
 
 def _dcp_tensors(it_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{key: (global shape, dtype)} from a PyTorch Distributed Checkpoint's `.metadata` (no tensor data read)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from megallama.formats.safe_pickle import read_dcp_metadata
     from megallama.spec import normalize_dtype
 
-    try:
-        metadata = FileSystemReader(str(it_dir)).read_metadata()
-    except Exception as e:  # unreadable metadata: one line, like every other bad input
-        raise InputError(f"{it_dir / '.metadata'} is not readable DCP metadata: {type(e).__name__}: {e}") from None
+    metadata = read_dcp_metadata(it_dir / ".metadata")  # restricted unpickler: nothing in it runs
     return {k: (tuple(m.size), normalize_dtype(str(m.properties.dtype)))
             for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}

@@ -362,3 +362,16 @@ def check_parallel(spec: ModelSpec, *, tp: int, pp: int) -> None:
             problems.append(f"PP={pp} does not divide the {spec.num_layers} layers")
     if problems:
         raise InputError("; ".join(problems))
+
+
+def check_rope_for_megatron(spec: ModelSpec) -> None:
+    """megatron-core (and Megatron-LM's --use-rope-scaling --rope-scaling-factor) make only the llama3 `factor`
+    configurable; the other three are hard-coded. Any other value would rebuild another model: refused, here for
+    the converters to Megatron and for every command that runs megatron-core."""
+    if spec.rope_scaling:
+        fixed = {k: v for k, v in LLAMA3_ROPE_DEFAULTS.items() if k != "factor"}
+        wrong = {k: spec.rope_scaling.get(k) for k in fixed
+                 if float(spec.rope_scaling.get(k, fixed[k])) != float(fixed[k])}
+        if wrong:
+            raise InputError(f"rope scaling {wrong} differs from megatron-core's hard-coded llama3 values {fixed}: "
+                             "Megatron-LM cannot rebuild this model")

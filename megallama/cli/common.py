@@ -30,7 +30,7 @@ err = Console(stderr=True)  # progress, messages, errors
 # OS errors a user fixes (a path, a permission, a full disk): bad input, exit 2. Any other OSError is ours (3).
 USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
                   errno.ENAMETOOLONG, errno.EBUSY, errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV}
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled like Ctrl-C (SIGINT): unwind, clean up staging
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # all unwind like Ctrl-C, clean up staging
 
 
 def error_line(message: str) -> None:
@@ -54,20 +54,32 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MegallamaError as e:
-            fail(str(e), e.exit_code)
         except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
-        except OSError as e:
-            if e.errno not in USER_OS_ERRORS or os.environ.get("MEGALLAMA_DEBUG"):
-                return _internal(e)
-            fail(os_error_message(e), InputError.exit_code)
-        except UnicodeDecodeError as e:  # a binary file where text was expected
-            fail(f"a file is not UTF-8 text ({e.reason} at byte {e.start}): pass a text file", InputError.exit_code)
-        except Exception as e:  # an unexpected failure: still one line, traceback on request
-            return _internal(e)
+        except BaseException as e:
+            if _Interrupted.signum is not None:  # whatever the interrupt turned into on its way out (torch's zip
+                raise KeyboardInterrupt from e  # writer raises RuntimeError over it): reported as the interrupt
+            return _map_error(e)
 
     return wrapper
+
+
+def _map_error(e: BaseException) -> None:
+    """The one line and exit code of an exception that was not caused by an interrupt."""
+    try:
+        raise e
+    except MegallamaError as e:
+        fail(str(e), e.exit_code)
+    except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+        raise
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS or os.environ.get("MEGALLAMA_DEBUG"):
+            return _internal(e)
+        fail(os_error_message(e), InputError.exit_code)
+    except UnicodeDecodeError as e:  # a binary file where text was expected
+        fail(f"a file is not UTF-8 text ({e.reason} at byte {e.start}): pass a text file", InputError.exit_code)
+    except Exception as e:  # an unexpected failure: still one line, traceback on request
+        return _internal(e)
 
 
 def _internal(e: Exception) -> None:
@@ -87,7 +99,8 @@ def _stop(signum, frame) -> None:
 
 @contextlib.contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt, as SIGINT does, for the duration of one command."""
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt for the duration of one command, and are remembered:
+    whatever exception then unwinds the command is reported as the interrupt (`handle_errors`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -112,7 +125,7 @@ class OneLineErrors(TyperGroup):
             try:
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             except Exception as e:
-                code = _usage_error(e)
+                code = 130 if _Interrupted.signum is not None else _usage_error(e)
             except KeyboardInterrupt:  # raised outside a command (Typer turns those into exit 130)
                 code = 130
         if code == 130:

@@ -36,6 +36,9 @@ DivisibleBy = Annotated[int, typer.Option("--make-vocab-size-divisible-by", "--m
                                           help=DIVISIBLE_HELP)]
 TransformerImpl = Annotated[str, typer.Option("--transformer-impl", "--transformer_impl", help=IMPL_HELP)]
 Layout = Annotated[str | None, typer.Option("--layout", help=LAYOUT_HELP)]
+ModelConfig = Annotated[Path | None, typer.Option(
+    "--model-config", help="HF config.json, Meta params.json, or a folder with one: the architecture of a "
+                           "torch-format checkpoint whose args lack it (the Megatron-LLaMA fork, alibaba).")]
 
 
 def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
@@ -172,6 +175,7 @@ def megatron2megatron(
     divisible_by: DivisibleBy = 128,
     transformer_impl: TransformerImpl = "local",
     layout: Layout = None,
+    model_config: ModelConfig = None,
     force: Force = False,
     revision: Revision = None,
 ) -> None:
@@ -181,7 +185,7 @@ def megatron2megatron(
     """
     _to_megatron(input_dir, output_dir, src_format="megatron", title="megatron2megatron", tp=tp, pp=pp,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl, layout=layout, revision=revision)
+                 transformer_impl=transformer_impl, layout=layout, model_config=model_config, revision=revision)
 
 
 @app.command("megatron2pth")
@@ -193,6 +197,7 @@ def megatron2pth(
     shards: int = typer.Option(1, "--shards", help="Number of consolidated.NN.pth model-parallel shards."),
     dtype: Dtype = None,
     layout: Layout = None,
+    model_config: ModelConfig = None,
     force: Force = False,
     revision: Revision = None,
 ) -> None:
@@ -201,7 +206,7 @@ def megatron2pth(
     Example: megallama convert megatron2pth --input-dir runs/sft --output-dir llama-2-7b-sft
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="meta", title="megatron2pth", shards=shards,
-         dtype=dtype, force=force, layout=layout, revision=revision)
+         dtype=dtype, force=force, layout=layout, model_config=model_config, revision=revision)
 
 
 @app.command("megatron2hf")
@@ -212,6 +217,7 @@ def megatron2hf(
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="HF folder to write."),
     dtype: Dtype = None,
     layout: Layout = None,
+    model_config: ModelConfig = None,
     force: Force = False,
     revision: Revision = None,
 ) -> None:
@@ -220,4 +226,4 @@ def megatron2hf(
     Example: megallama convert megatron2hf --input-dir runs/sft --output-dir llama-2-7b-sft-hf
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="hf", title="megatron2hf", dtype=dtype,
-         force=force, layout=layout, revision=revision)
+         force=force, layout=layout, model_config=model_config, revision=revision)

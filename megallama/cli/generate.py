@@ -52,6 +52,10 @@ def register(app: typer.Typer) -> None:
 
         if (prompt is None) == (prompts is None):
             raise InputError("give exactly one of --prompt TEXT and --prompts FILE.jsonl")
+        if json_out is not None:
+            from megallama.staging import check_writable_file
+
+            check_writable_file(json_out)  # before the model runs, not after
         items = [Prompt(prompt)] if prompt is not None else read_prompts(prompts)
         settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             chat=chat, dtype=dtype, tp=tp, pp=pp)

@@ -57,6 +57,13 @@ def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
         missing = missing_files(it_dir)
         if missing:
             raise InputError(f"torch_dist checkpoint {it_dir} is incomplete: {missing[0]} is missing")
+        from megallama.formats.megatron.torch_dist import DistCheckpoint
+        from megallama.formats.megatron.torch_format import load_rank_file
+
+        # the converters' check, before anything is written or launched: .metadata read with the restricted
+        # unpickler (megatron-core's ranks would pickle.load it), every .distcp it lists present and whole
+        DistCheckpoint(it_dir)
+        load_rank_file(it_dir / "common.pt")  # its globals checked here, in one line, not in every rank
     else:
         have = torch_grid(it_dir)
         if have != (p["tp"], p["pp"]):
@@ -69,6 +76,11 @@ def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
         if missing:
             raise InputError(f"checkpoint {root} is incomplete: {missing[0]} is missing"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        from megallama.formats.megatron.torch_format import load_rank_file
+
+        for t in range(p["tp"]):  # mmap, safe unpickler: a refusal here, in one line, not in the ranks
+            for q in range(p["pp"]):
+                load_rank_file(rank_path(root, iteration, tp_rank=t, pp_rank=q, pp=p["pp"]))
     if cfg["data"]["seq_length"] > spec.max_position_embeddings:
         raise InputError(f"data.seq_length {cfg['data']['seq_length']} exceeds the model's max_position_embeddings "
                          f"{spec.max_position_embeddings}")

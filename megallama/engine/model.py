@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from megallama.errors import InputError
 from megallama.formats.base import TORCH_DTYPES
-from megallama.spec import LLAMA3_ROPE_DEFAULTS, ModelSpec
+from megallama.spec import ModelSpec
 
 
 def transformer_config(spec: ModelSpec, *, dtype: str = "float32", sequence_parallel: bool = False,
@@ -178,11 +178,9 @@ def llama_gpt_model_class():
 
 def check_rope_supported(spec: ModelSpec) -> None:
     """megatron-core makes only the llama3 `factor` configurable; the other three are hard-coded."""
-    if spec.rope_scaling:
-        fixed = {k: v for k, v in LLAMA3_ROPE_DEFAULTS.items() if k != "factor"}
-        wrong = {k: spec.rope_scaling[k] for k in fixed if float(spec.rope_scaling[k]) != float(fixed[k])}
-        if wrong:
-            raise InputError(f"rope scaling {wrong} differs from megatron-core's hard-coded llama3 values {fixed}")
+    from megallama.spec import check_rope_for_megatron
+
+    check_rope_for_megatron(spec)
 
 
 def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "float32", pre_process: bool | None = None,

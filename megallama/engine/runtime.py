@@ -243,6 +243,9 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: i
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megallama.formats.safe_pickle import guard_dcp_loading
+
+    guard_dcp_loading()  # megatron-core's checkpoint reads in this rank unpickle nothing that could run code
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")

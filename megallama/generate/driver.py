@@ -150,6 +150,8 @@ def check_settings(s: Settings) -> None:
         problems.append(f"--temperature must be >= 0 (got {s.temperature}; 0 is greedy)")
     if not 0 < s.top_p <= 1:
         problems.append(f"--top-p must lie in (0, 1] (got {s.top_p})")
+    problems += [f"{flag} must be >= 1 (got {size})" for flag, size in (("--tp", s.tp), ("--pp", s.pp))
+                 if size is not None and size < 1]  # `s.tp or tp` would take 0 as the saved split
     if problems:
         raise InputError("; ".join(problems))
 

@@ -173,18 +173,31 @@ def spec_from_args(args, *, padded_vocab_size: int, dtype: str, notes: list[str]
     )
 
 
-def spec_from_config_file(root: Path, dtype: str) -> ModelSpec | None:
+def spec_from_config_file(root: Path, dtype: str, config: Path | None = None) -> ModelSpec | None:
     """The architecture from a config.json (HF) or params.json (Meta) placed beside a checkpoint whose args
-    do not give it (the forks); None when there is neither."""
+    do not give it (the forks), or from `config` (--model-config: such a file, or a folder holding one);
+    None when there is neither."""
     from megallama.formats.hf import read_json
 
-    if (root / "config.json").is_file():
-        return ModelSpec.from_hf_config(read_json(root / "config.json", "expected an HF config")).replace(dtype=dtype)
-    if (root / "params.json").is_file():
-        params = read_json(root / "params.json", "expected Meta params")
+    hf, meta = root / "config.json", root / "params.json"
+    if config is not None:
+        config = Path(config)
+        if config.is_dir():
+            hf, meta = config / "config.json", config / "params.json"
+            if not hf.is_file() and not meta.is_file():
+                raise InputError(f"--model-config {config} holds neither config.json (HF) nor params.json (Meta)")
+        elif config.is_file():
+            is_meta = "dim" in read_json(config, "expected an HF config.json or a Meta params.json")
+            hf, meta = (root / "-", config) if is_meta else (config, root / "-")
+        else:
+            raise InputError(f"--model-config {config} does not exist")
+    if hf.is_file():
+        return ModelSpec.from_hf_config(read_json(hf, "expected an HF config")).replace(dtype=dtype)
+    if meta.is_file():
+        params = read_json(meta, "expected Meta params")
         vocab = params.get("vocab_size") if params.get("vocab_size", -1) > 0 else tokenizer_vocab(root)
         if not vocab:
-            raise InputError(f"{root / 'params.json'} has no vocab_size and there is no tokenizer.model to count")
+            raise InputError(f"{meta} has no vocab_size and there is no tokenizer.model to count")
         return ModelSpec.from_meta_params(params, vocab_size=vocab, dtype=dtype)
     return None
 

@@ -88,6 +88,7 @@ from megallama.formats.megatron.torch_format import (
     load_rank_file,
     write_tracker,
 )
+from megallama.formats.safe_pickle import read_dcp_metadata
 from megallama.names import expected_shapes
 from megallama.spec import ModelSpec, check_parallel, normalize_dtype, padded_vocab_size
 
@@ -365,11 +366,11 @@ class DistCheckpoint:
         if not (self.dir / DCP_METADATA).is_file():
             raise InputError(f"{self.dir} has no {DCP_METADATA}: not a complete torch_dist checkpoint")
         self._storage = FileSystemReader(self.dir)
+        self.metadata: Metadata = read_dcp_metadata(self.dir / DCP_METADATA)  # never a plain pickle.load
         try:
-            self.metadata: Metadata = self._storage.read_metadata()
-        except Exception as e:  # a truncated or foreign pickle: one line, whatever the unpickler raised
-            raise InputError(f"{self.dir / DCP_METADATA} is not readable DCP metadata: {type(e).__name__}") from None
-        self._storage.set_up_storage_reader(self.metadata, True)
+            self._storage.set_up_storage_reader(self.metadata, True)
+        except AssertionError as e:
+            raise InputError(f"{self.dir / DCP_METADATA} is not readable DCP metadata: {e}") from None
         self._check_files()
 
     def _check_files(self) -> None:

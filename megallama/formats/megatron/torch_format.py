@@ -393,7 +393,7 @@ def flatten(model: dict, prefix: str = "") -> dict:
 
 
 # ---------------------------------------------------------------- opening a folder
-def open_megatron(path: Path, *, layout: str | None = None) -> MegatronReader:
+def open_megatron(path: Path, *, layout: str | None = None, model_config: Path | None = None) -> MegatronReader:
     """Open a Megatron torch-format checkpoint of any known layout as a canonical Reader.
 
     `path` is the checkpoint root (with latest_checkpointed_iteration.txt) or one iteration folder. The layout
@@ -408,6 +408,7 @@ def open_megatron(path: Path, *, layout: str | None = None) -> MegatronReader:
     files, tp, pp = _rank_files(it_dir)
     first = load_rank_file(files[0, 0])
     args = first.get("args") if isinstance(first, dict) else None
+    _check_saved_grid(it_dir, files, args, tp=tp, pp=pp)
     stage_keys = [flatten(_model(load_rank_file(files[0, p]), files[0, p])) for p in range(pp)]
     chosen = layout_named(layout) if layout else detect_layout(k for keys in stage_keys for k in keys)
     model = chosen.rename(stage_keys[0])
@@ -418,7 +419,7 @@ def open_megatron(path: Path, *, layout: str | None = None) -> MegatronReader:
     padded = embedding.shape[0] * tp
     dtype = normalize_dtype(str(embedding.dtype))
     del first, model, embedding
-    spec, notes = _spec(root, args, padded=padded, dtype=dtype)
+    spec, notes = _spec(root, args, padded=padded, dtype=dtype, model_config=model_config)
     if padded < spec.vocab_size:
         raise InputError(f"embedding has {padded} rows but the vocab is {spec.vocab_size}")
     check_parallel(spec, tp=tp, pp=pp)
@@ -441,21 +442,24 @@ def _manifest(root: Path) -> dict:
     return manifest if manifest.get("format") == "megatron" else {}
 
 
-def _spec(root: Path, args, *, padded: int, dtype: str) -> tuple[ModelSpec, list[str]]:
-    """The architecture: megallama.json, else the saved args, else a config.json / params.json beside the
-    checkpoint (the forks save no or partial args)."""
+def _spec(root: Path, args, *, padded: int, dtype: str, model_config: Path | None = None
+          ) -> tuple[ModelSpec, list[str]]:
+    """The architecture: megallama.json, else `model_config` (--model-config), else the saved args, else a
+    config.json / params.json beside the checkpoint (the forks save no or partial args)."""
     notes: list[str] = []
     manifest = _manifest(root)
     if manifest.get("spec"):
         spec = ModelSpec.from_dict({**manifest["spec"], "dtype": dtype})
         return spec.replace(vocab_size=manifest.get("vocab_size", spec.vocab_size)), notes
+    if model_config is not None:
+        return spec_from_config_file(root, dtype, model_config), [f"architecture from --model-config {model_config}"]
     if args_describe_model(args):
         return spec_from_args(args, padded_vocab_size=padded, dtype=dtype, notes=notes,
                               fallback_vocab=tokenizer_vocab(root)), notes
     spec = spec_from_config_file(root, dtype)
     if spec is None:
         raise InputError(f"{root}: the checkpoint's args do not give the architecture (norm eps, sizes): put the "
-                         "model's config.json (HF) or params.json (Meta) into the checkpoint folder")
+                         "model's config.json (HF) or params.json (Meta) as --model-config PATH")
     return spec, notes
 
 
@@ -503,6 +507,20 @@ def _rank_files(it_dir: Path) -> tuple[dict[tuple[int, int], Path], int, int]:
     if missing:
         raise InputError(f"{it_dir} is missing {MODEL_FILE} for {', '.join(missing[:4])} (TP={tp}, PP={pp} grid)")
     return {k: f for k, (f, _) in found.items()}, tp, pp
+
+
+def _check_saved_grid(it_dir: Path, files: dict, args, *, tp: int, pp: int) -> None:
+    """The rank files found cover the TP x PP grid the args were saved at: a deleted last rank would otherwise
+    shrink the grid and surface later as a shape mismatch. Names the missing rank folders."""
+    saved_tp = getattr(args, "tensor_model_parallel_size", None)
+    saved_pp = getattr(args, "pipeline_model_parallel_size", None) or 1
+    if not isinstance(saved_tp, int) or not isinstance(saved_pp, int) or (saved_tp <= tp and saved_pp <= pp):
+        return
+    missing = [checkpoint_dir(it_dir.parent, 0, t, p, saved_pp).name for p in range(saved_pp)
+               for t in range(saved_tp) if (t, p) not in files]
+    raise InputError(f"{it_dir} is missing {MODEL_FILE} for {', '.join(missing[:4])}"
+                     + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else "")
+                     + f": its args say TP={saved_tp}, PP={saved_pp}")
 
 
 def _model(ckpt: dict, path: Path) -> dict:
