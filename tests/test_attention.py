@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from megallama.errors import InputError
 from megallama.engine.launch import run_torchrun
 from megallama.engine.model import ATTENTIONS, check_attention
 from megallama.engine.runtime import cuda_available
+from megallama.errors import InputError
 
 WORKER = Path(__file__).parent / "workers" / "attention_parity.py"
 # fp32 rounding: the fused softmax and the unfused baddbmm + softmax round differently, a few units in the last

@@ -22,14 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import SFT_CONFIG, cli
 
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.sft.data import make_learnable_dataset
 
-runner = CliRunner()
-CONFIG = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
 SLOW_CLI = Path(__file__).parent / "workers" / "slow_cli.py"
 BINARY = bytes(range(256)) * 4  # not UTF-8, not JSON, not YAML
 
@@ -44,7 +41,7 @@ def world(hf_dirs, tmp_path_factory) -> dict[str, Path]:
     convert(pth, meg, src_format="meta", dst_format="megatron", ckpt_format="torch")  # what sft loads
     convert(pth, dist, src_format="meta", dst_format="megatron", ckpt_format="torch_dist")
     return {"root": root, "hf": hf_dirs["llama2"], "hf1": hf_dirs["llama1"], "pth": pth, "meg": meg, "dist": dist,
-            "data": make_learnable_dataset(root / "train.jsonl", n=16, seed=0), "cfg": CONFIG}
+            "data": make_learnable_dataset(root / "train.jsonl", n=16, seed=0), "cfg": SFT_CONFIG}
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -95,11 +92,15 @@ def copy_of(key: str, name: str = "in") -> Callable:
     return setup
 
 
+DROP = object()  # edit_json(..., key=DROP) removes the key
+
+
 def edit_json(key: str, file: str, **changes) -> Callable:
     def setup(w, tmp, lock):
         folder = copy_of(key)(w, tmp, lock)
         data = json.loads((folder / file).read_text())
         data.update(changes)
+        data = {k: v for k, v in data.items() if v is not DROP}
         (folder / file).write_text(json.dumps(data))
 
     return setup
@@ -198,6 +199,10 @@ CASES = [
          "hidden_size is 'big', expected an integer", setup=edit_json("hf", "config.json", hidden_size="big")),
     Case("hf-wrong-layers", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out", "unexpected tensors",
          setup=edit_json("hf", "config.json", num_hidden_layers=3)),
+    Case("hf-zero-heads", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out", "positive integers",
+         setup=edit_json("hf", "config.json", num_attention_heads=0, head_dim=DROP)),
+    Case("input-rich-markup-verbatim", "convert pth2hf --input-dir {tmp}/a[/b]/x[bold] --output-dir {tmp}/out",
+         "a[/b]/x[bold] does not exist"),
     Case("hf-int32-weight", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out",
          "model.layers.1.mlp.up_proj.weight", setup=int32_weight),
     Case("hf-bad-dtype", HF2PTH + " --dtype fp8", "unsupported dtype 'fp8'"),
@@ -227,6 +232,8 @@ CASES = [
          "latest_checkpointed_iteration.txt"),
     # output side: refused before any work, with what to do
     Case("out-overlaps-input", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/in/sub", "overlap",
+         setup=copy_of("hf")),
+    Case("out-contains-input", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp} --force", "overlap",
          setup=copy_of("hf")),
     Case("out-not-empty", HF2PTH, "is not empty: pass --force", setup=nonempty_output),
     Case("out-is-a-file", HF2PTH, "exists and is not a folder: pass --force", setup=write("out", "x")),
@@ -288,7 +295,7 @@ def test_bad_input(case: Case, world, tmp_path, locked):
     before = snapshot(*inputs)
     beside = sorted(os.listdir(world["root"]))
 
-    result = runner.invoke(app, args)
+    result = cli(*args)
 
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == case.code, result.output
@@ -339,8 +346,8 @@ def test_failed_force_run_keeps_the_old_output(world, tmp_path, monkeypatch, com
     before = snapshot(tmp_path, world[source])
     failing = DiskFull(after=3, error=error)
     monkeypatch.setattr(cli_convert, "byte_progress", failing.progress)
-    result = runner.invoke(app, ["convert", command, "--input-dir", str(world[source]), "--output-dir", str(out),
-                                 "--force"])
+    result = cli("convert", command, "--input-dir", str(world[source]), "--output-dir", str(out),
+                 "--force")
     assert result.exit_code == code, result.output
     assert failing.calls == 4  # it did fail mid-write, after three tensors
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -351,12 +358,21 @@ def test_existing_empty_folder_is_written_into(world, tmp_path):
     out = tmp_path / "mount"  # stands for a mount point: the folder itself is kept, never renamed
     out.mkdir()
     inode = out.stat().st_ino
-    result = runner.invoke(app, ["convert", "pth2hf", "--input-dir", str(world["pth"]), "--output-dir", str(out)])
+    result = cli("convert", "pth2hf", "--input-dir", str(world["pth"]), "--output-dir", str(out))
     assert result.exit_code == 0, result.output
     assert out.stat().st_ino == inode
     assert (out / "config.json").is_file() and (out / "megallama.json").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert sorted(os.listdir(tmp_path)) == ["mount"]
+
+
+def test_replacing_an_output_file_with_force_leaves_nothing_behind(world, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    result = cli("convert", "hf2pth", "--input-dir", world["hf"], "--output-dir", target, "--force")
+    assert result.exit_code == 0, result.output
+    assert (target / "params.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ---------------------------------------------------------------- interruptions (real processes)
@@ -403,7 +419,7 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(world, tmp_path):
     proc.communicate(timeout=60)
     stale = tmp_path / f".out.tmp-{proc.pid}"
     assert stale.is_dir()  # what a SIGKILL leaves: the dead process's staging folder
-    result = runner.invoke(app, ["convert", "hf2pth", "--input-dir", str(world["hf"]), "--output-dir", str(out)])
+    result = cli("convert", "hf2pth", "--input-dir", str(world["hf"]), "--output-dir", str(out))
     assert result.exit_code == 0, result.output
     flat = "".join(result.stdout.replace("│", "").split())  # the note, unwrapped from the summary table
     assert f"removed{stale}leftbyprocess{proc.pid},whichisnolongerrunning" in flat, result.stdout
@@ -432,8 +448,8 @@ def test_crashed_verify_worker_exits_3(world, monkeypatch):
         return -9, ["Killed"]
 
     monkeypatch.setattr(megallama.engine.launch, "stream_torchrun", crashed)
-    result = runner.invoke(app, ["verify", "layer-diff", "--reference", str(world["hf"]), "--megatron",
-                                 str(world["meg"])])
+    result = cli("verify", "layer-diff", "--reference", str(world["hf"]), "--megatron",
+                 str(world["meg"]))
     assert result.exit_code == 3, result.output
     assert result.stderr.strip().splitlines()[-1] == "error: Megatron workers (TP=1, PP=1) exited with -9: Killed"
     assert "Traceback" not in result.output

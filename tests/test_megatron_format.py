@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import cli, hf_model, hf_tensors, small_spec
 
 from megallama.errors import InputError
 from megallama.formats.base import DictReader, read_manifest
@@ -30,14 +30,13 @@ from megallama.formats.megatron.torch_format import (
 from megallama.names import expected_shapes
 from megallama.spec import ModelSpec
 
-E = ModelSpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=176, vocab_size=128)
+E = small_spec()
 CONFIGS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
 
 
 def hf_reader(hf_dir: Path) -> DictReader:
     """The HF fixture as a canonical reader (HF names and rotary order are canonical), independent of hf.py."""
-    spec = ModelSpec.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    reader = DictReader(spec, load_file(hf_dir / "model.safetensors"))
+    reader = DictReader(*hf_model(hf_dir))
     reader.tokenizer_files = [hf_dir / "tokenizer.model"]
     return reader
 
@@ -320,14 +319,6 @@ def test_writer_refuses_bad_parallel(tmp_path):
 
 
 # ---------------------------------------------------------------- CLI: the whole path through Meta pth
-def cli(*args):
-    from typer.testing import CliRunner
-
-    from megallama.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def pth_dirs(hf_dirs, tmp_path_factory):
     """{preset: Meta pth folder} made by `megallama convert hf2pth`."""
@@ -354,7 +345,7 @@ def test_cli_hf_pth_megatron_pth_hf_bit_exact(hf_dirs, pth_dirs, tmp_path, prese
     assert str(pth_dirs[preset] / "consolidated.00.pth") in manifest["sources"]
     assert cli("convert", "megatron2pth", "--input-dir", meg, "--output-dir", pth).exit_code == 0
     assert cli("convert", "pth2hf", "--input-dir", pth, "--output-dir", hf).exit_code == 0
-    want, got = load_file(hf_dirs[preset] / "model.safetensors"), load_file(hf / "model.safetensors")
+    want, got = hf_tensors(hf_dirs[preset]), hf_tensors(hf)
     assert sorted(want) == sorted(got)
     assert all(torch.equal(want[n], got[n]) for n in want)
 

@@ -17,17 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import SFT_CONFIG, cli
 
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.sft.data import global_batches, learnable_lines, load_dataset, load_tokenizer, make_learnable_dataset
 from megallama.sft.report import read_metrics
 from megallama.tiny import make_hf_checkpoint, train_tokenizer
 
-CONFIG = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
 SEQ, MICRO, GLOBAL, STEPS, SEED = 96, 4, 8, 6, 1234
-runner = CliRunner()
 
 
 # ---------------------------------------------------------------- fixtures
@@ -50,10 +47,10 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def sft(tiny: dict, name: str, *args: str, load: str = "meg11", steps: int = STEPS, micro: int = MICRO):
     """Run `megallama sft` on the tiny recipe; returns (CliRunner result, output folder)."""
     output = tiny["root"] / name
-    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny[load]}", f"data.train={tiny['train']}",
-                                 f"data.eval={tiny['eval']}", f"output={output}", f"train.steps={steps}",
-                                 f"train.micro_batch_size={micro}", f"train.global_batch_size={GLOBAL}",
-                                 "train.save_interval=3", "train.eval_interval=3", *args])
+    result = cli("sft", "--config", str(SFT_CONFIG), f"load={tiny[load]}", f"data.train={tiny['train']}",
+                 f"data.eval={tiny['eval']}", f"output={output}", f"train.steps={steps}",
+                 f"train.micro_batch_size={micro}", f"train.global_batch_size={GLOBAL}",
+                 "train.save_interval=3", "train.eval_interval=3", *args)
     return result, output
 
 
@@ -262,8 +259,8 @@ def resume_after_kill(run: Path, name: str, *args: str) -> Path:
     shutil.copytree(run, killed)
     shutil.rmtree(killed / "iter_0000006")
     (killed / "latest_checkpointed_iteration.txt").write_text("3")
-    result = runner.invoke(app, ["sft", "--config", str(killed / "config.yaml"), f"output={killed}", "--resume",
-                                 *args])
+    result = cli("sft", "--config", str(killed / "config.yaml"), f"output={killed}", "--resume",
+                 *args)
     assert result.exit_code == 0, result.output
     return killed
 
@@ -284,13 +281,13 @@ def test_round_trip_to_hf_reproduces_the_eval_loss(base, tiny):
     pth, hf = tiny["root"] / "rt-pth", tiny["root"] / "rt-hf"
     for cmd in (["megatron2pth", "--input-dir", str(base), "--output-dir", str(pth)],
                 ["pth2hf", "--input-dir", str(pth), "--output-dir", str(hf)]):
-        result = runner.invoke(app, ["convert", *cmd])
+        result = cli("convert", *cmd)
         assert result.exit_code == 0, result.output
     expected, _ = hf_loss(hf, tiny, "eval", list(range(2 * GLOBAL)))  # eval_steps 2 x global 8, in order
     assert abs(eval_losses(base)[STEPS] - expected) <= 1e-4 * expected
     report = tiny["root"] / "verify.json"
-    result = runner.invoke(app, ["verify", "layer-diff", "--reference", str(hf), "--megatron", str(base),
-                                 "--json", str(report)])
+    result = cli("verify", "layer-diff", "--reference", str(hf), "--megatron", str(base),
+                 "--json", str(report))
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["verdict"] == "PASS"
 
@@ -298,9 +295,9 @@ def test_round_trip_to_hf_reproduces_the_eval_loss(base, tiny):
 # ---------------------------------------------------------------- plan and refusals (no processes started)
 def test_dry_run_prints_the_plan_and_starts_nothing(tiny):
     output = tiny["root"] / "dry"
-    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg22']}",
-                                 f"data.train={tiny['train']}", f"output={output}", "--tp", "2", "--pp", "2",
-                                 "train.micro_batch_size=2", "--dry-run"])
+    result = cli("sft", "--config", str(SFT_CONFIG), f"load={tiny['meg22']}",
+                 f"data.train={tiny['train']}", f"output={output}", "--tp", "2", "--pp", "2",
+                 "train.micro_batch_size=2", "--dry-run")
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     for expected in ("4 = TP 2 x PP 2 x DP 1", "accumulation 4", "2 (4 layers / PP 2)", "padded vocab",
@@ -311,9 +308,9 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tiny):
                     r"\(data\.pack=true would fill (\d+)%\)", rows)
     assert "attention sdpa" in rows and off and 0 < int(off[1]) <= int(off[2]) <= 100, rows
     assert not output.exists()
-    packed = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg22']}", "data.pack=true",
-                                 f"data.train={tiny['train']}", f"output={output}", "--tp", "2", "--pp", "2",
-                                 "data.seq_length=256", "--dry-run"])
+    packed = cli("sft", "--config", str(SFT_CONFIG), f"load={tiny['meg22']}", "data.pack=true",
+                 f"data.train={tiny['train']}", f"output={output}", "--tp", "2", "--pp", "2",
+                 "data.seq_length=256", "--dry-run")
     assert packed.exit_code == 0, packed.output
     rows = " ".join(packed.stdout.replace("│", " ").split())
     found = re.search(r"packing on: (\d\.\d) samples per row, (\d+)% of token slots hold tokens \(unpacked (\d+)%\)",
@@ -322,9 +319,9 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tiny):
 
 
 def test_train_equal_to_eval_warns(tiny):
-    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg11']}",
-                                 f"data.train={tiny['train']}", f"data.eval={tiny['train']}",
-                                 f"output={tiny['root'] / 'same'}", "--dry-run"])
+    result = cli("sft", "--config", str(SFT_CONFIG), f"load={tiny['meg11']}",
+                 f"data.train={tiny['train']}", f"data.eval={tiny['train']}",
+                 f"output={tiny['root'] / 'same'}", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "the same file" in result.stderr
 
@@ -346,8 +343,8 @@ def test_train_equal_to_eval_warns(tiny):
 ])
 def test_refusals_exit_2(tiny, args, message):
     output = tiny["root"] / "refused"
-    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg11']}",
-                                 f"data.train={tiny['train']}", f"output={output}", *args])
+    result = cli("sft", "--config", str(SFT_CONFIG), f"load={tiny['meg11']}",
+                 f"data.train={tiny['train']}", f"output={output}", *args)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
     assert not output.exists()
@@ -356,22 +353,22 @@ def test_refusals_exit_2(tiny, args, message):
 def test_token_ids_outside_the_vocabulary_exit_2(tiny):
     bad = tiny["root"] / "bad.jsonl"
     bad.write_text(json.dumps({"input_ids": [1, 5, 999, 2], "labels": [1, 5, 999, 2]}) + "\n")
-    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg11']}", f"data.train={bad}",
-                                 "data.format=pretokenized", f"output={tiny['root'] / 'bad'}"])
+    result = cli("sft", "--config", str(SFT_CONFIG), f"load={tiny['meg11']}", f"data.train={bad}",
+                 "data.format=pretokenized", f"output={tiny['root'] / 'bad'}")
     assert result.exit_code == 2, result.output
     assert "outside the model's vocabulary" in " ".join(result.output.split())
 
 
 def test_finished_output_is_not_overwritten(base, tiny):
-    result = runner.invoke(app, ["sft", "--config", str(CONFIG), f"load={tiny['meg11']}",
-                                 f"data.train={tiny['train']}", f"output={base}"])
+    result = cli("sft", "--config", str(SFT_CONFIG), f"load={tiny['meg11']}",
+                 f"data.train={tiny['train']}", f"output={base}")
     assert result.exit_code == 2 and "--resume" in result.output
 
 
 def test_config_overrides_are_coerced_and_epochs_become_steps():
     from megallama.sft.config import load_config, resolve_plan
 
-    cfg = load_config(CONFIG, ["train.lr=2e-5", "train.steps=1e3", "data.train_on_prompt=yes", "parallel.dp=null",
+    cfg = load_config(SFT_CONFIG, ["train.lr=2e-5", "train.steps=1e3", "data.train_on_prompt=yes", "parallel.dp=null",
                                "train.recompute=none", "train.epochs=2", "train.global_batch_size=16"])
     assert cfg["train"]["lr"] == 2e-5 and cfg["train"]["steps"] == 1000 and cfg["data"]["train_on_prompt"] is True
     assert cfg["parallel"]["dp"] is None and cfg["train"]["recompute"] == "none"
@@ -384,7 +381,7 @@ def test_reference_recipe_mirrors_llama_sft_sh(tmp_path):
     from megallama.sft.config import load_config
     from megallama.spec import ModelSpec
 
-    cfg = load_config(CONFIG.parent / "llama2-7b-reference.yaml")
+    cfg = load_config(SFT_CONFIG.parent / "llama2-7b-reference.yaml")
     t = cfg["train"]
     assert (cfg["parallel"]["tp"], cfg["parallel"]["pp"], cfg["data"]["seq_length"]) == (4, 2, 2048)
     assert (t["micro_batch_size"], t["global_batch_size"], t["lr"], t["min_lr"]) == (2, 128, 2e-5, 2e-6)
@@ -406,9 +403,9 @@ def test_reference_recipe_mirrors_llama_sft_sh(tmp_path):
     rows = [{"input_ids": list(range(1, 600)), "labels": [-100] * 300 + list(range(301, 600))}] * 4
     for name in ("train", "test"):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = runner.invoke(app, ["sft", "--config", str(CONFIG.parent / "llama2-7b-reference.yaml"), f"load={ckpt}",
-                                 f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'test.jsonl'}",
-                                 f"output={tmp_path / 'out'}", "--dry-run"])
+    result = cli("sft", "--config", str(SFT_CONFIG.parent / "llama2-7b-reference.yaml"), f"load={ckpt}",
+                 f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'test.jsonl'}",
+                 f"output={tmp_path / 'out'}", "--dry-run")
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     for expected in ("8 = TP 4 x PP 2 x DP 1", "micro 2 x DP 1 x accumulation 64", "16 (32 layers / PP 2)",
@@ -453,7 +450,7 @@ def test_sigkill_during_a_save_loses_nothing(tiny, fmt):
     assert (output / "latest_checkpointed_iteration.txt").read_text() == "3"
     assert (output / "iter_0000006").is_dir()  # half-written
     before = losses(output)
-    result = runner.invoke(app, ["sft", "--config", str(output / "config.yaml"), f"output={output}", "--resume"])
+    result = cli("sft", "--config", str(output / "config.yaml"), f"output={output}", "--resume")
     assert result.exit_code == 0, result.output
     after = losses(output)
     assert [after[s] for s in (4, 5, 6)] == [before[s] for s in (4, 5, 6)]

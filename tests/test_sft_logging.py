@@ -7,15 +7,12 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import SFT_CONFIG, cli
 
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.sft import config as sft_config
 from megallama.sft.data import make_learnable_dataset
 from megallama.sft.report import Reporter, read_metrics
-
-CONFIG = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
 
 
 def scalars(folder: Path) -> dict[str, dict[int, float]]:
@@ -70,10 +67,10 @@ def test_sft_run_logs_to_tensorboard_and_wandb(hf_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    args = ["sft", "--config", str(CONFIG), f"load={meg}", f"data.train={train}", f"data.eval={train}",
+    args = ["sft", "--config", str(SFT_CONFIG), f"load={meg}", f"data.train={train}", f"data.eval={train}",
             f"output={out}", "train.steps=4", "train.eval_interval=2", "train.eval_steps=1", "train.save_interval=4",
             "logging.tensorboard=true"] + (["logging.wandb_project=megallama-test"] if wandb else [])
-    result = CliRunner().invoke(app, args)
+    result = cli(*args)
     assert result.exit_code == 0, result.output
     got, metrics = scalars(out / "tensorboard"), read_metrics(out)
     train_records = [m for m in metrics if "loss" in m]

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from helpers import small_spec
 
 from megallama import transforms as T
 from megallama.errors import InputError
 from megallama.spec import ModelSpec, check_parallel, meta_ffn_params, meta_ffn_size, padded_vocab_size
 from megallama.tiny import PRESETS
 
-E = ModelSpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=176, vocab_size=128)
+E = small_spec()
 
 
 @pytest.mark.parametrize("n_heads,rows", [(4, 64), (2, 32)])

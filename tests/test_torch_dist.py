@@ -16,31 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from typer.testing import CliRunner
+from helpers import cli, hf_model, hf_tensors
 
-from megallama.cli import app
 from megallama.convert import convert
+from megallama.engine.launch import run_torchrun
 from megallama.formats.base import DictReader
 from megallama.formats.megatron.torch_dist import DistCheckpoint, dist_key, open_torch_dist, write_torch_dist
 from megallama.formats.megatron.torch_format import open_megatron, write_megatron
-from megallama.engine.launch import run_torchrun
-from megallama.spec import ModelSpec, padded_vocab_size
+from megallama.spec import padded_vocab_size
 
 WORKER = Path(__file__).parent / "workers" / "load_and_forward.py"
 PRESETS = ("llama1", "llama2", "llama3", "tied")
 GRID = [(1, 1), (2, 1), (1, 2), (2, 2)]
 TOLERANCE = 1e-5
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
-
-
-def hf_tensors(hf_dir: Path) -> tuple[ModelSpec, dict]:
-    spec = ModelSpec.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    return spec, load_file(hf_dir / "model.safetensors")
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def launched(hf_dirs, tmp_path_factory):
     torch.save(tokens, root / "tokens.pt")
     cases = []
     for preset in PRESETS:
-        spec, tensors = hf_tensors(hf_dirs[preset])
+        spec, tensors = hf_model(hf_dirs[preset])
         ckpt = root / f"{preset}-dist"
         ckpt.mkdir()
         write_torch_dist(DictReader(spec, tensors), ckpt)  # one checkpoint for every TP x PP
@@ -65,7 +54,7 @@ def launched(hf_dirs, tmp_path_factory):
                               spec=spec.to_dict(), padded=padded_vocab_size(spec.vocab_size, tp),
                               tokens=str(root / "tokens.pt"), reference=str(root / f"{preset}.ref.pt"),
                               result=str(root / f"{preset}_{tp}x{pp}.json")))
-    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    spec, tensors = hf_model(hf_dirs["llama2"])
     for tp, pp in [(2, 2), (1, 1)]:
         padded = padded_vocab_size(spec.vocab_size, tp)
         source = root / f"llama2-torch-{tp}x{pp}"
@@ -100,7 +89,7 @@ def test_megatron_core_save_at_2x2_reads_back_bit_exact(launched, hf_dirs, tmp_p
     assert any(k.startswith("optimizer.") for k in names) and any(k.startswith("rng_state") for k in names)
     result = cli("convert", "megatron2hf", "--input-dir", ckpt, "--output-dir", tmp_path / "hf")
     assert result.exit_code == 0, result.output
-    source, out = load_file(hf_dirs["llama2"] / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    source, out = hf_tensors(hf_dirs["llama2"]), hf_tensors(tmp_path / "hf")
     assert source.keys() == out.keys()
     for name, t in source.items():
         assert torch.equal(t, out[name]), name
@@ -111,7 +100,7 @@ def test_our_metadata_equals_megatron_cores(launched, hf_dirs, tmp_path):
     """Same model, same weights: every model key, global shape, chunk, dtype and `_extra_state` object of our
     .metadata is what megatron-core's own save at 1x1 holds, in the same order, and the tensors are equal."""
     root, _ = launched
-    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    spec, tensors = hf_model(hf_dirs["llama2"])
     write_torch_dist(DictReader(spec, tensors), tmp_path / "ours", iteration=5)
     ours = DistCheckpoint(tmp_path / "ours" / "iter_0000005")
     theirs = DistCheckpoint(root / "mcore-1x1" / "iter_0000005")
@@ -279,7 +268,7 @@ def test_reads_te_spec_extras_and_unstacked_layers(hf_dirs, tmp_path):
     from megallama.formats.megatron.local import megatron_args
     from megallama.formats.megatron.torch_dist import _bytes_item, _tensor_item, common_state, save_dcp, write_items
 
-    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    spec, tensors = hf_model(hf_dirs["llama2"])
     padded = padded_vocab_size(spec.vocab_size, 1)
     items = write_items(tensors.__getitem__, spec, padded=padded)
     te = [_bytes_item(f"decoder.layers.self_attention.core_attention._extra_state/shard_{i}_{spec.num_layers}",

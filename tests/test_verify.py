@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import assert_one_line_error, cli
 
 from megallama import transforms as T
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.errors import InputError
 from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir
 from megallama.tiny import make_hf_checkpoint
+from megallama.verify.data import reference_format, sample_tokens
 from megallama.verify.layer_diff import (
     TOLERANCES,
     PointDiff,
@@ -31,7 +31,6 @@ from megallama.verify.layer_diff import (
     next_token_loss,
     topk_agreement,
 )
-from megallama.verify.data import reference_format, sample_tokens
 
 GRIDS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 CONTRACT_KEYS = {"verdict", "dtype", "tp", "pp", "max_abs_logits_diff", "top1_agreement", "first_diverging_layer",
@@ -418,17 +417,14 @@ def test_bf16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
 
 
 # ---------------------------------------------------------------- CLI
-runner = CliRunner()
-
-
-def cli(*args: str):
-    return runner.invoke(app, ["verify", "layer-diff", *map(str, args)])
+def run_layer_diff(*args):
+    return cli("verify", "layer-diff", *args)
 
 
 def test_cli_pass_writes_the_json_contract(hf_dirs, meg_dirs, tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("Verification data: the same tokens go through both models, one layer at a time.\n" * 4)
-    result = cli("--reference", hf_dirs["llama2"], "--megatron", meg_dirs["llama2", 1, 1], "--data", data,
+    result = run_layer_diff("--reference", hf_dirs["llama2"], "--megatron", meg_dirs["llama2", 1, 1], "--data", data,
                  "--seq-len", 32, "--batch", 3, "--json", tmp_path / "out.json")
     assert result.exit_code == 0, result.output
     assert "PASS" in result.stdout and "layers.3.mlp" in result.stdout
@@ -440,7 +436,7 @@ def test_cli_pass_writes_the_json_contract(hf_dirs, meg_dirs, tmp_path):
 
 
 def test_cli_fail_exits_1_and_locates(hf_dirs, broken, tmp_path):
-    result = cli("--reference", hf_dirs["llama2"], "--megatron", broken["P5-up-gate-swapped"],
+    result = run_layer_diff("--reference", hf_dirs["llama2"], "--megatron", broken["P5-up-gate-swapped"],
                  "--json", tmp_path / "out.json")
     assert result.exit_code == 1, result.output
     assert "FAIL: first divergence at layer 0, mlp" in result.stdout
@@ -453,7 +449,7 @@ def test_cli_worker_error_is_one_line_exit_2(hf_dirs, meg_dirs, verify_root):
         models[0, 0]["decoder.layers.0.self_attention.core_attention._extra_state"] = torch.zeros(1)
 
     bad = broken_copy(meg_dirs["llama2", 1, 1], verify_root / "bad-extra-key", extra_key)
-    result = cli("--reference", hf_dirs["llama2"], "--megatron", bad)
+    result = run_layer_diff("--reference", hf_dirs["llama2"], "--megatron", bad)
     assert result.exit_code == 2, result.output
     assert "does not fit the model" in result.stderr and "Traceback" not in result.output
 
@@ -483,14 +479,11 @@ def _bad_input_cases(hf_dirs, meg_dirs, hf_vocab_256, tmp_path):
                                   "shape-mismatch", "bad-dtype", "missing-data", "seq-len"])
 def test_cli_bad_input_exits_2_with_one_line(hf_dirs, meg_dirs, hf_vocab_256, tmp_path, case):
     args, message = _bad_input_cases(hf_dirs, meg_dirs, hf_vocab_256, tmp_path)[case]
-    result = cli(*args, "--json", tmp_path / "out.json")
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error:")
-    assert not (tmp_path / "out.json").exists()
+    result = run_layer_diff(*args, "--json", tmp_path / "out.json")
+    assert_one_line_error(result, message, absent=tmp_path / "out.json")
 
 
 def test_cli_refuses_a_world_it_cannot_launch(hf_dirs, meg_dirs, monkeypatch):
     monkeypatch.setattr("megallama.verify.data.MAX_CPU_RANKS", 2)
-    result = cli("--reference", hf_dirs["llama2"], "--megatron", meg_dirs["llama2", 2, 2])
+    result = run_layer_diff("--reference", hf_dirs["llama2"], "--megatron", meg_dirs["llama2", 2, 2])
     assert result.exit_code == 2 and "4 ranks" in result.stderr

@@ -22,10 +22,10 @@ def save_case(case: dict) -> None:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megallama.formats.megatron.local import megatron_args
-    from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, load_rank_file
     from megallama.engine.model import build_gpt_model
     from megallama.engine.runtime import init_distributed
+    from megallama.formats.megatron.local import megatron_args
+    from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, load_rank_file
     from megallama.spec import ModelSpec
 
     if ps.model_parallel_is_initialized():
