@@ -398,6 +398,7 @@ def wait_for_staging(folder: Path, proc: subprocess.Popen, pattern: str = ".out.
     (signal.SIGINT, "pth2megatron", "pth"),
     (signal.SIGHUP, "megatron2pth", "meg"),
 ])
+@pytest.mark.slow
 def test_signal_mid_conversion_leaves_nothing(world, tmp_path, sig, command, source):
     out = tmp_path / "out"
     before = snapshot(world[source])
@@ -411,6 +412,7 @@ def test_signal_mid_conversion_leaves_nothing(world, tmp_path, sig, command, sou
     assert snapshot(world[source]) == before
 
 
+@pytest.mark.slow
 def test_sigkill_leftovers_are_removed_by_the_next_run(world, tmp_path):
     out = tmp_path / "out"
     proc = start_slow(["convert", "hf2pth", "--input-dir", str(world["hf"]), "--output-dir", str(out)])
@@ -463,13 +465,15 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in status  # an unreaped zombie has stopped too
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_sigterm_stops_the_torchrun_ranks_too(tmp_path):
     """A SIGTERM to megallama (not to its process group) must not leave verify / sft / doctor ranks running."""
     rank = tmp_path / "sleepy_rank.py"
     rank.write_text(f"import os, time\nopen({str(tmp_path)!r} + f'/rank-{{os.getpid()}}', 'w').close()\n"
                     "time.sleep(120)\n")
-    driver = ("from megallama.cli.common import stop_signals_interrupt\nfrom megallama.engine.launch import run_torchrun\n"
+    driver = ("from megallama.cli.common import stop_signals_interrupt\n"
+              "from megallama.engine.launch import run_torchrun\n"
               f"with stop_signals_interrupt():\n    run_torchrun([{str(rank)!r}], nproc=2)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     log = (tmp_path / "driver.log").open("w")  # not a pipe: orphaned ranks would hold it open

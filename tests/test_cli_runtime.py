@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from helpers import cli
 
 from megallama import __version__
@@ -39,6 +40,7 @@ def test_torchrun_command_defaults_and_multinode(monkeypatch):
     assert {"--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"} <= set(cmd)
 
 
+@pytest.mark.slow
 def test_doctor_smoke_tp2_pp2_passes():
     """The real thing: 4 gloo ranks, megatron-core GPTModel at TP=2 x PP=2, forward + backward."""
     result = cli("doctor", env={**os.environ})

@@ -169,6 +169,7 @@ def test_te_file_loads_strictly_into_the_te_gpt_model(hf_dirs, tmp_path):
 
 
 # ---------------------------------------------------------------- layer-diff after reading each dialect
+@pytest.mark.slow
 def test_layer_diff_passes_for_every_dialect(hf_dirs, tmp_path):
     """One torchrun launch (all TP1 x PP1) runs every dialect against its HF model through megatron-core."""
     from megallama.verify.layer_diff import layer_diff_many

@@ -128,6 +128,7 @@ def gen_megs(hf_dirs, tmp_path_factory):
                               tp=2, pp=2).output}
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_at_tp1_through_the_cli(gen_megs, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
@@ -146,6 +147,7 @@ def test_greedy_equals_transformers_at_tp1_through_the_cli(gen_megs, tmp_path):
     assert got[0]["stop"] == "eos" and len(got[0]["completion_ids"]) <= 3  # EOS ends the text, not the limit
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_at_tp2_pp2(gen_megs):
     events = []
     done = generate(gen_megs["tp2pp2"], [Prompt(p) for p in PROMPTS], Settings(max_new_tokens=NEW_TOKENS),
@@ -169,6 +171,7 @@ def test_plain_progress_lines_when_not_a_terminal(capsys):
     assert capsys.readouterr().err.splitlines() == ["tokens generated: 3/3", "workers started: 2/2"]
 
 
+@pytest.mark.slow
 def test_verify_reports_workers_forward_and_points(gen_megs):
     from megallama.verify.layer_diff import layer_diff
 

@@ -356,6 +356,7 @@ print("\\n".join(growth))
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_near_one_output_shard(tmp_path):
     """26 MB model, 3.3 MB Meta shards, 2 MB HF files: neither direction may grow by half the model."""
     import subprocess

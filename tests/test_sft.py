@@ -98,6 +98,7 @@ def hf_loss(hf_dir: Path, tiny: dict, split: str, indices: list[int], *, train_o
 
 
 # ---------------------------------------------------------------- training
+@pytest.mark.slow
 def test_loss_falls_and_outputs(base):
     curve = losses(base)
     assert sorted(curve) == list(range(1, STEPS + 1))
@@ -115,6 +116,7 @@ def test_loss_falls_and_outputs(base):
             "rng_state"} <= state.keys() and state["iteration"] == 3
 
 
+@pytest.mark.slow
 def test_step_one_loss_is_the_masked_token_loss(base, tiny):
     """Step 1 runs the unchanged weights: its loss is transformers' loss over the answer tokens of that batch."""
     indices = next(global_batches(256, global_batch_size=GLOBAL, seed=SEED))
@@ -143,6 +145,7 @@ def hf_sample_grads(tiny: dict, indices: list[int]) -> list[tuple[torch.Tensor, 
     return out
 
 
+@pytest.mark.slow
 def test_step_one_grad_norm_is_the_per_token_gradient_and_catches_a_wrong_normalisation(base, tiny):
     """Step 1's logged grad_norm (megatron-core's norm before clipping) is the norm of transformers' gradient of
     the token-loss sum divided by the trained tokens of the whole global batch: the quantity the grad_norm parity
@@ -170,6 +173,7 @@ def test_step_one_grad_norm_is_the_per_token_gradient_and_catches_a_wrong_normal
         assert abs(logged - wrong) > 1e-4 * logged, (logged, wrong)
 
 
+@pytest.mark.slow
 def test_train_on_prompt_counts_prompt_tokens(base, tiny):
     result, output = sft(tiny, "on-prompt", "data.train_on_prompt=true", "train.warmup_steps=1", steps=2)
     assert result.exit_code == 0, result.output
@@ -180,6 +184,7 @@ def test_train_on_prompt_counts_prompt_tokens(base, tiny):
     assert abs(first["loss"] - expected) <= 1e-4 * expected
 
 
+@pytest.mark.slow
 def test_tp2_pp2_matches_tp1_pp1(base, tiny):
     """TP2 x PP2 saves torch_dist (the default), as Megatron-LM writes it; resumed at TP1 x PP1 from its step-3
     checkpoint (weights and Adam state re-sharded by megatron-core), it continues the uninterrupted curve."""
@@ -199,6 +204,7 @@ def test_tp2_pp2_matches_tp1_pp1(base, tiny):
     assert_same_losses({s: losses(resumed)[s] for s in (4, 5, 6)}, {s: losses(base)[s] for s in (4, 5, 6)}, 1e-4)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_tp2_pp2_matches_tp1_pp1(base, tiny):
     """Sequence parallelism (activations split over TP along the sequence, megallama's SP RMSNorm) changes where
     the work happens, not the maths; the checkpoint keeps the keys pth2megatron writes."""
@@ -215,6 +221,7 @@ def test_sequence_parallel_tp2_pp2_matches_tp1_pp1(base, tiny):
             sorted(k for k in start if not k.endswith("_extra_state"))
 
 
+@pytest.mark.slow
 def test_packed_tp2_pp2_matches_unpacked(base, tiny):
     """data.pack: the same samples per step share rows (thd micro-batches through TP x PP with sequence parallel);
     attention stays within each sample and rotary positions restart, so the loss of every step and every eval
@@ -234,6 +241,7 @@ def test_packed_tp2_pp2_matches_unpacked(base, tiny):
         assert p["trained_tokens_per_s"] == pytest.approx(p["loss_tokens"] / p["step_time_s"])
 
 
+@pytest.mark.slow
 def test_dp2_matches_and_learns(base, tiny):
     """micro 4 x DP 2 x accumulation 1, with megatron-core's distributed optimizer (sharded Adam state)."""
     result, output = sft(tiny, "dp2", "--dp", "2", "parallel.distributed_optimizer=true", "checkpoint.format=torch")
@@ -245,6 +253,7 @@ def test_dp2_matches_and_learns(base, tiny):
     assert_resumed(resume_after_kill(output, "dp2-killed"), output)  # Adam shards come back from distrib_optim.pt
 
 
+@pytest.mark.slow
 def test_accumulation_split_does_not_change_the_loss(base, tiny):
     result, output = sft(tiny, "micro8", micro=8)  # micro 8 x accumulation 1 vs micro 4 x accumulation 2
     assert result.exit_code == 0, result.output
@@ -272,10 +281,12 @@ def assert_resumed(killed: Path, run: Path) -> None:
     assert_same_losses(eval_losses(killed), eval_losses(run), 1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_as_if_never_interrupted(base):
     assert_resumed(resume_after_kill(base, "killed"), base)
 
 
+@pytest.mark.slow
 def test_round_trip_to_hf_reproduces_the_eval_loss(base, tiny):
     """sft checkpoint -> megatron2pth -> pth2hf: transformers gets the final eval loss of the run."""
     pth, hf = tiny["root"] / "rt-pth", tiny["root"] / "rt-hf"
@@ -359,6 +370,7 @@ def test_token_ids_outside_the_vocabulary_exit_2(tiny):
     assert "outside the model's vocabulary" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_finished_output_is_not_overwritten(base, tiny):
     result = cli("sft", "--config", str(SFT_CONFIG), f"load={tiny['meg11']}",
                  f"data.train={tiny['train']}", f"output={base}")
@@ -437,6 +449,7 @@ def test_half_written_iteration_folders_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000003", "iter_0000006"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
 def test_sigkill_during_a_save_loses_nothing(tiny, fmt):
     """Rank 0 of a TP2 x PP2 run is SIGKILLed while saving step 6, after every rank wrote its data files and before

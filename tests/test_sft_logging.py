@@ -60,6 +60,7 @@ def test_wandb_requested_but_missing_is_refused_before_launch(monkeypatch):
         sft_config.validate(cfg)
 
 
+@pytest.mark.slow
 def test_sft_run_logs_to_tensorboard_and_wandb(hf_dir, tmp_path, monkeypatch):
     wandb = importlib.util.find_spec("wandb") is not None
     meg = convert(hf_dir, tmp_path / "meg", src_format="hf", dst_format="megatron").output

@@ -247,6 +247,7 @@ print((kib("VmHWM") - before) * 1024)
 """
 
 
+@pytest.mark.slow
 def test_writer_memory_stays_near_one_tensor(tmp_path):
     """A 200 MB model written as torch_dist: the process grows by a few tensors (2.9 MB each), not the model."""
     import subprocess

@@ -348,6 +348,7 @@ def fp32_reports(hf_dirs, meg_dirs, meta_dir, broken, megatron_lm_style, deep):
 
 
 # ---------------------------------------------------------------- PASS on correct conversions
+@pytest.mark.slow
 @pytest.mark.parametrize(("tp", "pp"), GRIDS)
 @pytest.mark.parametrize("preset", ["llama2", "llama3"])
 def test_correct_conversion_passes(fp32_reports, preset, tp, pp):
@@ -364,6 +365,7 @@ def test_correct_conversion_passes(fp32_reports, preset, tp, pp):
     assert [p["name"] for p in data["layers"]][:4] == ["embedding", "layers.0.attention", "layers.0.mlp", "layers.0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["pass-meta-reference", "pass-tied-tp1-pp2", "pass-no-manifest"])
 def test_meta_reference_tied_embeddings_and_foreign_checkpoints_pass(fp32_reports, label):
     report = fp32_reports[label]
@@ -373,6 +375,7 @@ def test_meta_reference_tied_embeddings_and_foreign_checkpoints_pass(fp32_report
 
 
 # ---------------------------------------------------------------- FAIL, located, on planted bugs
+@pytest.mark.slow
 @pytest.mark.parametrize("label", list(BUGS))
 def test_planted_bug_fails_at_the_right_place(fp32_reports, label):
     _, _, layer, where = BUGS[label]
@@ -385,10 +388,12 @@ def test_planted_bug_fails_at_the_right_place(fp32_reports, label):
     assert all(p.ok for p in report.points[:first])
 
 
+@pytest.mark.slow
 def test_spec_mismatch_is_named_in_the_notes(fp32_reports):
     assert any("rope_theta differs" in n for n in fp32_reports["P11-rope-theta-10000"].notes)
 
 
+@pytest.mark.slow
 def test_small_bug_is_still_caught_16_layers_deep(fp32_reports):
     """The depth-scaled limits must not swallow a small bug: the eps bug on a 16-layer model, in fp32."""
     good, bad = fp32_reports["pass-deep16"], fp32_reports["P13-norm-eps-deep16"]
@@ -400,6 +405,7 @@ def test_small_bug_is_still_caught_16_layers_deep(fp32_reports):
 
 
 # ---------------------------------------------------------------- bf16 / fp16
+@pytest.mark.slow
 def test_fp16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
     good, bad = layer_diff_many([(hf_dirs["llama2"], meg_dirs["llama2", 1, 1]),
                                  (hf_dirs["llama2"], broken["P5-up-gate-swapped"])], dtype="fp16")
@@ -408,6 +414,7 @@ def test_fp16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
     assert (bad.verdict, bad.first_diverging_layer, bad.diverged_in) == ("FAIL", 0, "mlp")
 
 
+@pytest.mark.slow
 def test_bf16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
     good, bad = layer_diff_many([(hf_dirs["llama3"], meg_dirs["llama3", 1, 1]),
                                  (hf_dirs["llama2"], broken["P1-rotary-meta-order"])], dtype="bf16")
@@ -421,6 +428,7 @@ def run_layer_diff(*args):
     return cli("verify", "layer-diff", *args)
 
 
+@pytest.mark.slow
 def test_cli_pass_writes_the_json_contract(hf_dirs, meg_dirs, tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("Verification data: the same tokens go through both models, one layer at a time.\n" * 4)
@@ -435,6 +443,7 @@ def test_cli_pass_writes_the_json_contract(hf_dirs, meg_dirs, tmp_path):
     assert len(report["layers"]) == 1 + 3 * 4 + 2 and report["max_abs_logits_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_cli_fail_exits_1_and_locates(hf_dirs, broken, tmp_path):
     result = run_layer_diff("--reference", hf_dirs["llama2"], "--megatron", broken["P5-up-gate-swapped"],
                  "--json", tmp_path / "out.json")
@@ -444,6 +453,7 @@ def test_cli_fail_exits_1_and_locates(hf_dirs, broken, tmp_path):
     assert (report["verdict"], report["first_diverging_layer"], report["diverged_in"]) == ("FAIL", 0, "mlp")
 
 
+@pytest.mark.slow
 def test_cli_worker_error_is_one_line_exit_2(hf_dirs, meg_dirs, verify_root):
     def extra_key(models, manifest):  # passes the reader's checks, fails the worker's strict load
         models[0, 0]["decoder.layers.0.self_attention.core_attention._extra_state"] = torch.zeros(1)
