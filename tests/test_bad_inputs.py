@@ -8,10 +8,10 @@ tensor writes are slowed down (tests/workers/slow_cli.py), so the signal always 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import SFT_CONFIG, cli
+from helpers import ROOT, SFT_CONFIG, WORKERS, assert_one_line_error, cli
 
 from megallama.convert import convert
 from megallama.sft.data import make_learnable_dataset
@@ -315,8 +315,8 @@ def test_the_table_covers_every_command():
 
 
 # ---------------------------------------------------------------- failures in the middle of a write
-class DiskFull:
-    """on_tensor callback that fails like a full disk after `after` tensors were written."""
+class FailingWrite:
+    """on_tensor callback that raises `error` after `after` tensors were written (a bug injected mid-write)."""
 
     def __init__(self, after: int, error: BaseException):
         self.after, self.error, self.calls = after, error, 0
@@ -332,9 +332,7 @@ class DiskFull:
         yield on_tensor
 
 
-@pytest.mark.parametrize("command, source, error, code, message", [
-    ("pth2megatron", "pth", OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device"),
-    ("megatron2pth", "meg", OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device"),
+@pytest.mark.parametrize("command, source, error, code, message", [  # injected bugs; real disk errors below
     ("pth2megatron", "pth", RuntimeError("injected bug"), 3, "internal error: RuntimeError: injected bug"),
     ("hf2pth", "hf", MemoryError(), 3, "internal error: MemoryError"),
 ])
@@ -344,7 +342,7 @@ def test_failed_force_run_keeps_the_old_output(world, tmp_path, monkeypatch, com
     out = tmp_path / "out"
     shutil.copytree(world["pth"], out)  # an earlier, complete output
     before = snapshot(tmp_path, world[source])
-    failing = DiskFull(after=3, error=error)
+    failing = FailingWrite(after=3, error=error)
     monkeypatch.setattr(cli_convert, "byte_progress", failing.progress)
     result = cli("convert", command, "--input-dir", str(world[source]), "--output-dir", str(out),
                  "--force")
@@ -352,6 +350,59 @@ def test_failed_force_run_keeps_the_old_output(world, tmp_path, monkeypatch, com
     assert failing.calls == 4  # it did fail mid-write, after three tensors
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert snapshot(tmp_path, world[source]) == before
+
+
+def limited_file_size(limit: int) -> Callable[[], None]:
+    """preexec_fn: files this process writes may not grow past `limit` bytes; write() then fails with EFBIG
+    (SIGXFSZ, which would kill the process instead, is ignored): a real failed write inside torch.save."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow  # a subprocess CLI: ~5 s
+@pytest.mark.xfail(strict=True, reason="defect: the failed write lands in torch.save of the file's skeleton "
+                   "(formats/streaming.py), whose zip writer reports it as RuntimeError 'unexpected pos' (exit 3)")
+@pytest.mark.parametrize("command, source", [("pth2megatron", "pth"), ("megatron2pth", "meg")])
+def test_file_size_limit_mid_write_keeps_the_old_output(world, tmp_path, command, source):
+    out = tmp_path / "out"
+    shutil.copytree(world["pth"], out)  # an earlier, complete output
+    before = snapshot(tmp_path, world[source])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MEGALLAMA_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "megallama", "convert", command, "--input-dir", str(world[source]),
+                           "--output-dir", str(out), "--force"], capture_output=True, text=True, env=env,
+                          timeout=300, preexec_fn=limited_file_size(64 << 10))  # files are ~0.8 MB
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "File too large" in lines[0], proc.stderr
+    assert snapshot(tmp_path, world[source]) == before  # old output intact, no staging left
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 1.5x the Meta pth fixture's size, mounted for the test (needs root and mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real full disk needs root to mount a small tmpfs")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mount -t tmpfs is not permitted here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_mid_write_keeps_the_old_output(world, small_disk):
+    """ENOSPC from the kernel, part-way through the new output: exit 2, one line, the old output untouched."""
+    out = small_disk / "out"
+    shutil.copytree(world["pth"], out)  # ~0.8 MB of 1.5: the new copy cannot fit beside it
+    before = snapshot(small_disk)
+    result = cli("convert", "hf2pth", "--input-dir", world["hf"], "--output-dir", out, "--force")
+    assert_one_line_error(result, "No space left on device")
+    assert snapshot(small_disk) == before
 
 
 def test_existing_empty_folder_is_written_into(world, tmp_path):
@@ -377,7 +428,7 @@ def test_replacing_an_output_file_with_force_leaves_nothing_behind(world, tmp_pa
 
 # ---------------------------------------------------------------- interruptions (real processes)
 def start_slow(args: list[str], delay: float = 0.5) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, str(SLOW_CLI), str(delay), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
@@ -457,6 +508,46 @@ def test_crashed_verify_worker_exits_3(world, monkeypatch):
     assert "Traceback" not in result.output
 
 
+@pytest.fixture
+def faulty_workers(monkeypatch):
+    """fault(kind): torchrun ranks started from now on really fail (tests/workers/fault_hook/sitecustomize.py)."""
+    def fault(kind: str) -> None:
+        path = os.pathsep.join([str(WORKERS / "fault_hook"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+        monkeypatch.setenv("PYTHONPATH", path)
+        monkeypatch.setenv("MEGALLAMA_TEST_FAULT", kind)
+
+    return fault
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", [False, True])
+def test_verify_worker_that_really_crashes_exits_3(world, faulty_workers, monkeypatch, debug):
+    faulty_workers("crash")
+    if debug:
+        monkeypatch.setenv("MEGALLAMA_DEBUG", "1")
+    else:
+        monkeypatch.delenv("MEGALLAMA_DEBUG", raising=False)
+    result = cli("verify", "layer-diff", "--reference", world["hf"], "--megatron", world["meg"])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "error: RuntimeError: injected crash in a torchrun worker", result.stderr
+    if debug:  # the worker's own traceback, down to where it broke
+        assert "Traceback (most recent call last)" in result.stderr and "build_gpt_model" in result.stderr
+    else:  # progress lines, then the one error line
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_sft_worker_that_really_crashes_exits_3(world, faulty_workers, tmp_path, capfd):
+    faulty_workers("crash")
+    result = cli("sft", "--config", SFT_CONFIG, f"load={world['meg']}", f"data.train={world['data']}",
+                 f"output={tmp_path / 'run'}", "train.steps=1", "train.warmup_steps=0")
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines()[-1] == ("error: sft workers failed (exit code 1); see the log above")
+    log = capfd.readouterr().err  # the ranks write to the terminal: their traceback is the log above
+    assert "Traceback (most recent call last)" in log and "RuntimeError: injected crash in a torchrun worker" in log
+
+
 def alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -475,7 +566,7 @@ def test_sigterm_stops_the_torchrun_ranks_too(tmp_path):
     driver = ("from megallama.cli.common import stop_signals_interrupt\n"
               "from megallama.engine.launch import run_torchrun\n"
               f"with stop_signals_interrupt():\n    run_torchrun([{str(rank)!r}], nproc=2)\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = (tmp_path / "driver.log").open("w")  # not a pipe: orphaned ranks would hold it open
     proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=log, stderr=log)
     ranks: list[int] = []

@@ -55,6 +55,8 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MegallamaError as e:
+            if e.detail and os.environ.get("MEGALLAMA_DEBUG"):
+                sys.stderr.write(e.detail)  # the worker's traceback, where the internal error really happened
             fail(str(e), e.exit_code)
         except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
