@@ -266,6 +266,45 @@ CASES = [
          setup=write("f", "x")),
     Case("verify-json-unwritable", VERIFY + " --json {tmp}/ro/report.json", "cannot write to",
          setup=locked_folder("ro")),
+    # generate
+    Case("generate-missing", "generate --megatron {tmp}/nope --prompt x", "Megatron folder"),
+    Case("generate-not-a-checkpoint", "generate --megatron {tmp}/empty --prompt x",
+         "has no latest_checkpointed_iteration.txt", setup=lambda w, tmp, lock: (tmp / "empty").mkdir()),
+    Case("generate-no-prompt", "generate --megatron {meg}", "give exactly one of --prompt TEXT and --prompts"),
+    Case("generate-pp-3", "generate --megatron {meg} --prompt x --pp 3", "PP=3 does not divide the 4 layers"),
+    Case("generate-bad-dtype", "generate --megatron {dist} --prompt x --dtype fp8", "unsupported dtype 'fp8'"),
+    Case("generate-negative-temperature", "generate --megatron {meg} --prompt x --temperature -1",
+         "--temperature must be >= 0"),
+    Case("generate-binary-prompts", "generate --megatron {meg} --prompts {tmp}/p.jsonl", "is not UTF-8 text",
+         setup=write("p.jsonl", BINARY)),
+    # inspect
+    Case("inspect-missing", "inspect {tmp}/nope", "is not a folder"),
+    Case("inspect-empty", "inspect {tmp}/empty", "is no checkpoint megallama knows",
+         setup=lambda w, tmp, lock: (tmp / "empty").mkdir()),
+    Case("inspect-unknown-layout", "inspect {meg} --layout bogus", "unknown Megatron layout 'bogus'"),
+    Case("inspect-binary-tracker", "inspect {tmp}/in", "expected 'release' or an iteration number",
+         setup=tracker(BINARY)),
+    # the other converters
+    Case("h2m-tp-3", "convert hf2megatron --input-dir {hf} --output-dir {tmp}/out --tp 3", "TP=3 does not divide"),
+    Case("h2m-pp-3", "convert hf2megatron --input-dir {hf} --output-dir {tmp}/out --pp 3", "PP=3 does not divide"),
+    Case("h2m-unknown-format", "convert hf2megatron --input-dir {hf} --output-dir {tmp}/out --ckpt-format zip",
+         "unknown --ckpt-format 'zip'"),
+    Case("h2m-binary-config", "convert hf2megatron --input-dir {tmp}/in --output-dir {tmp}/out", "is not valid JSON",
+         setup=binary_file("hf", "config.json")),
+    Case("m2h-unknown-layout", "convert megatron2hf --input-dir {meg} --output-dir {tmp}/out --layout bogus",
+         "unknown Megatron layout 'bogus'"),
+    Case("m2h-dist-bad-dtype", "convert megatron2hf --input-dir {dist} --output-dir {tmp}/out --dtype fp8",
+         "unsupported dtype 'fp8'"),
+    Case("m2h-binary-tracker", "convert megatron2hf --input-dir {tmp}/in --output-dir {tmp}/out",
+         "expected 'release' or an iteration number", setup=tracker(BINARY, "dist")),
+    Case("m2m-tp-3", "convert megatron2megatron --input-dir {meg} --output-dir {tmp}/out --tp 3",
+         "TP=3 does not divide"),
+    Case("m2m-overlap", "convert megatron2megatron --input-dir {tmp}/in --output-dir {tmp}/in/sub", "overlap",
+         setup=copy_of("dist")),
+    Case("m2m-unknown-format", "convert megatron2megatron --input-dir {dist} --output-dir {tmp}/out --ckpt-format x",
+         "unknown --ckpt-format 'x'"),
+    Case("m2m-out-not-empty", "convert megatron2megatron --input-dir {dist} --output-dir {tmp}/out",
+         "is not empty: pass --force", setup=nonempty_output),
     # sft (all --dry-run: nothing would start even if a check were missing)
     Case("sft-lr-nan", SFT + " train.lr=nan", "train.lr='nan': expected float (finite)"),
     Case("sft-steps-inf", SFT + " train.steps=inf", "train.steps='inf': expected int (finite)"),
@@ -285,8 +324,22 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def no_launch(monkeypatch) -> list:
+    """Refused before any work: a torchrun launch (verify, generate, sft) is recorded and fails the test."""
+    launches: list = []
+
+    def launcher(*args, **kwargs):
+        launches.append(args)
+        raise AssertionError(f"a refusal started torchrun: {args}")
+
+    monkeypatch.setattr("megallama.engine.launch.run_torchrun", launcher)
+    monkeypatch.setattr("megallama.engine.launch.stream_torchrun", launcher)
+    return launches
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, world, tmp_path, locked):
+def test_bad_input(case: Case, world, tmp_path, locked, no_launch):
     if case.setup is not None:
         case.setup(world, tmp_path, locked)
     paths = {k: v for k, v in world.items() if k != "root"}
@@ -304,14 +357,20 @@ def test_bad_input(case: Case, world, tmp_path, locked):
     assert result.stdout == "", result.stdout
     assert snapshot(*inputs) == before  # inputs unchanged, nothing written, no staging left behind
     assert sorted(os.listdir(world["root"])) == beside
+    assert no_launch == []
 
 
 def test_the_table_covers_every_command():
-    commands = {" ".join(c.args.split()[:2]) if c.args.startswith(("convert", "verify")) else c.args.split()[0]
-                for c in CASES}
-    assert {"convert hf2pth", "convert pth2hf", "convert pth2megatron", "convert megatron2pth",
-            "verify layer-diff", "sft", "doctor", "nope"} <= commands
-    assert len(CASES) >= 40
+    """Every command the CLI has (walked from the Typer app, so a new command needs its rows here)."""
+    from megallama.cli import app
+
+    groups = {g.name: g.typer_instance for g in app.registered_groups}
+    every = {c.name for c in app.registered_commands} | \
+        {f"{name} {c.name}" for name, group in groups.items() for c in group.registered_commands}
+    words = [c.args.split() for c in CASES]
+    covered = {" ".join(w[:2]) if w[0] in groups else w[0] for w in words}
+    assert every <= covered, f"commands without a bad-input row: {sorted(every - covered)}"
+    assert "nope" in covered and len(CASES) >= 70
 
 
 # ---------------------------------------------------------------- failures in the middle of a write
