@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import cli, hf_model, hf_tensors, small_spec
+from helpers import big_shaped_spec, cli, hf_model, hf_tensors, small_spec
 
+from megallama import transforms as T
 from megallama.errors import InputError
 from megallama.formats.base import DictReader, read_manifest
 from megallama.formats.megatron.torch_format import (
@@ -28,7 +29,7 @@ from megallama.formats.megatron.torch_format import (
     write_megatron,
 )
 from megallama.names import expected_shapes
-from megallama.spec import ModelSpec
+from megallama.spec import ModelSpec, padded_vocab_size
 
 E = small_spec()
 CONFIGS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
@@ -409,3 +410,29 @@ def test_synthetic_meta_checkpoint_converts(tmp_path):
         want = {n: r.get(n) for n in r.names()}
     _, got = read_all(out)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+# ---------------------------------------------------------------- the shapes of the big models, in memory
+@pytest.mark.parametrize("model, tp", [("llama3-8b", 4), ("llama3-70b", 8), ("llama3-405b", 8)])
+def test_big_head_counts_at_tp_and_16_layers_at_pp4(model, tp):
+    """The real head counts (4, 8, 16 queries per KV head) at TP 4 / 8 with 16 layers in 4 stages, tiny head_dim:
+    each rank holds its own KV groups and its stage's 4 layers numbered 0-3, and the ranks give back every
+    canonical tensor bit for bit."""
+    spec = big_shaped_spec(model, layers=16)
+    tensors = labelled(spec)
+    padded = padded_vocab_size(spec.vocab_size, tp, 128)
+    states = [[rank_state_dict(tensors.get, spec, tp_rank=t, tp=tp, pp_rank=p, pp=4, padded_vocab_size=padded)
+               for t in range(tp)] for p in range(4)]
+    nh, ng, dh, h = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    for p, stage in enumerate(states):
+        for t, state in enumerate(stage):
+            layers = {int(k.split(".")[2]) for k in state if k.startswith("decoder.layers.")}
+            assert layers == {0, 1, 2, 3}, (p, t)
+            qkv = state["decoder.layers.3.self_attention.linear_qkv.weight"]
+            assert qkv.shape == ((nh + 2 * ng) // tp * dh, h)
+            groups = ng // tp  # rank t's KV heads, taken from global layer 4p+3's k_proj
+            k = tensors[f"model.layers.{4 * p + 3}.self_attn.k_proj.weight"][t * groups * dh:(t + 1) * groups * dh]
+            _, k_rank, _ = T.split_qkv(qkv, num_heads=nh // tp, num_kv_heads=groups)
+            assert torch.equal(k_rank, k), (p, t)
+    back = canonical_from_ranks(states, spec)
+    assert sorted(back) == sorted(tensors) and all(torch.equal(back[n], tensors[n]) for n in tensors)
