@@ -11,13 +11,14 @@ training, and after the round trip sft checkpoint -> megatron2pth -> pth2hf). Si
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SFT_CONFIG, TOLERANCES, cli
+from helpers import ROOT, SFT_CONFIG, TOLERANCES, WORKERS, cli
 
 from megallama.convert import convert
 from megallama.sft.data import global_batches, learnable_lines, load_dataset, load_tokenizer, make_learnable_dataset
@@ -452,13 +453,20 @@ def test_half_written_iteration_folders_are_removed(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
-def test_sigkill_during_a_save_loses_nothing(tiny, fmt):
-    """Rank 0 of a TP2 x PP2 run is SIGKILLed while saving step 6, after every rank wrote its data files and before
-    the commit (MEGALLAMA_TEST_KILL_IN_SAVE). The tracker still names step 3; --resume continues from it
-    bit-exactly (the killed run logged steps 4-6 before dying) and its save replaces the half-written folder."""
+@pytest.mark.parametrize("fmt, when", [("torch_dist", "mid-file"), ("torch", "before-commit")])
+def test_sigkill_during_a_save_loses_nothing(tiny, fmt, when):
+    """Rank 0 of a TP2 x PP2 run is SIGKILLed while saving step 6: torch_dist part-way through writing one of its
+    .distcp files (tests/workers/fault_hook, MEGALLAMA_TEST_FAULT=kill:6), torch after every rank wrote its data
+    files and before the commit (MEGALLAMA_TEST_KILL_IN_SAVE). The tracker still names step 3; --resume continues
+    from it bit-exactly (the killed run logged steps 4-6 before dying) and its save replaces the half-written
+    folder."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("MEGALLAMA_TEST_KILL_IN_SAVE", "6")
+        if when == "mid-file":
+            env.setenv("PYTHONPATH", os.pathsep.join([str(WORKERS / "fault_hook"), str(ROOT),
+                                                      os.environ.get("PYTHONPATH", "")]))
+            env.setenv("MEGALLAMA_TEST_FAULT", "kill:6")
+        else:
+            env.setenv("MEGALLAMA_TEST_KILL_IN_SAVE", "6")
         result, output = sft(tiny, f"sigkill-{fmt}", "--tp", "2", "--pp", "2", f"checkpoint.format={fmt}",
                              load="meg22")
     assert result.exit_code != 0

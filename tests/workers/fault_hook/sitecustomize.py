@@ -9,6 +9,7 @@ MEGALLAMA_TEST_FAULT=kill:STEP    rank 0 dies by SIGKILL part-way through writin
                                   model_optim_rng.pt after half its bytes.
 """
 
+import functools
 import importlib.abc
 import importlib.util
 import io
@@ -60,6 +61,7 @@ def kill_in(folder: str):
     def patch_dcp(module) -> None:  # megatron-core's torch_dist writer: one _write_item per tensor of the file
         write_item = module._write_item
 
+        @functools.wraps(write_item)  # megatron-core inspects its signature
         def _write_item(*args, **kwargs):
             result = write_item(*args, **kwargs)
             stream = next((a for a in args if hasattr(a, "name") and hasattr(a, "write")), None)
@@ -73,6 +75,7 @@ def kill_in(folder: str):
     def patch_torch(module) -> None:  # torch format: torch.save of model_optim_rng.pt
         save = module.save
 
+        @functools.wraps(save)
         def torch_save(obj, f, *args, **kwargs):
             if isinstance(f, (str, os.PathLike)) and in_folder(f):
                 buffer = io.BytesIO()
