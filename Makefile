@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench gpu-check lint clean
+.PHONY: install test test-fast demo bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
+
+# The edit loop: everything but the `slow` tests (torchrun launches, subprocess CLIs, memory probes); ~1-2 min.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python demo/demo.py

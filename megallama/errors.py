@@ -9,6 +9,7 @@ class MegallamaError(Exception):
     """Base error, and the one for internal failures (a crashed worker): exit code 3."""
 
     exit_code = 3
+    detail: str | None = None  # a worker's traceback, shown with MEGALLAMA_DEBUG=1 (the rank's own output is not)
 
 
 class InputError(MegallamaError):

@@ -13,16 +13,11 @@ import types
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from helpers import hf_model
 
 from megallama.spec import ModelSpec
 
 DIALECTS = ("te", "legacy", "legacy_old", "fork", "fork_distopt", "alibaba")
-
-
-def hf_model(hf_dir: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    spec = ModelSpec.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    return spec, load_file(hf_dir / "model.safetensors")
 
 
 # ---------------------------------------------------------------- documented fusions, per TP rank

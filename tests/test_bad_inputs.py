@@ -8,10 +8,10 @@ tensor writes are slowed down (tests/workers/slow_cli.py), so the signal always 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -22,14 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import ROOT, SFT_CONFIG, WORKERS, assert_one_line_error, cli
 
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.sft.data import make_learnable_dataset
 
-runner = CliRunner()
-CONFIG = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
 SLOW_CLI = Path(__file__).parent / "workers" / "slow_cli.py"
 BINARY = bytes(range(256)) * 4  # not UTF-8, not JSON, not YAML
 
@@ -44,7 +41,7 @@ def world(hf_dirs, tmp_path_factory) -> dict[str, Path]:
     convert(pth, meg, src_format="meta", dst_format="megatron", ckpt_format="torch")  # what sft loads
     convert(pth, dist, src_format="meta", dst_format="megatron", ckpt_format="torch_dist")
     return {"root": root, "hf": hf_dirs["llama2"], "hf1": hf_dirs["llama1"], "pth": pth, "meg": meg, "dist": dist,
-            "data": make_learnable_dataset(root / "train.jsonl", n=16, seed=0), "cfg": CONFIG}
+            "data": make_learnable_dataset(root / "train.jsonl", n=16, seed=0), "cfg": SFT_CONFIG}
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -95,11 +92,15 @@ def copy_of(key: str, name: str = "in") -> Callable:
     return setup
 
 
+DROP = object()  # edit_json(..., key=DROP) removes the key
+
+
 def edit_json(key: str, file: str, **changes) -> Callable:
     def setup(w, tmp, lock):
         folder = copy_of(key)(w, tmp, lock)
         data = json.loads((folder / file).read_text())
         data.update(changes)
+        data = {k: v for k, v in data.items() if v is not DROP}
         (folder / file).write_text(json.dumps(data))
 
     return setup
@@ -198,6 +199,10 @@ CASES = [
          "hidden_size is 'big', expected an integer", setup=edit_json("hf", "config.json", hidden_size="big")),
     Case("hf-wrong-layers", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out", "unexpected tensors",
          setup=edit_json("hf", "config.json", num_hidden_layers=3)),
+    Case("hf-zero-heads", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out", "positive integers",
+         setup=edit_json("hf", "config.json", num_attention_heads=0, head_dim=DROP)),
+    Case("input-rich-markup-verbatim", "convert pth2hf --input-dir {tmp}/a[/b]/x[bold] --output-dir {tmp}/out",
+         "a[/b]/x[bold] does not exist"),
     Case("hf-int32-weight", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/out",
          "model.layers.1.mlp.up_proj.weight", setup=int32_weight),
     Case("hf-bad-dtype", HF2PTH + " --dtype fp8", "unsupported dtype 'fp8'"),
@@ -227,6 +232,8 @@ CASES = [
          "latest_checkpointed_iteration.txt"),
     # output side: refused before any work, with what to do
     Case("out-overlaps-input", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp}/in/sub", "overlap",
+         setup=copy_of("hf")),
+    Case("out-contains-input", "convert hf2pth --input-dir {tmp}/in --output-dir {tmp} --force", "overlap",
          setup=copy_of("hf")),
     Case("out-not-empty", HF2PTH, "is not empty: pass --force", setup=nonempty_output),
     Case("out-is-a-file", HF2PTH, "exists and is not a folder: pass --force", setup=write("out", "x")),
@@ -259,6 +266,45 @@ CASES = [
          setup=write("f", "x")),
     Case("verify-json-unwritable", VERIFY + " --json {tmp}/ro/report.json", "cannot write to",
          setup=locked_folder("ro")),
+    # generate
+    Case("generate-missing", "generate --megatron {tmp}/nope --prompt x", "Megatron folder"),
+    Case("generate-not-a-checkpoint", "generate --megatron {tmp}/empty --prompt x",
+         "has no latest_checkpointed_iteration.txt", setup=lambda w, tmp, lock: (tmp / "empty").mkdir()),
+    Case("generate-no-prompt", "generate --megatron {meg}", "give exactly one of --prompt TEXT and --prompts"),
+    Case("generate-pp-3", "generate --megatron {meg} --prompt x --pp 3", "PP=3 does not divide the 4 layers"),
+    Case("generate-bad-dtype", "generate --megatron {dist} --prompt x --dtype fp8", "unsupported dtype 'fp8'"),
+    Case("generate-negative-temperature", "generate --megatron {meg} --prompt x --temperature -1",
+         "--temperature must be >= 0"),
+    Case("generate-binary-prompts", "generate --megatron {meg} --prompts {tmp}/p.jsonl", "is not UTF-8 text",
+         setup=write("p.jsonl", BINARY)),
+    # inspect
+    Case("inspect-missing", "inspect {tmp}/nope", "is not a folder"),
+    Case("inspect-empty", "inspect {tmp}/empty", "is no checkpoint megallama knows",
+         setup=lambda w, tmp, lock: (tmp / "empty").mkdir()),
+    Case("inspect-unknown-layout", "inspect {meg} --layout bogus", "unknown Megatron layout 'bogus'"),
+    Case("inspect-binary-tracker", "inspect {tmp}/in", "expected 'release' or an iteration number",
+         setup=tracker(BINARY)),
+    # the other converters
+    Case("h2m-tp-3", "convert hf2megatron --input-dir {hf} --output-dir {tmp}/out --tp 3", "TP=3 does not divide"),
+    Case("h2m-pp-3", "convert hf2megatron --input-dir {hf} --output-dir {tmp}/out --pp 3", "PP=3 does not divide"),
+    Case("h2m-unknown-format", "convert hf2megatron --input-dir {hf} --output-dir {tmp}/out --ckpt-format zip",
+         "unknown --ckpt-format 'zip'"),
+    Case("h2m-binary-config", "convert hf2megatron --input-dir {tmp}/in --output-dir {tmp}/out", "is not valid JSON",
+         setup=binary_file("hf", "config.json")),
+    Case("m2h-unknown-layout", "convert megatron2hf --input-dir {meg} --output-dir {tmp}/out --layout bogus",
+         "unknown Megatron layout 'bogus'"),
+    Case("m2h-dist-bad-dtype", "convert megatron2hf --input-dir {dist} --output-dir {tmp}/out --dtype fp8",
+         "unsupported dtype 'fp8'"),
+    Case("m2h-binary-tracker", "convert megatron2hf --input-dir {tmp}/in --output-dir {tmp}/out",
+         "expected 'release' or an iteration number", setup=tracker(BINARY, "dist")),
+    Case("m2m-tp-3", "convert megatron2megatron --input-dir {meg} --output-dir {tmp}/out --tp 3",
+         "TP=3 does not divide"),
+    Case("m2m-overlap", "convert megatron2megatron --input-dir {tmp}/in --output-dir {tmp}/in/sub", "overlap",
+         setup=copy_of("dist")),
+    Case("m2m-unknown-format", "convert megatron2megatron --input-dir {dist} --output-dir {tmp}/out --ckpt-format x",
+         "unknown --ckpt-format 'x'"),
+    Case("m2m-out-not-empty", "convert megatron2megatron --input-dir {dist} --output-dir {tmp}/out",
+         "is not empty: pass --force", setup=nonempty_output),
     # sft (all --dry-run: nothing would start even if a check were missing)
     Case("sft-lr-nan", SFT + " train.lr=nan", "train.lr='nan': expected float (finite)"),
     Case("sft-steps-inf", SFT + " train.steps=inf", "train.steps='inf': expected int (finite)"),
@@ -278,8 +324,22 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def no_launch(monkeypatch) -> list:
+    """Refused before any work: a torchrun launch (verify, generate, sft) is recorded and fails the test."""
+    launches: list = []
+
+    def launcher(*args, **kwargs):
+        launches.append(args)
+        raise AssertionError(f"a refusal started torchrun: {args}")
+
+    monkeypatch.setattr("megallama.engine.launch.run_torchrun", launcher)
+    monkeypatch.setattr("megallama.engine.launch.stream_torchrun", launcher)
+    return launches
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, world, tmp_path, locked):
+def test_bad_input(case: Case, world, tmp_path, locked, no_launch):
     if case.setup is not None:
         case.setup(world, tmp_path, locked)
     paths = {k: v for k, v in world.items() if k != "root"}
@@ -288,7 +348,7 @@ def test_bad_input(case: Case, world, tmp_path, locked):
     before = snapshot(*inputs)
     beside = sorted(os.listdir(world["root"]))
 
-    result = runner.invoke(app, args)
+    result = cli(*args)
 
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == case.code, result.output
@@ -297,19 +357,25 @@ def test_bad_input(case: Case, world, tmp_path, locked):
     assert result.stdout == "", result.stdout
     assert snapshot(*inputs) == before  # inputs unchanged, nothing written, no staging left behind
     assert sorted(os.listdir(world["root"])) == beside
+    assert no_launch == []
 
 
 def test_the_table_covers_every_command():
-    commands = {" ".join(c.args.split()[:2]) if c.args.startswith(("convert", "verify")) else c.args.split()[0]
-                for c in CASES}
-    assert {"convert hf2pth", "convert pth2hf", "convert pth2megatron", "convert megatron2pth",
-            "verify layer-diff", "sft", "doctor", "nope"} <= commands
-    assert len(CASES) >= 40
+    """Every command the CLI has (walked from the Typer app, so a new command needs its rows here)."""
+    from megallama.cli import app
+
+    groups = {g.name: g.typer_instance for g in app.registered_groups}
+    every = {c.name for c in app.registered_commands} | \
+        {f"{name} {c.name}" for name, group in groups.items() for c in group.registered_commands}
+    words = [c.args.split() for c in CASES]
+    covered = {" ".join(w[:2]) if w[0] in groups else w[0] for w in words}
+    assert every <= covered, f"commands without a bad-input row: {sorted(every - covered)}"
+    assert "nope" in covered and len(CASES) >= 70
 
 
 # ---------------------------------------------------------------- failures in the middle of a write
-class DiskFull:
-    """on_tensor callback that fails like a full disk after `after` tensors were written."""
+class FailingWrite:
+    """on_tensor callback that raises `error` after `after` tensors were written (a bug injected mid-write)."""
 
     def __init__(self, after: int, error: BaseException):
         self.after, self.error, self.calls = after, error, 0
@@ -325,9 +391,7 @@ class DiskFull:
         yield on_tensor
 
 
-@pytest.mark.parametrize("command, source, error, code, message", [
-    ("pth2megatron", "pth", OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device"),
-    ("megatron2pth", "meg", OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device"),
+@pytest.mark.parametrize("command, source, error, code, message", [  # injected bugs; real disk errors below
     ("pth2megatron", "pth", RuntimeError("injected bug"), 3, "internal error: RuntimeError: injected bug"),
     ("hf2pth", "hf", MemoryError(), 3, "internal error: MemoryError"),
 ])
@@ -337,21 +401,74 @@ def test_failed_force_run_keeps_the_old_output(world, tmp_path, monkeypatch, com
     out = tmp_path / "out"
     shutil.copytree(world["pth"], out)  # an earlier, complete output
     before = snapshot(tmp_path, world[source])
-    failing = DiskFull(after=3, error=error)
+    failing = FailingWrite(after=3, error=error)
     monkeypatch.setattr(cli_convert, "byte_progress", failing.progress)
-    result = runner.invoke(app, ["convert", command, "--input-dir", str(world[source]), "--output-dir", str(out),
-                                 "--force"])
+    result = cli("convert", command, "--input-dir", str(world[source]), "--output-dir", str(out),
+                 "--force")
     assert result.exit_code == code, result.output
     assert failing.calls == 4  # it did fail mid-write, after three tensors
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert snapshot(tmp_path, world[source]) == before
 
 
+def limited_file_size(limit: int) -> Callable[[], None]:
+    """preexec_fn: files this process writes may not grow past `limit` bytes; write() then fails with EFBIG
+    (SIGXFSZ, which would kill the process instead, is ignored): a real failed write inside torch.save."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow  # a subprocess CLI: ~5 s
+@pytest.mark.xfail(strict=True, reason="defect: the failed write lands in torch.save of the file's skeleton "
+                   "(formats/streaming.py), whose zip writer reports it as RuntimeError 'unexpected pos' (exit 3)")
+@pytest.mark.parametrize("command, source", [("pth2megatron", "pth"), ("megatron2pth", "meg")])
+def test_file_size_limit_mid_write_keeps_the_old_output(world, tmp_path, command, source):
+    out = tmp_path / "out"
+    shutil.copytree(world["pth"], out)  # an earlier, complete output
+    before = snapshot(tmp_path, world[source])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MEGALLAMA_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "megallama", "convert", command, "--input-dir", str(world[source]),
+                           "--output-dir", str(out), "--force"], capture_output=True, text=True, env=env,
+                          timeout=300, preexec_fn=limited_file_size(64 << 10))  # files are ~0.8 MB
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "File too large" in lines[0], proc.stderr
+    assert snapshot(tmp_path, world[source]) == before  # old output intact, no staging left
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 1.5x the Meta pth fixture's size, mounted for the test (needs root and mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real full disk needs root to mount a small tmpfs")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mount -t tmpfs is not permitted here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_mid_write_keeps_the_old_output(world, small_disk):
+    """ENOSPC from the kernel, part-way through the new output: exit 2, one line, the old output untouched."""
+    out = small_disk / "out"
+    shutil.copytree(world["pth"], out)  # ~0.8 MB of 1.5: the new copy cannot fit beside it
+    before = snapshot(small_disk)
+    result = cli("convert", "hf2pth", "--input-dir", world["hf"], "--output-dir", out, "--force")
+    assert_one_line_error(result, "No space left on device")
+    assert snapshot(small_disk) == before
+
+
 def test_existing_empty_folder_is_written_into(world, tmp_path):
     out = tmp_path / "mount"  # stands for a mount point: the folder itself is kept, never renamed
     out.mkdir()
     inode = out.stat().st_ino
-    result = runner.invoke(app, ["convert", "pth2hf", "--input-dir", str(world["pth"]), "--output-dir", str(out)])
+    result = cli("convert", "pth2hf", "--input-dir", str(world["pth"]), "--output-dir", str(out))
     assert result.exit_code == 0, result.output
     assert out.stat().st_ino == inode
     assert (out / "config.json").is_file() and (out / "megallama.json").is_file()
@@ -359,9 +476,18 @@ def test_existing_empty_folder_is_written_into(world, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["mount"]
 
 
+def test_replacing_an_output_file_with_force_leaves_nothing_behind(world, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    result = cli("convert", "hf2pth", "--input-dir", world["hf"], "--output-dir", target, "--force")
+    assert result.exit_code == 0, result.output
+    assert (target / "params.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 # ---------------------------------------------------------------- interruptions (real processes)
 def start_slow(args: list[str], delay: float = 0.5) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, str(SLOW_CLI), str(delay), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
@@ -382,6 +508,7 @@ def wait_for_staging(folder: Path, proc: subprocess.Popen, pattern: str = ".out.
     (signal.SIGINT, "pth2megatron", "pth"),
     (signal.SIGHUP, "megatron2pth", "meg"),
 ])
+@pytest.mark.slow
 def test_signal_mid_conversion_leaves_nothing(world, tmp_path, sig, command, source):
     out = tmp_path / "out"
     before = snapshot(world[source])
@@ -395,6 +522,7 @@ def test_signal_mid_conversion_leaves_nothing(world, tmp_path, sig, command, sou
     assert snapshot(world[source]) == before
 
 
+@pytest.mark.slow
 def test_sigkill_leftovers_are_removed_by_the_next_run(world, tmp_path):
     out = tmp_path / "out"
     proc = start_slow(["convert", "hf2pth", "--input-dir", str(world["hf"]), "--output-dir", str(out)])
@@ -403,7 +531,7 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(world, tmp_path):
     proc.communicate(timeout=60)
     stale = tmp_path / f".out.tmp-{proc.pid}"
     assert stale.is_dir()  # what a SIGKILL leaves: the dead process's staging folder
-    result = runner.invoke(app, ["convert", "hf2pth", "--input-dir", str(world["hf"]), "--output-dir", str(out)])
+    result = cli("convert", "hf2pth", "--input-dir", str(world["hf"]), "--output-dir", str(out))
     assert result.exit_code == 0, result.output
     flat = "".join(result.stdout.replace("│", "").split())  # the note, unwrapped from the summary table
     assert f"removed{stale}leftbyprocess{proc.pid},whichisnolongerrunning" in flat, result.stdout
@@ -432,11 +560,51 @@ def test_crashed_verify_worker_exits_3(world, monkeypatch):
         return -9, ["Killed"]
 
     monkeypatch.setattr(megallama.engine.launch, "stream_torchrun", crashed)
-    result = runner.invoke(app, ["verify", "layer-diff", "--reference", str(world["hf"]), "--megatron",
-                                 str(world["meg"])])
+    result = cli("verify", "layer-diff", "--reference", str(world["hf"]), "--megatron",
+                 str(world["meg"]))
     assert result.exit_code == 3, result.output
     assert result.stderr.strip().splitlines()[-1] == "error: Megatron workers (TP=1, PP=1) exited with -9: Killed"
     assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def faulty_workers(monkeypatch):
+    """fault(kind): torchrun ranks started from now on really fail (tests/workers/fault_hook/sitecustomize.py)."""
+    def fault(kind: str) -> None:
+        path = os.pathsep.join([str(WORKERS / "fault_hook"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+        monkeypatch.setenv("PYTHONPATH", path)
+        monkeypatch.setenv("MEGALLAMA_TEST_FAULT", kind)
+
+    return fault
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", [False, True])
+def test_verify_worker_that_really_crashes_exits_3(world, faulty_workers, monkeypatch, debug):
+    faulty_workers("crash")
+    if debug:
+        monkeypatch.setenv("MEGALLAMA_DEBUG", "1")
+    else:
+        monkeypatch.delenv("MEGALLAMA_DEBUG", raising=False)
+    result = cli("verify", "layer-diff", "--reference", world["hf"], "--megatron", world["meg"])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "error: RuntimeError: injected crash in a torchrun worker", result.stderr
+    if debug:  # the worker's own traceback, down to where it broke
+        assert "Traceback (most recent call last)" in result.stderr and "build_gpt_model" in result.stderr
+    else:  # progress lines, then the one error line
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_sft_worker_that_really_crashes_exits_3(world, faulty_workers, tmp_path, capfd):
+    faulty_workers("crash")
+    result = cli("sft", "--config", SFT_CONFIG, f"load={world['meg']}", f"data.train={world['data']}",
+                 f"output={tmp_path / 'run'}", "train.steps=1", "train.warmup_steps=0")
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines()[-1] == ("error: sft workers failed (exit code 1); see the log above")
+    log = capfd.readouterr().err  # the ranks write to the terminal: their traceback is the log above
+    assert "Traceback (most recent call last)" in log and "RuntimeError: injected crash in a torchrun worker" in log
 
 
 def alive(pid: int) -> bool:
@@ -447,15 +615,17 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in status  # an unreaped zombie has stopped too
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_sigterm_stops_the_torchrun_ranks_too(tmp_path):
     """A SIGTERM to megallama (not to its process group) must not leave verify / sft / doctor ranks running."""
     rank = tmp_path / "sleepy_rank.py"
     rank.write_text(f"import os, time\nopen({str(tmp_path)!r} + f'/rank-{{os.getpid()}}', 'w').close()\n"
                     "time.sleep(120)\n")
-    driver = ("from megallama.cli.common import stop_signals_interrupt\nfrom megallama.engine.launch import run_torchrun\n"
+    driver = ("from megallama.cli.common import stop_signals_interrupt\n"
+              "from megallama.engine.launch import run_torchrun\n"
               f"with stop_signals_interrupt():\n    run_torchrun([{str(rank)!r}], nproc=2)\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = (tmp_path / "driver.log").open("w")  # not a pipe: orphaned ranks would hold it open
     proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=log, stderr=log)
     ranks: list[int] = []

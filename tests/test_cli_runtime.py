@@ -2,29 +2,27 @@
 
 import os
 
-from typer.testing import CliRunner
+import pytest
+from helpers import cli
 
 from megallama import __version__
-from megallama.cli import app
 from megallama.engine.launch import torchrun_command
-
-runner = CliRunner()
 
 
 def test_help_lists_commands():
-    result = runner.invoke(app, ["--help"])
+    result = cli("--help")
     assert result.exit_code == 0
     for command in ("convert", "verify", "sft", "doctor"):
         assert command in result.output
-    result = runner.invoke(app, ["convert", "--help"])
+    result = cli("convert", "--help")
     for command in ("hf2pth", "pth2hf", "pth2megatron", "megatron2pth", "hf2megatron", "megatron2hf",
                     "megatron2megatron"):
         assert command in result.output
-    assert "layer-diff" in runner.invoke(app, ["verify", "--help"]).output
+    assert "layer-diff" in cli("verify", "--help").output
 
 
 def test_version():
-    result = runner.invoke(app, ["--version"])
+    result = cli("--version")
     assert result.exit_code == 0 and __version__ in result.output
 
 
@@ -42,9 +40,10 @@ def test_torchrun_command_defaults_and_multinode(monkeypatch):
     assert {"--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"} <= set(cmd)
 
 
+@pytest.mark.slow
 def test_doctor_smoke_tp2_pp2_passes():
     """The real thing: 4 gloo ranks, megatron-core GPTModel at TP=2 x PP=2, forward + backward."""
-    result = runner.invoke(app, ["doctor"], env={**os.environ})
+    result = cli("doctor", env={**os.environ})
     assert result.exit_code == 0, result.output
     assert "megatron-core" in result.output and "PASS" in result.output
     assert "TP=2 PP=2 world=4 backend=gloo" in result.output

@@ -37,6 +37,7 @@ def run_cli(*commands: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_convert_commands_import_neither_transformers_nor_megatron(hf_dir, tmp_path):
     pth, meg, back, hf = (tmp_path / n for n in ("pth", "meg", "back", "hf"))
     result = run_cli(["convert", "hf2pth", "--input-dir", hf_dir, "--output-dir", pth],
@@ -95,6 +96,7 @@ def rank_file(meg: Path) -> Path:
     return meg / "release" / "mp_rank_00" / MODEL_FILE
 
 
+@pytest.mark.slow
 def test_megatron_lm_enums_in_args_load_as_inert_stand_ins(megatron_dir, tmp_path):
     meg = tmp_path / "meg"
     subprocess.run(["cp", "-r", str(megatron_dir), str(meg)], check=True)
@@ -115,6 +117,7 @@ def test_megatron_lm_enums_in_args_load_as_inert_stand_ins(megatron_dir, tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["malicious", "corrupt"])
 def test_refused_rank_pickle_prints_one_line(megatron_dir, tmp_path, damage):
     meg = tmp_path / "meg"
@@ -142,6 +145,7 @@ def test_refused_rank_pickle_prints_one_line(megatron_dir, tmp_path, damage):
 
 
 # ---------------------------------------------------------------- make gpu-check without a GPU
+@pytest.mark.slow
 def test_gpu_check_without_cuda_skips(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}

@@ -34,6 +34,7 @@ AFTER_BRIDGE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess that imports megatron-core and transformers: ~20 s
 def test_hf_models_built_after_the_bridge_equal_ones_built_without(hf_dirs, tmp_path):
     from transformers import LlamaForCausalLM
 

@@ -9,7 +9,8 @@ import pickle
 
 import pytest
 import torch
-from dialect_fixtures import DIALECTS, build, hf_model
+from dialect_fixtures import DIALECTS, build
+from helpers import cli, hf_model
 from safetensors.torch import load_file
 
 from megallama.convert import convert
@@ -128,22 +129,19 @@ def test_te_writer_matches_the_documented_layout(hf_dirs, tmp_path):
 
 
 def test_pth2megatron_transformer_impl_option(hf_dirs, tmp_path):
-    from typer.testing import CliRunner
 
-    from megallama.cli import app
 
     meta_dir = convert(hf_dirs["llama2"], tmp_path / "meta", src_format="hf", dst_format="meta").output
-    runner = CliRunner()
     out = tmp_path / "te"
-    result = runner.invoke(app, ["convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(out),
-                                 "--transformer-impl", "transformer_engine", "--ckpt-format", "torch"])
+    result = cli("convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(out),
+                 "--transformer-impl", "transformer_engine", "--ckpt-format", "torch")
     assert result.exit_code == 0, result.output
     assert "--transformer-impl transformer_engine" in result.stdout
     with open_megatron(out) as reader:
         assert reader.layout.name == "mcore-te"
     bad = tmp_path / "bad"
-    result = runner.invoke(app, ["convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(bad),
-                                 "--transformer-impl", "te"])
+    result = cli("convert", "pth2megatron", "--input-dir", str(meta_dir), "--output-dir", str(bad),
+                 "--transformer-impl", "te")
     assert result.exit_code == 2
     assert "--transformer-impl 'te': expected one of local, transformer_engine" in result.output
     assert not bad.exists()
@@ -171,6 +169,7 @@ def test_te_file_loads_strictly_into_the_te_gpt_model(hf_dirs, tmp_path):
 
 
 # ---------------------------------------------------------------- layer-diff after reading each dialect
+@pytest.mark.slow
 def test_layer_diff_passes_for_every_dialect(hf_dirs, tmp_path):
     """One torchrun launch (all TP1 x PP1) runs every dialect against its HF model through megatron-core."""
     from megallama.verify.layer_diff import layer_diff_many
@@ -184,9 +183,7 @@ def test_layer_diff_passes_for_every_dialect(hf_dirs, tmp_path):
 
 
 def test_cli_refuses_an_unplaceable_checkpoint_without_output(hf_dirs, tmp_path):
-    from typer.testing import CliRunner
 
-    from megallama.cli import app
 
     src = build("alibaba", hf_dirs["llama1"], tmp_path / "alibaba", tp=2, pp=1)
     rank = src / "release/mp_rank_01/model_optim_rng.pt"
@@ -196,7 +193,7 @@ def test_cli_refuses_an_unplaceable_checkpoint_without_output(hf_dirs, tmp_path)
     encoder["layers.0.self_attention.dense.bias"] = torch.zeros(64)
     torch.save(ckpt, rank)
     out = tmp_path / "pth"
-    result = CliRunner().invoke(app, ["convert", "megatron2pth", "--input-dir", str(src), "--output-dir", str(out)])
+    result = cli("convert", "megatron2pth", "--input-dir", str(src), "--output-dir", str(out))
     assert result.exit_code == 2
     assert ("checkpoint does not match the alibaba layout and its config (1 problems): mp_rank_01: cannot place "
             "language_model.encoder.layers.0.self_attention.dense.bias") in " ".join(result.output.split())
@@ -205,23 +202,19 @@ def test_cli_refuses_an_unplaceable_checkpoint_without_output(hf_dirs, tmp_path)
 
 def test_cli_layout_option_and_megatron2megatron_from_a_dialect(hf_dirs, tmp_path):
     """`--layout` forces the input layout; a legacy checkpoint re-sharded to the TE torch layout is bit-exact."""
-    from typer.testing import CliRunner
 
-    from megallama.cli import app
-
-    runner = CliRunner()
     src = build("legacy", hf_dirs["llama2"], tmp_path / "legacy", tp=2, pp=2)
     out = tmp_path / "te"
-    result = runner.invoke(app, ["convert", "megatron2megatron", "--input-dir", str(src), "--output-dir", str(out),
-                                 "--layout", "legacy", "--ckpt-format", "torch", "--tp", "1",
-                                 "--transformer-impl", "transformer_engine"])
+    result = cli("convert", "megatron2megatron", "--input-dir", str(src), "--output-dir", str(out),
+                 "--layout", "legacy", "--ckpt-format", "torch", "--tp", "1",
+                 "--transformer-impl", "transformer_engine")
     assert result.exit_code == 0, result.output
     _, want = hf_model(hf_dirs["llama2"])
     with open_megatron(out) as reader:
         assert (reader.layout.name, reader.tp, reader.pp) == ("mcore-te", 1, 1)
         assert all(torch.equal(reader.get(name), tensor) for name, tensor in want.items())
     bad = tmp_path / "bad"
-    result = runner.invoke(app, ["convert", "megatron2hf", "--input-dir", str(src), "--output-dir", str(bad),
-                                 "--layout", "llama-fork"])
+    result = cli("convert", "megatron2hf", "--input-dir", str(src), "--output-dir", str(bad),
+                 "--layout", "llama-fork")
     assert result.exit_code == 2 and "does not match the llama-fork layout" in result.output
     assert not bad.exists()

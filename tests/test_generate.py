@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import cli
 
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.errors import InputError
 from megallama.generate.driver import Prompt, Settings, generate, next_token, prompt_ids, read_prompts
@@ -80,13 +79,13 @@ def test_read_prompts_formats_and_refusals(tmp_path):
     (["--prompt", "x", "--top-p", "1.5"], "--top-p must lie in (0, 1] (got 1.5)"),
 ])
 def test_cli_refusals_exit_2(hf_dir, tmp_path, args, message):
-    result = CliRunner().invoke(app, ["generate", "--megatron", str(hf_dir), *args])
+    result = cli("generate", "--megatron", str(hf_dir), *args)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
 
 
 def test_missing_checkpoint_and_too_long_prompt_exit_2(gen_megs, tmp_path):
-    result = CliRunner().invoke(app, ["generate", "--megatron", str(tmp_path / "nope"), "--prompt", "x"])
+    result = cli("generate", "--megatron", str(tmp_path / "nope"), "--prompt", "x")
     assert result.exit_code == 2 and "does not exist" in result.output
     with pytest.raises(InputError, match="exceed the model's 4096 positions"):
         generate(gen_megs["tp2pp2"], [Prompt("x")], Settings(max_new_tokens=5000))
@@ -129,12 +128,13 @@ def gen_megs(hf_dirs, tmp_path_factory):
                               tp=2, pp=2).output}
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_at_tp1_through_the_cli(gen_megs, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     answers = tmp_path / "answers.json"
-    result = CliRunner().invoke(app, ["generate", "--megatron", str(gen_megs["tp1"]), "--prompts", str(prompts),
-                                      "--max-new-tokens", str(NEW_TOKENS), "--json", str(answers)])
+    result = cli("generate", "--megatron", str(gen_megs["tp1"]), "--prompts", str(prompts),
+                 "--max-new-tokens", str(NEW_TOKENS), "--json", str(answers))
     assert result.exit_code == 0, result.output
     got = json.loads(answers.read_text())
     tok = load_tokenizer(gen_megs["tp1"])
@@ -147,6 +147,7 @@ def test_greedy_equals_transformers_at_tp1_through_the_cli(gen_megs, tmp_path):
     assert got[0]["stop"] == "eos" and len(got[0]["completion_ids"]) <= 3  # EOS ends the text, not the limit
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_at_tp2_pp2(gen_megs):
     events = []
     done = generate(gen_megs["tp2pp2"], [Prompt(p) for p in PROMPTS], Settings(max_new_tokens=NEW_TOKENS),
@@ -170,6 +171,7 @@ def test_plain_progress_lines_when_not_a_terminal(capsys):
     assert capsys.readouterr().err.splitlines() == ["tokens generated: 3/3", "workers started: 2/2"]
 
 
+@pytest.mark.slow
 def test_verify_reports_workers_forward_and_points(gen_megs):
     from megallama.verify.layer_diff import layer_diff
 

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from typer.testing import CliRunner
+from helpers import assert_one_line_error, cli, hf_tensors
 
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.formats.hf import open_hf, write_hf
 from megallama.formats.meta import open_meta
@@ -29,13 +27,6 @@ def hf2pth(src: Path, dst: Path, **kwargs):
 
 def pth2hf(src: Path, dst: Path, **kwargs):
     return convert(src, dst, src_format="meta", dst_format="hf", **kwargs)
-
-
-def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
 
 
 def pth_tensors(folder: Path) -> list[dict[str, torch.Tensor]]:
@@ -248,17 +239,8 @@ def test_refuses_shard_counts_that_do_not_divide(hf_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI: summary and one-line refusals
-def cli(*args) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def assert_refused(result, out: Path, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.output
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staged leftovers
+    assert_one_line_error(result, message, absent=out)
 
 
 def test_cli_hf2pth_and_pth2hf_print_a_summary(hf_dir, tmp_path):
@@ -374,6 +356,7 @@ print("\\n".join(growth))
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_near_one_output_shard(tmp_path):
     """26 MB model, 3.3 MB Meta shards, 2 MB HF files: neither direction may grow by half the model."""
     import subprocess

@@ -8,9 +8,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import cli
 
-from megallama.cli import app
 from megallama.errors import InputError
 from megallama.hub import looks_like_hub_id, resolve_model_path
 
@@ -61,8 +60,8 @@ def test_resolves_from_the_cache_offline(hub_cache):
 
 def test_convert_takes_a_hub_id(hub_cache, hf_dir, tmp_path):
     out = tmp_path / "pth"
-    result = CliRunner().invoke(app, ["convert", "hf2pth", "--input-dir", "test-org/tiny-llama",
-                                      "--output-dir", str(out)])
+    result = cli("convert", "hf2pth", "--input-dir", "test-org/tiny-llama",
+                 "--output-dir", str(out))
     assert result.exit_code == 0, result.output
     assert (out / "consolidated.00.pth").is_file() and (out / "tokenizer.model").is_file()
 
@@ -70,12 +69,12 @@ def test_convert_takes_a_hub_id(hub_cache, hf_dir, tmp_path):
 def test_inspect_and_hf2megatron_take_a_hub_id(hub_cache, tmp_path):
     import json
 
-    result = CliRunner().invoke(app, ["inspect", "test-org/tiny-llama", "--json"])
+    result = cli("inspect", "test-org/tiny-llama", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["format"] == "hf"
     out = tmp_path / "meg"
-    result = CliRunner().invoke(app, ["convert", "hf2megatron", "--input-dir", "test-org/tiny-llama",
-                                      "--output-dir", str(out)])
+    result = cli("convert", "hf2megatron", "--input-dir", "test-org/tiny-llama",
+                 "--output-dir", str(out))
     assert result.exit_code == 0, result.output
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
 
@@ -87,7 +86,7 @@ def test_inspect_and_hf2megatron_take_a_hub_id(hub_cache, tmp_path):
 ])
 def test_missing_repo_offline_exits_2_with_one_line(hub_cache, tmp_path, command):
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, [a.format(out=out) for a in command])
+    result = cli(*[a.format(out=out) for a in command])
     assert result.exit_code == 2, result.output
     assert result.output.strip().count("\n") == 0
     assert ("error: test-org/missing is not a local folder and cannot be fetched from the Hub: test-org/missing "

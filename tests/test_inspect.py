@@ -8,18 +8,15 @@ import json
 import pytest
 import torch
 from dialect_fixtures import build
-from typer.testing import CliRunner
+from helpers import cli
 
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.formats.megatron.args import megatron_args
 from megallama.spec import ModelSpec
 
-runner = CliRunner()
-
 
 def inspect_json(path) -> dict:
-    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    result = cli("inspect", str(path), "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -101,7 +98,7 @@ def test_torch_dist(hf_dirs, tmp_path):
 
 
 def test_table_output(folders):
-    result = runner.invoke(app, ["inspect", str(folders["te"])])
+    result = cli("inspect", str(folders["te"]))
     assert result.exit_code == 0, result.output
     assert "mcore-te" in result.stdout and "padded_vocab_size" in result.stdout
 
@@ -109,15 +106,15 @@ def test_table_output(folders):
 def test_unplaceable_folder_is_exit_2(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "weights").mkdir()
-    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    result = cli("inspect", str(tmp_path))
     assert result.exit_code == 2
     assert "is no checkpoint megallama knows" in result.output and "found: notes.txt, weights/" in result.output
 
 
 def test_layout_can_be_forced(folders):
-    result = runner.invoke(app, ["inspect", str(folders["legacy"]), "--json", "--layout", "legacy"])
+    result = cli("inspect", str(folders["legacy"]), "--json", "--layout", "legacy")
     assert result.exit_code == 0 and json.loads(result.stdout)["layout"] == "legacy"
-    result = runner.invoke(app, ["inspect", str(folders["legacy"]), "--layout", "alibaba"])
+    result = cli("inspect", str(folders["legacy"]), "--layout", "alibaba")
     assert result.exit_code == 2 and "not match the alibaba layout" in result.output
 
 

@@ -4,11 +4,11 @@ value a dense LLaMA run needs; and readers (convert, verify) take rotary_interle
 from __future__ import annotations
 
 import torch
+from helpers import small_spec
 
 from megallama.convert import convert
 from megallama.formats.megatron.args import NOT_SAVED, megatron_args
 from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
-from megallama.spec import ModelSpec
 
 # Read with getattr/attribute access by Megatron-LM core_v0.16.1 (source files named per group).
 LOAD_ARGS_FROM_CHECKPOINT = [  # megatron/training/checkpointing.py, --use-checkpoint-args
@@ -33,8 +33,7 @@ TOOLS_CHECKPOINT = [  # tools/checkpoint/{loader_base,loader_legacy,saver_base,s
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers", "hidden_size", "seq_length",
     "num_attention_heads", "max_position_embeddings", "position_embedding_type", "tokenizer_type", "swiglu"]
 
-E = ModelSpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=176, vocab_size=128,
-              dtype="bfloat16")
+E = small_spec(dtype="bfloat16")
 
 
 def test_every_field_megatron_reads_is_saved(hf_dirs, tmp_path):

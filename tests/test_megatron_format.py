@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import big_shaped_spec, cli, hf_model, hf_tensors, small_spec
 
+from megallama import transforms as T
 from megallama.errors import InputError
 from megallama.formats.base import DictReader, read_manifest
 from megallama.formats.megatron.torch_format import (
@@ -28,16 +29,15 @@ from megallama.formats.megatron.torch_format import (
     write_megatron,
 )
 from megallama.names import expected_shapes
-from megallama.spec import ModelSpec
+from megallama.spec import ModelSpec, padded_vocab_size
 
-E = ModelSpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=176, vocab_size=128)
+E = small_spec()
 CONFIGS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
 
 
 def hf_reader(hf_dir: Path) -> DictReader:
     """The HF fixture as a canonical reader (HF names and rotary order are canonical), independent of hf.py."""
-    spec = ModelSpec.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    reader = DictReader(spec, load_file(hf_dir / "model.safetensors"))
+    reader = DictReader(*hf_model(hf_dir))
     reader.tokenizer_files = [hf_dir / "tokenizer.model"]
     return reader
 
@@ -320,14 +320,6 @@ def test_writer_refuses_bad_parallel(tmp_path):
 
 
 # ---------------------------------------------------------------- CLI: the whole path through Meta pth
-def cli(*args):
-    from typer.testing import CliRunner
-
-    from megallama.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def pth_dirs(hf_dirs, tmp_path_factory):
     """{preset: Meta pth folder} made by `megallama convert hf2pth`."""
@@ -354,7 +346,7 @@ def test_cli_hf_pth_megatron_pth_hf_bit_exact(hf_dirs, pth_dirs, tmp_path, prese
     assert str(pth_dirs[preset] / "consolidated.00.pth") in manifest["sources"]
     assert cli("convert", "megatron2pth", "--input-dir", meg, "--output-dir", pth).exit_code == 0
     assert cli("convert", "pth2hf", "--input-dir", pth, "--output-dir", hf).exit_code == 0
-    want, got = load_file(hf_dirs[preset] / "model.safetensors"), load_file(hf / "model.safetensors")
+    want, got = hf_tensors(hf_dirs[preset]), hf_tensors(hf)
     assert sorted(want) == sorted(got)
     assert all(torch.equal(want[n], got[n]) for n in want)
 
@@ -418,3 +410,29 @@ def test_synthetic_meta_checkpoint_converts(tmp_path):
         want = {n: r.get(n) for n in r.names()}
     _, got = read_all(out)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+# ---------------------------------------------------------------- the shapes of the big models, in memory
+@pytest.mark.parametrize("model, tp", [("llama3-8b", 4), ("llama3-70b", 8), ("llama3-405b", 8)])
+def test_big_head_counts_at_tp_and_16_layers_at_pp4(model, tp):
+    """The real head counts (4, 8, 16 queries per KV head) at TP 4 / 8 with 16 layers in 4 stages, tiny head_dim:
+    each rank holds its own KV groups and its stage's 4 layers numbered 0-3, and the ranks give back every
+    canonical tensor bit for bit."""
+    spec = big_shaped_spec(model, layers=16)
+    tensors = labelled(spec)
+    padded = padded_vocab_size(spec.vocab_size, tp, 128)
+    states = [[rank_state_dict(tensors.get, spec, tp_rank=t, tp=tp, pp_rank=p, pp=4, padded_vocab_size=padded)
+               for t in range(tp)] for p in range(4)]
+    nh, ng, dh, h = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    for p, stage in enumerate(states):
+        for t, state in enumerate(stage):
+            layers = {int(k.split(".")[2]) for k in state if k.startswith("decoder.layers.")}
+            assert layers == {0, 1, 2, 3}, (p, t)
+            qkv = state["decoder.layers.3.self_attention.linear_qkv.weight"]
+            assert qkv.shape == ((nh + 2 * ng) // tp * dh, h)
+            groups = ng // tp  # rank t's KV heads, taken from global layer 4p+3's k_proj
+            k = tensors[f"model.layers.{4 * p + 3}.self_attn.k_proj.weight"][t * groups * dh:(t + 1) * groups * dh]
+            _, k_rank, _ = T.split_qkv(qkv, num_heads=nh // tp, num_kv_heads=groups)
+            assert torch.equal(k_rank, k), (p, t)
+    back = canonical_from_ranks(states, spec)
+    assert sorted(back) == sorted(tensors) and all(torch.equal(back[n], tensors[n]) for n in tensors)

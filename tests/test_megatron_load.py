@@ -11,22 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import hf_model
 
+from megallama.engine.launch import run_torchrun
 from megallama.formats.base import DictReader
 from megallama.formats.megatron.torch_format import write_megatron
-from megallama.engine.launch import run_torchrun
 from megallama.spec import ModelSpec, padded_vocab_size
 from megallama.transforms import hf_to_meta_rotary
 
 WORKER = Path(__file__).parent / "workers" / "load_and_forward.py"
 PRESETS = ("llama1", "llama2", "llama3", "tied")
 TOLERANCE = 1e-5
-
-
-def hf_tensors(hf_dir: Path) -> tuple[ModelSpec, dict]:
-    spec = ModelSpec.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    return spec, load_file(hf_dir / "model.safetensors")
 
 
 def meta_rotary(spec: ModelSpec, tensors: dict) -> dict:
@@ -59,7 +54,7 @@ def jobs(hf_dirs, tmp_path_factory):
                                     reference=str(reference), result=str(root / f"{name}_{tp}x{pp}.json")))
 
     for preset in PRESETS:
-        spec, tensors = hf_tensors(hf_dirs[preset])
+        spec, tensors = hf_model(hf_dirs[preset])
         model = LlamaForCausalLM.from_pretrained(hf_dirs[preset], torch_dtype=torch.float32).eval()
         with torch.no_grad():
             torch.save(model(tokens).logits, root / f"{preset}.ref.pt")  # [b, s, V]

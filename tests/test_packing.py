@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from megallama.sft.data import IGNORE_INDEX, dp_microbatches
@@ -71,6 +72,7 @@ def test_packed_micro_batch_segments_and_positions():
     assert batch["labels"][0, :7].tolist() == [101, 102, 103, 104, 121, 122, 123]
 
 
+@pytest.mark.slow  # builds megatron-core attention on CPU: ~8 s
 def test_thd_rotary_restarts_at_each_sample(monkeypatch):
     """megatron-core's thd rotary, fed packed_micro_batch's cu_seqlens and max_seqlen, rotates each sample as if
     it stood alone (positions 0, 1, ...). Attention scores under RoPE depend only on relative positions, so the

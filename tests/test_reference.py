@@ -7,8 +7,8 @@ import torch
 
 from megallama.convert import convert
 from megallama.formats.hf import open_hf
-from megallama.verify.reference import MetaReference, rope_frequencies
 from megallama.tiny import PRESETS
+from megallama.verify.reference import MetaReference, rope_frequencies
 
 
 @pytest.fixture(scope="module")

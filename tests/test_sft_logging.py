@@ -7,15 +7,12 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import SFT_CONFIG, cli
 
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.sft import config as sft_config
 from megallama.sft.data import make_learnable_dataset
 from megallama.sft.report import Reporter, read_metrics
-
-CONFIG = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
 
 
 def scalars(folder: Path) -> dict[str, dict[int, float]]:
@@ -63,29 +60,64 @@ def test_wandb_requested_but_missing_is_refused_before_launch(monkeypatch):
         sft_config.validate(cfg)
 
 
+def wandb_history(run_file: Path) -> dict[int, dict]:
+    """{step: {key: value}} of an offline run's .wandb file, decoded with wandb's own protobuf schema. The file is a
+    LevelDB-style log (wandb's datastore): a 7-byte header, then records framed as crc32 (4), length (2), type (1)
+    in 32 KiB blocks; a record split across blocks comes as FIRST, MIDDLE..., LAST chunks."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    block, pos, pending, rows = 32768, 7, b"", {}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: one whole Record
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                rows[row["_step"]] = row
+    return rows
+
+
+@pytest.mark.slow
 def test_sft_run_logs_to_tensorboard_and_wandb(hf_dir, tmp_path, monkeypatch):
-    wandb = importlib.util.find_spec("wandb") is not None
     meg = convert(hf_dir, tmp_path / "meg", src_format="hf", dst_format="megatron").output
     train = make_learnable_dataset(tmp_path / "train.jsonl", n=32, seed=0)
     out = tmp_path / "run"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    args = ["sft", "--config", str(CONFIG), f"load={meg}", f"data.train={train}", f"data.eval={train}",
-            f"output={out}", "train.steps=4", "train.eval_interval=2", "train.eval_steps=1", "train.save_interval=4",
-            "logging.tensorboard=true"] + (["logging.wandb_project=megallama-test"] if wandb else [])
-    result = CliRunner().invoke(app, args)
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path / "wandb-dir",
+                        "WANDB_CACHE_DIR": tmp_path / "wandb-cache", "WANDB_CONFIG_DIR": tmp_path / "wandb-config",
+                        "WANDB_DATA_DIR": tmp_path / "wandb-data"}.items():
+        monkeypatch.setenv(name, str(value))  # nothing reaches the network or the home folder
+    result = cli("sft", "--config", SFT_CONFIG, f"load={meg}", f"data.train={train}", f"data.eval={train}",
+                 f"output={out}", "train.steps=4", "train.eval_interval=2", "train.eval_steps=1",
+                 "train.save_interval=4", "logging.tensorboard=true", "logging.wandb_project=megallama-test")
     assert result.exit_code == 0, result.output
-    got, metrics = scalars(out / "tensorboard"), read_metrics(out)
+    metrics = read_metrics(out)
     train_records = [m for m in metrics if "loss" in m]
-    assert got["train/loss"] == pytest.approx({m["step"]: m["loss"] for m in train_records})
-    assert got["train/lr"] == pytest.approx({m["step"]: m["lr"] for m in train_records})
-    assert got["train/grad_norm"] == pytest.approx({m["step"]: m["grad_norm"] for m in train_records})
-    assert got["train/tokens_per_s"] == pytest.approx({m["step"]: m["tokens_per_s"] for m in train_records})
-    assert got["eval/loss"] == pytest.approx({m["step"]: m["eval_loss"] for m in metrics if "eval_loss" in m})
-    assert sorted(got["eval/loss"]) == [2, 4] and (out / "loss.png").is_file()
-    if wandb:  # an offline run folder holding the run's history
-        run_id = (out / "wandb_run_id.txt").read_text()
-        runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
-        (history,) = runs[0].glob("*.wandb") if len(runs) == 1 else [None]
-        records = history.read_bytes()  # the run's protobuf records: the scalar names are stored as text
-        assert all(name.encode() in records for name in ("train/loss", "train/lr", "train/grad_norm", "eval/loss"))
+    logged = {"train/loss": {m["step"]: m["loss"] for m in train_records},
+              "train/lr": {m["step"]: m["lr"] for m in train_records},
+              "train/grad_norm": {m["step"]: m["grad_norm"] for m in train_records},
+              "train/tokens_per_s": {m["step"]: m["tokens_per_s"] for m in train_records},
+              "eval/loss": {m["step"]: m["eval_loss"] for m in metrics if "eval_loss" in m}}
+    assert sorted(logged["train/loss"]) == [1, 2, 3, 4] and sorted(logged["eval/loss"]) == [2, 4]
+    assert (out / "loss.png").is_file()
+
+    tensorboard = scalars(out / "tensorboard")
+    for tag, values in logged.items():
+        assert tensorboard[tag] == pytest.approx(values), tag
+
+    run_id = (out / "wandb_run_id.txt").read_text()
+    (run_folder,) = (out / "wandb").glob(f"offline-run-*-{run_id}")  # one offline run, under the output
+    history = wandb_history(run_folder / f"run-{run_id}.wandb")
+    for tag, values in logged.items():
+        assert {step: row[tag] for step, row in history.items() if tag in row} == pytest.approx(values), tag

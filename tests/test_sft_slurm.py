@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from helpers import SFT_CONFIG, cli
 
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.sft.data import make_learnable_dataset
-
-CONFIG = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +23,9 @@ def inputs(hf_dir, tmp_path_factory):
 def run(inputs, name: str, *args: str):
     meg, train, root = inputs
     out = root / name
-    result = CliRunner().invoke(app, ["sft", "--config", str(CONFIG), f"load={meg}", f"data.train={train}",
-                                      f"output={out}", "parallel.dp=null", "train.micro_batch_size=1",
-                                      "train.global_batch_size=16", *args])
+    result = cli("sft", "--config", str(SFT_CONFIG), f"load={meg}", f"data.train={train}",
+                 f"output={out}", "parallel.dp=null", "train.micro_batch_size=1",
+                 "train.global_batch_size=16", *args)
     return result, out
 
 

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from helpers import BIG_HEADS, big_shaped_spec, small_spec
 
 from megallama import transforms as T
 from megallama.errors import InputError
 from megallama.spec import ModelSpec, check_parallel, meta_ffn_params, meta_ffn_size, padded_vocab_size
 from megallama.tiny import PRESETS
 
-E = ModelSpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=176, vocab_size=128)
+E = small_spec()
 
 
 @pytest.mark.parametrize("n_heads,rows", [(4, 64), (2, 32)])
@@ -121,3 +122,57 @@ def test_check_parallel_messages():
         check_parallel(E, tp=4, pp=1)
     with pytest.raises(InputError, match="PP=3 does not divide the 4 layers"):
         check_parallel(E, tp=1, pp=3)
+
+
+# ---------------------------------------------------------------- the head counts of the big models
+def head_labels(heads: int, head_dim: int, tag: int) -> torch.Tensor:
+    """[heads*dh, 1]: row d of head i holds tag*1e6 + i*1e3 + d, so every row says which head and row it is."""
+    return torch.tensor([[tag * 1e6 + i * 1e3 + d] for i in range(heads) for d in range(head_dim)],
+                        dtype=torch.float64)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("model", list(BIG_HEADS))
+def test_qkv_fuse_and_tp_shard_at_the_big_models_head_counts(model, tp):
+    """4, 8 and 16 queries per KV head (Llama 3 8B, 70B, 405B) at TP up to 8: TP rank r's slice of the fused
+    linear_qkv is, built here head by head from formats.md 3.5, its KV groups in order, each [its query heads;
+    k; v]; the slice is also what fuse_qkv gives on that rank's own heads, and everything inverts exactly."""
+    spec = big_shaped_spec(model)
+    nh, ng, dh = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    qpg = nh // ng
+    q, k, v = head_labels(nh, dh, 1), head_labels(ng, dh, 2), head_labels(ng, dh, 3)
+    fused = T.fuse_qkv(q, k, v, num_heads=nh, num_kv_heads=ng)
+    parts = T.shard(fused, T.Split.COLUMN, tp)
+    groups = ng // tp
+    for r, part in enumerate(parts):
+        expected = []
+        for g in range(r * groups, (r + 1) * groups):
+            expected += [q[(g * qpg + j) * dh:(g * qpg + j + 1) * dh] for j in range(qpg)]
+            expected += [k[g * dh:(g + 1) * dh], v[g * dh:(g + 1) * dh]]
+        assert torch.equal(part, torch.cat(expected)), r
+        rank_heads = slice(r * groups * qpg * dh, (r + 1) * groups * qpg * dh)
+        rank_kv = slice(r * groups * dh, (r + 1) * groups * dh)
+        assert torch.equal(part, T.fuse_qkv(q[rank_heads], k[rank_kv], v[rank_kv], num_heads=groups * qpg,
+                                            num_kv_heads=groups))
+    back = T.split_qkv(T.unshard(parts, T.Split.COLUMN), num_heads=nh, num_kv_heads=ng)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v), strict=True))
+    # rotary order is per head, so it inverts at these head counts too
+    assert torch.equal(T.hf_to_meta_rotary(T.meta_to_hf_rotary(q, nh), nh), q)
+
+
+@pytest.mark.parametrize("model", list(BIG_HEADS))
+def test_big_models_parallel_plans(model):
+    """TP 8 (one KV group per rank) is the most these models split into; PP stages split their real depth."""
+    spec = big_shaped_spec(model, head_dim=128)
+    for tp in (1, 2, 4, 8):
+        check_parallel(spec.replace(ffn_hidden_size=8 * 128), tp=tp, pp=1)
+    with pytest.raises(InputError, match="TP=16 does not divide the 8 KV heads"):
+        check_parallel(spec, tp=16, pp=1)
+    assert [len(r) for r in T.stage_layers(spec.num_layers, 2)] == [spec.num_layers // 2] * 2
+
+
+def test_sixteen_layers_in_four_pipeline_stages():
+    stages = T.stage_layers(16, 4)
+    assert stages == [range(0, 4), range(4, 8), range(8, 12), range(12, 16)]
+    with pytest.raises(ValueError, match="PP=3 does not divide 16 layers"):
+        T.stage_layers(16, 3)

@@ -16,31 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from typer.testing import CliRunner
+from helpers import cli, hf_model, hf_tensors
 
-from megallama.cli import app
 from megallama.convert import convert
+from megallama.engine.launch import run_torchrun
 from megallama.formats.base import DictReader
 from megallama.formats.megatron.torch_dist import DistCheckpoint, dist_key, open_torch_dist, write_torch_dist
 from megallama.formats.megatron.torch_format import open_megatron, write_megatron
-from megallama.engine.launch import run_torchrun
-from megallama.spec import ModelSpec, padded_vocab_size
+from megallama.spec import padded_vocab_size
 
 WORKER = Path(__file__).parent / "workers" / "load_and_forward.py"
 PRESETS = ("llama1", "llama2", "llama3", "tied")
 GRID = [(1, 1), (2, 1), (1, 2), (2, 2)]
 TOLERANCE = 1e-5
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
-
-
-def hf_tensors(hf_dir: Path) -> tuple[ModelSpec, dict]:
-    spec = ModelSpec.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    return spec, load_file(hf_dir / "model.safetensors")
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def launched(hf_dirs, tmp_path_factory):
     torch.save(tokens, root / "tokens.pt")
     cases = []
     for preset in PRESETS:
-        spec, tensors = hf_tensors(hf_dirs[preset])
+        spec, tensors = hf_model(hf_dirs[preset])
         ckpt = root / f"{preset}-dist"
         ckpt.mkdir()
         write_torch_dist(DictReader(spec, tensors), ckpt)  # one checkpoint for every TP x PP
@@ -65,7 +54,7 @@ def launched(hf_dirs, tmp_path_factory):
                               spec=spec.to_dict(), padded=padded_vocab_size(spec.vocab_size, tp),
                               tokens=str(root / "tokens.pt"), reference=str(root / f"{preset}.ref.pt"),
                               result=str(root / f"{preset}_{tp}x{pp}.json")))
-    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    spec, tensors = hf_model(hf_dirs["llama2"])
     for tp, pp in [(2, 2), (1, 1)]:
         padded = padded_vocab_size(spec.vocab_size, tp)
         source = root / f"llama2-torch-{tp}x{pp}"
@@ -73,6 +62,11 @@ def launched(hf_dirs, tmp_path_factory):
         write_megatron(DictReader(spec, tensors), source, tp=tp, pp=pp)
         cases.append(dict(kind="mcore_save", name="llama2", source=str(source), ckpt=str(root / f"mcore-{tp}x{pp}"),
                           tp=tp, pp=pp, spec=spec.to_dict(), padded=padded, iteration=5))
+    for variant in ("model_only", "fully_parallel", "singleton_local_shards"):  # at 1x1, the 4 ranks are DP 4
+        cases.append(dict(kind="mcore_save", name="llama2", source=str(root / "llama2-torch-1x1"),
+                          ckpt=str(root / f"mcore-1x1-{variant}"), tp=1, pp=1, spec=spec.to_dict(),
+                          padded=padded_vocab_size(spec.vocab_size, 1), iteration=5, model_only=True,
+                          **({variant: True} if variant != "model_only" else {})))
     job = root / "job.json"
     job.write_text(json.dumps(cases))
     proc = run_torchrun([str(WORKER), str(job)], nproc=4, capture=True)
@@ -100,7 +94,7 @@ def test_megatron_core_save_at_2x2_reads_back_bit_exact(launched, hf_dirs, tmp_p
     assert any(k.startswith("optimizer.") for k in names) and any(k.startswith("rng_state") for k in names)
     result = cli("convert", "megatron2hf", "--input-dir", ckpt, "--output-dir", tmp_path / "hf")
     assert result.exit_code == 0, result.output
-    source, out = load_file(hf_dirs["llama2"] / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    source, out = hf_tensors(hf_dirs["llama2"]), hf_tensors(tmp_path / "hf")
     assert source.keys() == out.keys()
     for name, t in source.items():
         assert torch.equal(t, out[name]), name
@@ -111,7 +105,7 @@ def test_our_metadata_equals_megatron_cores(launched, hf_dirs, tmp_path):
     """Same model, same weights: every model key, global shape, chunk, dtype and `_extra_state` object of our
     .metadata is what megatron-core's own save at 1x1 holds, in the same order, and the tensors are equal."""
     root, _ = launched
-    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    spec, tensors = hf_model(hf_dirs["llama2"])
     write_torch_dist(DictReader(spec, tensors), tmp_path / "ours", iteration=5)
     ours = DistCheckpoint(tmp_path / "ours" / "iter_0000005")
     theirs = DistCheckpoint(root / "mcore-1x1" / "iter_0000005")
@@ -127,6 +121,75 @@ def test_our_metadata_equals_megatron_cores(launched, hf_dirs, tmp_path):
     assert set(common) == set(theirs_common) - {"optimizer"}  # its param groups; we write no optimizer
     assert common["checkpoint_version"] == 3.0 and common["iteration"] == 5
     assert common["content_metadata"] == theirs_common["content_metadata"]
+
+
+def storage(it_dir: Path) -> dict:
+    """{(key, chunk offset): (file, byte offset, length)}: where .metadata says each chunk's bytes are."""
+    md = DistCheckpoint(it_dir).metadata
+    return {(i.fqn, None if i.offset is None else tuple(i.offset)): (s.relative_path, s.offset, s.length)
+            for i, s in md.storage_data.items()}
+
+
+def chunks(it_dir: Path) -> dict:
+    """.metadata's tensors with their chunk lists sorted: which rank planned a chunk first only orders the list."""
+    md = DistCheckpoint(it_dir).metadata.state_dict_metadata
+    return {k: (v.properties, v.size, sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks))
+            if hasattr(v, "chunks") else v for k, v in md.items()}
+
+
+@pytest.mark.slow
+def test_our_storage_is_megatron_cores(launched, hf_dirs, tmp_path):
+    """Against megatron-core's own save of the model alone (what a converter writes; Megatron-LM's
+    --no-save-optim --no-save-rng) at DP 4 without fully-parallel save (DP rank 0 writes, as at DP 1): the same
+    .metadata, and in storage_data every chunk in the same file with the same serialized length. Within a file
+    megatron-core orders the chunks differently (so byte offsets differ); readers go by storage_data's offsets."""
+    root, _ = launched
+    spec, tensors = hf_model(hf_dirs["llama2"])
+    write_torch_dist(DictReader(spec, tensors), tmp_path / "ours", iteration=5)
+    ours, theirs = tmp_path / "ours" / "iter_0000005", root / "mcore-1x1-model_only" / "iter_0000005"
+    assert DistCheckpoint(ours).metadata.state_dict_metadata == DistCheckpoint(theirs).metadata.state_dict_metadata
+    mine, core = storage(ours), storage(theirs)
+    assert {k: (f, n) for k, (f, _, n) in mine.items()} == {k: (f, n) for k, (f, _, n) in core.items()}
+    assert sorted(p.name for p in ours.glob("*.distcp")) == sorted(p.name for p in theirs.glob("*.distcp"))
+    for key, (file, offset, length) in core.items():  # and the bytes at each place are the same chunk
+        with open(ours / mine[key][0], "rb") as a, open(theirs / file, "rb") as b:
+            a.seek(mine[key][1])
+            b.seek(offset)
+            assert a.read(length) == b.read(length), key
+
+
+@pytest.mark.slow
+def test_a_fully_parallel_save_holds_the_same_chunks_spread_over_the_ranks(launched, hf_dirs, tmp_path):
+    """Megatron-LM's default --ckpt-fully-parallel-save at DP 4: the same .metadata as ours, the chunks' bytes
+    spread over the DP ranks' files (so its storage_data differs from a single writer's by design), and both
+    read back to the same tensors."""
+    root, _ = launched
+    spec, tensors = hf_model(hf_dirs["llama2"])
+    write_torch_dist(DictReader(spec, tensors), tmp_path / "ours", iteration=5)
+    ours, theirs = tmp_path / "ours" / "iter_0000005", root / "mcore-1x1-fully_parallel" / "iter_0000005"
+    assert chunks(ours) == chunks(theirs)
+    spread, single = storage(theirs), storage(ours)
+    assert spread.keys() == single.keys()
+    assert len({f.split("_")[2] for f, _, _ in spread.values()}) > 1  # __<rank>_<i>.distcp: several ranks wrote
+    assert all(length == single[key][2] for key, (_, _, length) in spread.items())  # the same serialized chunks
+    for folder in (tmp_path / "ours", root / "mcore-1x1-fully_parallel"):
+        with open_torch_dist(folder) as reader:
+            assert all(torch.equal(reader.get(name), t) for name, t in tensors.items()), folder
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="defect: megatron-core's unstacked save also splits linear_fc1 into "
+                   "weight_w / weight_v keys; the reader expects one fused linear_fc1.weight per layer")
+def test_reads_megatron_cores_unstacked_layers(launched, hf_dirs):
+    """megatron-core's save with singleton_local_shards keeps each layer under its own number (no leading layer
+    axis); the reader gives the same tensors."""
+    root, _ = launched
+    _, tensors = hf_model(hf_dirs["llama2"])
+    ckpt = root / "mcore-1x1-singleton_local_shards"
+    keys = DistCheckpoint(ckpt / "iter_0000005").metadata.state_dict_metadata
+    assert any(k.startswith("decoder.layers.3.") for k in keys) and "decoder.layers.mlp.linear_fc1.weight" not in keys
+    with open_torch_dist(ckpt) as reader:
+        assert all(torch.equal(reader.get(name), t) for name, t in tensors.items())
 
 
 def test_key_table_matches_megatron_core_keys_map():
@@ -258,6 +321,7 @@ print((kib("VmHWM") - before) * 1024)
 """
 
 
+@pytest.mark.slow
 def test_writer_memory_stays_near_one_tensor(tmp_path):
     """A 200 MB model written as torch_dist: the process grows by a few tensors (2.9 MB each), not the model."""
     import subprocess
@@ -273,32 +337,20 @@ def test_writer_memory_stays_near_one_tensor(tmp_path):
     assert grew < 20e6, (grew, model_bytes)
 
 
-def test_reads_te_spec_extras_and_unstacked_layers(hf_dirs, tmp_path):
-    """What the TE spec adds on disk (core_attention and final-norm `_extra_state` objects) is ignored, and a
-    checkpoint whose layers keep their number (singleton_local_shards) reads the same tensors."""
+def test_reads_te_spec_extras(hf_dirs, tmp_path):
+    """What the TE spec adds on disk (core_attention and final-norm `_extra_state` objects) is ignored. (Unstacked
+    layers are checked on megatron-core's own save: test_reads_megatron_cores_unstacked_layers.)"""
     from megallama.formats.megatron.local import megatron_args
-    from megallama.formats.megatron.torch_dist import _bytes_item, _tensor_item, common_state, save_dcp, write_items
+    from megallama.formats.megatron.torch_dist import _bytes_item, common_state, save_dcp, write_items
 
-    spec, tensors = hf_tensors(hf_dirs["llama2"])
+    spec, tensors = hf_model(hf_dirs["llama2"])
     padded = padded_vocab_size(spec.vocab_size, 1)
     items = write_items(tensors.__getitem__, spec, padded=padded)
     te = [_bytes_item(f"decoder.layers.self_attention.core_attention._extra_state/shard_{i}_{spec.num_layers}",
                       torch.empty(0, dtype=torch.uint8)) for i in range(spec.num_layers)]
     save_dcp(tmp_path / "te", items + te + [_bytes_item("decoder.final_layernorm._extra_state")])
 
-    unstacked = []  # the same chunks, keyed decoder.layers.<i>.… without the leading layer axis
-    for it in items:
-        w = it.write_item
-        if w.tensor_data is None or not w.index.fqn.startswith("decoder.layers."):
-            unstacked.append(it)
-            continue
-        fqn = w.index.fqn.replace("decoder.layers.", f"decoder.layers.{w.index.offset[0]}.")
-        unstacked.append(_tensor_item(fqn, tuple(w.index.offset)[1:], tuple(w.tensor_data.chunk.sizes)[1:],
-                                      tuple(w.tensor_data.size)[1:], w.tensor_data.properties.dtype,
-                                      lambda make=it.make: make()[0]))
-    save_dcp(tmp_path / "unstacked", unstacked)
-
-    for folder in ("te", "unstacked"):
+    for folder in ("te",):
         (tmp_path / folder / "latest_checkpointed_iteration.txt").write_text("release")
         (tmp_path / folder / "release").mkdir()
         for f in list((tmp_path / folder).iterdir()):

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import TOLERANCES, assert_one_line_error, cli
 
 from megallama import transforms as T
-from megallama.cli import app
 from megallama.convert import convert
 from megallama.errors import InputError
 from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir
 from megallama.tiny import make_hf_checkpoint
+from megallama.verify.data import reference_format, sample_tokens
 from megallama.verify.layer_diff import (
-    TOLERANCES,
+    TOLERANCES as LIMITS,
+)
+from megallama.verify.layer_diff import (
     PointDiff,
     compare_point,
     layer_diff_many,
@@ -31,7 +33,6 @@ from megallama.verify.layer_diff import (
     next_token_loss,
     topk_agreement,
 )
-from megallama.verify.data import reference_format, sample_tokens
 
 GRIDS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 CONTRACT_KEYS = {"verdict", "dtype", "tp", "pp", "max_abs_logits_diff", "top1_agreement", "first_diverging_layer",
@@ -45,7 +46,7 @@ def point(name: str, ok: bool) -> PointDiff:
 
 def test_identical_tensors_pass_with_zero_diff():
     x = torch.randn(2, 8, 16)
-    p = compare_point("layers.0", x, x.clone(), TOLERANCES["float32"], depth=1)
+    p = compare_point("layers.0", x, x.clone(), LIMITS["float32"], depth=1)
     assert p.ok and p.max_abs == 0 and p.rel_err == 0 and p.cosine == pytest.approx(1.0)
 
 
@@ -53,15 +54,15 @@ def test_tolerance_is_relative_to_the_reference_scale():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 16, generator=gen) * 1000  # large activations: rounding noise scales with them
     noisy = x * (1 + 1e-6 * torch.randn(x.shape, generator=gen))
-    assert compare_point("p", x, noisy, TOLERANCES["float32"], depth=0).ok
-    assert not compare_point("p", x / 1000, noisy / 1000 + 1e-3, TOLERANCES["float32"], depth=0).ok
+    assert compare_point("p", x, noisy, LIMITS["float32"], depth=0).ok
+    assert not compare_point("p", x / 1000, noisy / 1000 + 1e-3, LIMITS["float32"], depth=0).ok
 
 
 def test_one_bad_element_fails_even_when_the_average_is_fine():
     x = torch.randn(2, 64, 64)
     y = x.clone()
     y[1, 7, 3] += 0.5
-    p = compare_point("embedding", x, y, TOLERANCES["bfloat16"], depth=0)
+    p = compare_point("embedding", x, y, LIMITS["bfloat16"], depth=0)
     assert not p.ok and p.mean_abs < 1e-4
 
 
@@ -69,14 +70,14 @@ def test_nan_never_passes():
     x = torch.randn(4, 4)
     y = x.clone()
     y[1, 1] = float("nan")
-    assert not compare_point("logits", x, y, TOLERANCES["bfloat16"], depth=4).ok
-    assert not compare_point("logits", x, y, TOLERANCES["bfloat16"], depth=4, chunk=3).ok  # NaN in a middle chunk
+    assert not compare_point("logits", x, y, LIMITS["bfloat16"], depth=4).ok
+    assert not compare_point("logits", x, y, LIMITS["bfloat16"], depth=4, chunk=3).ok  # NaN in a middle chunk
 
 
 def test_chunked_statistics_equal_whole_tensor_statistics():
     x, y = torch.randn(3, 7, 11), torch.randn(3, 7, 11)
-    whole = compare_point("p", x, y, TOLERANCES["float32"], depth=2)
-    chunked = compare_point("p", x, y, TOLERANCES["float32"], depth=2, chunk=10)
+    whole = compare_point("p", x, y, LIMITS["float32"], depth=2)
+    chunked = compare_point("p", x, y, LIMITS["float32"], depth=2, chunk=10)
     assert whole.max_abs == chunked.max_abs and whole.scale == chunked.scale
     for field in ("mean_abs", "rel_err", "cosine"):
         assert getattr(chunked, field) == pytest.approx(getattr(whole, field), rel=1e-12)
@@ -85,7 +86,7 @@ def test_chunked_statistics_equal_whole_tensor_statistics():
 
 
 def test_low_precision_limits_are_looser_and_grow_with_depth():
-    fp32, bf16, fp16 = (TOLERANCES[d] for d in ("float32", "bfloat16", "float16"))
+    fp32, bf16, fp16 = (LIMITS[d] for d in ("float32", "bfloat16", "float16"))
     assert fp32.l2_rel < fp16.l2_rel < bf16.l2_rel
     assert bf16.limits(1.0, 8)[1] > bf16.limits(1.0, 1)[1]
 
@@ -344,11 +345,27 @@ def fp32_reports(hf_dirs, meg_dirs, meta_dir, broken, megatron_lm_style, deep):
     pairs["pass-deep16"] = (deep["hf"], deep["meg"])
     pairs["P13-norm-eps-deep16"] = (deep["hf"], deep["eps-bug"])
     pairs |= {label: (hf_dirs[BUGS[label][0][0]], d) for label, d in broken.items()}
-    reports = layer_diff_many(list(pairs.values()), dtype="fp32")
-    return dict(zip(pairs, reports, strict=True))
+    reports = dict(zip(pairs, layer_diff_many(list(pairs.values()), dtype="fp32"), strict=True))
+    for label, report in reports.items():  # the measured values, for docs/testing.md (pytest -s)
+        if report.verdict == "PASS":
+            print(f"{label}: headroom {headroom(report):.1f}x, logits {report.max_abs_logits_diff:.1e}, "
+                  f"loss {abs(report.loss_megatron - report.loss_reference):.1e}")
+    return reports
 
 
 # ---------------------------------------------------------------- PASS on correct conversions
+HEADROOM = TOLERANCES["verify_headroom"]
+
+
+def headroom(report) -> float:
+    """How far below its fp32 limits a report sits: the smallest limit / measured ratio over every point (max abs
+    and relative error) and the LM loss."""
+    loss = abs(report.loss_megatron - report.loss_reference) / LIMITS["float32"].loss
+    worst = max([loss] + [max(p.max_abs / p.limit, p.rel_err / p.rel_limit) for p in report.points])
+    return 1 / worst if worst > 0 else float("inf")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("tp", "pp"), GRIDS)
 @pytest.mark.parametrize("preset", ["llama2", "llama3"])
 def test_correct_conversion_passes(fp32_reports, preset, tp, pp):
@@ -356,24 +373,27 @@ def test_correct_conversion_passes(fp32_reports, preset, tp, pp):
     assert report.verdict == "PASS", report.first_failing_point
     assert (report.tp, report.pp) == (tp, pp)
     assert report.max_abs_logits_diff <= 1e-5
-    assert abs(report.loss_megatron - report.loss_reference) <= 1e-5
     assert report.top1_agreement == 1.0 and report.first_diverging_layer is None
-    # margin: correct conversions sit far below the fp32 limits (planted bugs sit far above)
-    assert max(p.max_abs / p.limit for p in report.points) < 0.25
+    # the headroom docs/verify.md claims: correct conversions sit >= 8x below every fp32 limit, the loss included
+    # (planted bugs sit far above)
+    assert headroom(report) >= HEADROOM, headroom(report)
     data = report.to_json()
     assert CONTRACT_KEYS <= set(data) and data["loss"]["reference"] == report.loss_reference
     assert [p["name"] for p in data["layers"]][:4] == ["embedding", "layers.0.attention", "layers.0.mlp", "layers.0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["pass-meta-reference", "pass-tied-tp1-pp2", "pass-no-manifest"])
 def test_meta_reference_tied_embeddings_and_foreign_checkpoints_pass(fp32_reports, label):
     report = fp32_reports[label]
     assert report.verdict == "PASS" and report.max_abs_logits_diff <= 1e-5
+    assert headroom(report) >= HEADROOM, headroom(report)
     if label == "pass-no-manifest":  # the padded vocab (512) is cut to the reference's 320 columns
         assert any("320 of 512 logit columns" in n for n in report.notes)
 
 
 # ---------------------------------------------------------------- FAIL, located, on planted bugs
+@pytest.mark.slow
 @pytest.mark.parametrize("label", list(BUGS))
 def test_planted_bug_fails_at_the_right_place(fp32_reports, label):
     _, _, layer, where = BUGS[label]
@@ -386,21 +406,24 @@ def test_planted_bug_fails_at_the_right_place(fp32_reports, label):
     assert all(p.ok for p in report.points[:first])
 
 
+@pytest.mark.slow
 def test_spec_mismatch_is_named_in_the_notes(fp32_reports):
     assert any("rope_theta differs" in n for n in fp32_reports["P11-rope-theta-10000"].notes)
 
 
+@pytest.mark.slow
 def test_small_bug_is_still_caught_16_layers_deep(fp32_reports):
     """The depth-scaled limits must not swallow a small bug: the eps bug on a 16-layer model, in fp32."""
     good, bad = fp32_reports["pass-deep16"], fp32_reports["P13-norm-eps-deep16"]
     assert good.verdict == "PASS" and len(good.points) == 1 + 3 * 16 + 2
-    assert max(p.max_abs / p.limit for p in good.points) < 0.25
+    assert headroom(good) >= HEADROOM, headroom(good)
     assert (bad.verdict, bad.first_diverging_layer, bad.diverged_in) == ("FAIL", 0, "attention")
     deepest = [p for p in bad.points if p.name in ("layers.15", "logits")]
     assert all(not p.ok for p in deepest)  # and it stays visible to the last layer and the logits
 
 
 # ---------------------------------------------------------------- bf16 / fp16
+@pytest.mark.slow
 def test_fp16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
     good, bad = layer_diff_many([(hf_dirs["llama2"], meg_dirs["llama2", 1, 1]),
                                  (hf_dirs["llama2"], broken["P5-up-gate-swapped"])], dtype="fp16")
@@ -409,6 +432,7 @@ def test_fp16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
     assert (bad.verdict, bad.first_diverging_layer, bad.diverged_in) == ("FAIL", 0, "mlp")
 
 
+@pytest.mark.slow
 def test_bf16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
     good, bad = layer_diff_many([(hf_dirs["llama3"], meg_dirs["llama3", 1, 1]),
                                  (hf_dirs["llama2"], broken["P1-rotary-meta-order"])], dtype="bf16")
@@ -418,17 +442,15 @@ def test_bf16_passes_correct_and_fails_broken(hf_dirs, meg_dirs, broken):
 
 
 # ---------------------------------------------------------------- CLI
-runner = CliRunner()
+def run_layer_diff(*args):
+    return cli("verify", "layer-diff", *args)
 
 
-def cli(*args: str):
-    return runner.invoke(app, ["verify", "layer-diff", *map(str, args)])
-
-
+@pytest.mark.slow
 def test_cli_pass_writes_the_json_contract(hf_dirs, meg_dirs, tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("Verification data: the same tokens go through both models, one layer at a time.\n" * 4)
-    result = cli("--reference", hf_dirs["llama2"], "--megatron", meg_dirs["llama2", 1, 1], "--data", data,
+    result = run_layer_diff("--reference", hf_dirs["llama2"], "--megatron", meg_dirs["llama2", 1, 1], "--data", data,
                  "--seq-len", 32, "--batch", 3, "--json", tmp_path / "out.json")
     assert result.exit_code == 0, result.output
     assert "PASS" in result.stdout and "layers.3.mlp" in result.stdout
@@ -439,8 +461,9 @@ def test_cli_pass_writes_the_json_contract(hf_dirs, meg_dirs, tmp_path):
     assert len(report["layers"]) == 1 + 3 * 4 + 2 and report["max_abs_logits_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_cli_fail_exits_1_and_locates(hf_dirs, broken, tmp_path):
-    result = cli("--reference", hf_dirs["llama2"], "--megatron", broken["P5-up-gate-swapped"],
+    result = run_layer_diff("--reference", hf_dirs["llama2"], "--megatron", broken["P5-up-gate-swapped"],
                  "--json", tmp_path / "out.json")
     assert result.exit_code == 1, result.output
     assert "FAIL: first divergence at layer 0, mlp" in result.stdout
@@ -448,12 +471,13 @@ def test_cli_fail_exits_1_and_locates(hf_dirs, broken, tmp_path):
     assert (report["verdict"], report["first_diverging_layer"], report["diverged_in"]) == ("FAIL", 0, "mlp")
 
 
+@pytest.mark.slow
 def test_cli_worker_error_is_one_line_exit_2(hf_dirs, meg_dirs, verify_root):
     def extra_key(models, manifest):  # passes the reader's checks, fails the worker's strict load
         models[0, 0]["decoder.layers.0.self_attention.core_attention._extra_state"] = torch.zeros(1)
 
     bad = broken_copy(meg_dirs["llama2", 1, 1], verify_root / "bad-extra-key", extra_key)
-    result = cli("--reference", hf_dirs["llama2"], "--megatron", bad)
+    result = run_layer_diff("--reference", hf_dirs["llama2"], "--megatron", bad)
     assert result.exit_code == 2, result.output
     assert "does not fit the model" in result.stderr and "Traceback" not in result.output
 
@@ -483,14 +507,11 @@ def _bad_input_cases(hf_dirs, meg_dirs, hf_vocab_256, tmp_path):
                                   "shape-mismatch", "bad-dtype", "missing-data", "seq-len"])
 def test_cli_bad_input_exits_2_with_one_line(hf_dirs, meg_dirs, hf_vocab_256, tmp_path, case):
     args, message = _bad_input_cases(hf_dirs, meg_dirs, hf_vocab_256, tmp_path)[case]
-    result = cli(*args, "--json", tmp_path / "out.json")
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error:")
-    assert not (tmp_path / "out.json").exists()
+    result = run_layer_diff(*args, "--json", tmp_path / "out.json")
+    assert_one_line_error(result, message, absent=tmp_path / "out.json")
 
 
 def test_cli_refuses_a_world_it_cannot_launch(hf_dirs, meg_dirs, monkeypatch):
     monkeypatch.setattr("megallama.verify.data.MAX_CPU_RANKS", 2)
-    result = cli("--reference", hf_dirs["llama2"], "--megatron", meg_dirs["llama2", 2, 2])
+    result = run_layer_diff("--reference", hf_dirs["llama2"], "--megatron", meg_dirs["llama2", 2, 2])
     assert result.exit_code == 2 and "4 ranks" in result.stderr

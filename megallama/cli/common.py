@@ -69,6 +69,8 @@ def _map_error(e: BaseException) -> None:
     try:
         raise e
     except MegallamaError as e:
+        if e.detail and os.environ.get("MEGALLAMA_DEBUG"):
+            sys.stderr.write(e.detail)  # the worker's traceback, where the internal error really happened
         fail(str(e), e.exit_code)
     except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
         raise

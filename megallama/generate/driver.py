@@ -218,7 +218,9 @@ def run_workers(job: dict, *, on_progress: OnProgress | None = None) -> list[tup
         error = Path(tmp) / "error.json"
         if error.is_file():
             e = json.loads(error.read_text())
-            raise (InputError if e.get("exit_code") == 2 else MegallamaError)(e["message"])
+            failure = (InputError if e.get("exit_code") == 2 else MegallamaError)(e["message"])
+            failure.detail = e.get("traceback")
+            raise failure
         if returncode != 0 or not result.is_file():
             raise MegallamaError(f"generate workers (TP={job['tp']}, PP={job['pp']}) exited with {returncode}: "
                                  + " | ".join(tail[-3:]))

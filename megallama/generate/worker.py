@@ -128,7 +128,8 @@ def run(job: dict) -> list[dict]:
 def write_error(out: Path, error: BaseException) -> None:
     code = error.exit_code if isinstance(error, MegallamaError) else 1
     message = str(error) if isinstance(error, MegallamaError) else f"{type(error).__name__}: {error}"
-    (out / "error.json").write_text(json.dumps({"message": message, "exit_code": code}))
+    (out / "error.json").write_text(json.dumps({"message": message, "exit_code": code,
+                                                "traceback": traceback.format_exc()}))
 
 
 def main(argv: list[str]) -> int:

@@ -265,7 +265,9 @@ def _raise_worker_error(out: Path) -> None:
     if path.is_file():
         error = json.loads(path.read_text())
         cls = InputError if error.get("exit_code") == 2 else MegallamaError
-        raise cls(error["message"])
+        e = cls(error["message"])
+        e.detail = error.get("traceback")
+        raise e
 
 
 def reference_captures(job: Job, *, dtype: str) -> dict[str, torch.Tensor]:

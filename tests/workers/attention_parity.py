@@ -3,11 +3,12 @@
 For each case (TP x PP; the rest of the world is data parallel and checks the same thing):
 1. `local` vs `sdpa`: the same weights (the local model's state dict, loaded strictly into the SDPA model), one
    forward + backward of a batch through megatron-core's pipeline schedule; logits and every parameter gradient
-   of this rank are compared.
+   of this rank are compared, each tensor relative to its own scale; a negative control puts a 10 % error into
+   the smallest gradient and reports what the comparison (and one global maximum) makes of it.
 2. packed vs separate (`sdpa`): three samples of different lengths packed into one thd micro-batch with
    PackedSeqParams, against the same samples run one by one; logits and gradients must agree, which holds
    only if attention stays inside each sample and rotary positions restart per sample.
-Writes one JSON per case from global rank 0 with the maxima over all ranks.
+Writes one JSON per case from global rank 0: per check [worst relative difference, smallest scale] over ranks.
 
 Usage: python -m torch.distributed.run --nproc-per-node N tests/workers/attention_parity.py JOB.json
 JOB.json = {"cases": [[tp, pp], ...], "result": PATH}
@@ -57,11 +58,24 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(max abs difference, max abs value of `b`) over matching tensors."""
+    """(worst relative difference over the tensors, smallest scale seen): each tensor is judged against its own
+    max |value| of `b`, so a small gradient (a norm weight's, say) cannot hide under the largest one."""
     assert a.keys() == b.keys()
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    scale = max(b[k].abs().max().item() for k in b)
-    return diff, scale
+    worst, smallest = 0.0, float("inf")
+    for k in a:
+        diff, scale = (a[k] - b[k]).abs().max().item(), b[k].abs().max().item()
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+        smallest = min(smallest, scale)
+    return worst, smallest
+
+
+def control(reference: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Negative control on the real gradients: the smallest non-zero gradient 10 % off, everything else exact.
+    Returns (what max_diff says, what one global maximum would have said: max diff / max scale)."""
+    small = min((k for k in reference if reference[k].abs().max() > 0), key=lambda k: reference[k].abs().max())
+    wrong = {k: t * 1.1 if k == small else t for k, t in reference.items()}
+    diff = (wrong[small] - reference[small]).abs().max().item()
+    return max_diff(wrong, reference)[0], diff / max(t.abs().max().item() for t in reference.values())
 
 
 def build(attention: str, state: dict | None = None):
@@ -88,6 +102,7 @@ def local_vs_sdpa(gen: torch.Generator) -> dict:
     if ps.is_pipeline_last_stage():
         out["logits"] = max_diff({"l": logits_sdpa}, {"l": logits_local})
     out["grads"] = max_diff(grads(sdpa), grads(local))
+    out["control"] = control(grads(local))
     out["same_keys"] = same_keys
     return out
 
@@ -113,15 +128,23 @@ def packed_vs_separate(gen: torch.Generator) -> dict:
 
 
 def reduce_max(values: dict) -> dict:
-    """Element-wise max over all ranks of every (diff, scale) pair; ranks without a value send -1."""
+    """Over all ranks: the worst relative difference and the smallest scale of logits and grads, the largest
+    values of the control; ranks without a value send a neutral one."""
     import torch.distributed as dist
 
-    names = ("logits", "grads")
-    flat = torch.tensor([x for n in names for x in values.get(n, (-1.0, -1.0))], dtype=torch.float64)
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    worst = torch.tensor([values.get(n, (-1.0, 0.0))[0] for n in ("logits", "grads")]
+                         + list(values.get("control", (-1.0, -1.0))), dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    smallest = torch.tensor([-values.get(n, (0.0, float("inf")))[1] for n in ("logits", "grads")],
+                            dtype=torch.float64)  # min over ranks, as a max of negatives
+    dist.all_reduce(smallest, op=dist.ReduceOp.MAX)
     keys = torch.tensor([0.0 if values.get("same_keys", True) else 1.0])
     dist.all_reduce(keys, op=dist.ReduceOp.MAX)
-    return {"logits": flat[0:2].tolist(), "grads": flat[2:4].tolist(), "same_keys": keys.item() == 0.0}
+    out = {"logits": [worst[0].item(), -smallest[0].item()], "grads": [worst[1].item(), -smallest[1].item()],
+           "same_keys": keys.item() == 0.0}
+    if "control" in values:
+        out["control"] = [worst[2].item(), worst[3].item()]
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -27,9 +27,9 @@ def run_case(case: dict) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, load_rank_file
     from megallama.engine.model import build_gpt_model
     from megallama.engine.runtime import init_distributed
+    from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, load_rank_file
     from megallama.spec import ModelSpec
 
     if ps.model_parallel_is_initialized():

@@ -15,9 +15,9 @@ def main(ckpt: Path) -> None:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, open_megatron
     from megallama.engine.model import transformer_config
     from megallama.engine.runtime import destroy_distributed, init_distributed
+    from megallama.formats.megatron.torch_format import MODEL_FILE, checkpoint_dir, open_megatron
 
     with open_megatron(ckpt) as reader:
         spec, padded = reader.spec, reader.padded_vocab_size
