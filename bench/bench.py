@@ -12,6 +12,8 @@ Parts (`python bench/bench.py --only convert,verify` runs a slice and merges it 
            model, data, batch and threads (attention sdpa).
   packing  SFT trained tokens/s with data.pack true vs false on long-tail sample lengths.
   verify   Verify wall time for the tiny and the 1B-shaped model.
+  generate The whole `megallama generate` command (8 prompts x 192 new tokens, small model, TP1 and TP2 x PP2)
+           against a plain transformers script doing the same work (load + batched greedy generate, KV cache).
 
 Prints one table of every figure in results.json. Work files go to bench/work/ (about 13 GB at peak, removed
 after unless --keep-work; a kept 1B model is reused by the next run).
@@ -67,13 +69,14 @@ def _rss(pids: list[int]) -> tuple[int, int]:
     return total, anon
 
 
-def measure(cmd: list[str], **kwargs) -> dict:
+def measure(cmd: list[str], env: dict | None = None, **kwargs) -> dict:
     """Run `cmd`; wall seconds and the peak RSS of its whole process tree, sampled every 20 ms.
 
     (ru_maxrss is not usable here: Linux carries the parent's high-water mark into a forked child across exec.)
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, **kwargs)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or ENV,
+                            **kwargs)
     peak = peak_anon = 0
     chunks: list[str] = []
     reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
@@ -568,6 +571,73 @@ def verify_rows(ver: dict) -> list[tuple[str, str, str, str]]:
              f"max |dlogits| {v['max_abs_logits_diff']:.2e}", "") for name, v in ver.items()]
 
 
+PLAIN_GENERATE = r"""
+import json, sys, time, torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+src, prompts_file, new_tokens, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+start = time.perf_counter()
+tok = AutoTokenizer.from_pretrained(src)
+tok.pad_token, tok.padding_side = tok.eos_token, "left"
+model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+prompts = [json.loads(line) for line in open(prompts_file)]
+batch = tok(prompts, return_tensors="pt", padding=True)
+with torch.no_grad():
+    ids = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.eos_token_id)
+new = [row[batch["input_ids"].shape[1]:].tolist() for row in ids]
+json.dump([{"prompt": p, "completion": tok.decode(n, skip_special_tokens=True), "completion_ids": n}
+           for p, n in zip(prompts, new)], open(out, "w"))
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+
+GEN_SPEC = dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=688, vocab_size=1000,
+                max_position_embeddings=1024)
+GEN_PROMPTS, GEN_NEW_TOKENS = 8, 192
+
+
+def bench_generate() -> dict:
+    """The whole `megallama generate` command (start-up, torchrun, loading, decoding with the KV cache) against a
+    plain transformers script doing the same work (load, batched greedy `generate` with its KV cache), same
+    model, prompts and new tokens; megallama at TP1 and at TP2 x PP2."""
+    from megallama.spec import ModelSpec
+    from megallama.tiny import corpus_lines, make_hf_checkpoint
+
+    hf = make_hf_checkpoint(WORK / "gen-hf", ModelSpec(**GEN_SPEC))
+    meg = WORK / "gen-meg"
+    measure(megallama("convert", "hf2megatron", "--input-dir", str(hf), "--output-dir", str(meg), "--force"))
+    prompts = WORK / "gen-prompts.jsonl"
+    lines = [line for line in corpus_lines(200) if 20 < len(line) < 200][:GEN_PROMPTS]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    plain_out = WORK / "gen-plain.json"
+    plain = measure([PY, "-c", PLAIN_GENERATE, str(hf), str(prompts), str(GEN_NEW_TOKENS), str(plain_out)],
+                    env={**ENV, "OMP_NUM_THREADS": str(os.cpu_count())})
+    want = [r["completion_ids"] for r in json.loads(plain_out.read_text())]
+    results = {"model": "hidden 256, 4 layers, 8/4 heads, vocab 1000, fp32", "prompts": len(lines),
+               "new_tokens": GEN_NEW_TOKENS, "transformers_seconds": plain["seconds"]}
+    for name, extra in (("tp1", []), ("tp2_pp2", ["--tp", "2", "--pp", "2"])):
+        out = WORK / f"gen-{name}.json"
+        run = measure(megallama("generate", "--megatron", str(meg), "--prompts", str(prompts), "--max-new-tokens",
+                                str(GEN_NEW_TOKENS), "--json", str(out), *extra))
+        got = json.loads(out.read_text())
+        results[name] = {"seconds": run["seconds"], "x_transformers": run["seconds"] / plain["seconds"],
+                         "time_to_first_token_s": got[0].get("time_to_first_token_s"),
+                         "tokens_per_s": got[0].get("tokens_per_s"),
+                         "same_tokens_as_transformers": sum(g["completion_ids"] == w[:len(g["completion_ids"])]
+                                                            for g, w in zip(got, want, strict=True))}
+    return results
+
+
+def generate_rows(gen: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name in ("tp1", "tp2_pp2"):
+        g = gen[name]
+        rows.append((f"generate {gen['prompts']} prompts x {gen['new_tokens']} tokens, {name} (whole command)",
+                     f"{g['seconds']:.1f} s ({g['tokens_per_s']:.0f} tok/s decoding, first token "
+                     f"{g['time_to_first_token_s']:.2f} s)", f"transformers script {gen['transformers_seconds']:.1f} s",
+                     f"{g['x_transformers']:.2f}x ({g['same_tokens_as_transformers']}/{gen['prompts']} same tokens)"))
+    return rows
+
+
 # name -> (what it measures, the function that measures it, the table rows it gives). Add a part with one line.
 PARTS = {
     "conversion": (bench_conversion, conversion_rows),
@@ -575,6 +645,7 @@ PARTS = {
     "packing": (bench_packing, packing_rows),
     "verify": (bench_verify, verify_rows),
     "torch_dist": (bench_torch_dist, torch_dist_rows),
+    "generate": (bench_generate, generate_rows),
 }
 ALIASES = {"convert": "conversion"}
 
