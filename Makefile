@@ -29,7 +29,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 
-# On a CUDA machine: doctor on NCCL, bf16 verify at TP 2, SFT tokens/s and MFU -> bench/gpu.json (not in CI).
+# On a CUDA machine (~5 min on one H100): NCCL doctor, conversion GB/s, bf16 verify, SFT tokens/s and MFU (sdpa, te),
+# generate tokens/s -> bench/gpu.json (not in CI; rehearsed by tests/test_gpu_check.py).
 gpu-check: $(STAMP)
 	$(BIN)/python bench/gpu.py
 

@@ -1,17 +1,22 @@
 """`make bench`: every figure is a ratio against an alternative measured side by side in the same run.
 
 Parts (`python bench/bench.py --only convert,verify` runs a slice and merges it into bench/results.json):
-  convert  Conversion of a 1B-shaped bf16 checkpoint (TinyLlama shape): hf2pth, pth2megatron --tp 2 and
-           hf2megatron (when that command exists), start-up included, against copying the same bytes with a
-           plain file copy (the I/O floor), each measured REPEATS times interleaved (medians); peak RSS against
-           the largest output file; memory against the whole-model-in-RAM approach (transformers
-           from_pretrained, split, torch.save).
+  convert  Conversion of a 1B-shaped bf16 checkpoint (TinyLlama shape): hf2pth, pth2hf, pth2megatron --tp 2
+           (torch format), hf2megatron --tp 2 (torch_dist) and megatron2hf, start-up included, against the floor:
+           ONE plain copy of the command's input weight files (every byte read once and written once, as the
+           conversion does), in the same page-cache state: cold (caches dropped before both, where the bench
+           may: root on Linux) and hot (input cached); `sync` runs before each timed command, never inside
+           it. Medians of REPEATS interleaved runs. Peak RSS; memory against the whole-model-in-RAM approach
+           (transformers from_pretrained, split, torch.save).
   sft      SFT throughput on CPU: `megallama sft` TP1 x PP1 against a plain transformers + torch.optim loop, same
            model, data, batch and threads (attention sdpa).
   packing  SFT trained tokens/s with data.pack true vs false on long-tail sample lengths.
   verify   Verify wall time for the tiny and the 1B-shaped model.
+  generate The whole `megallama generate` command (8 prompts x 192 new tokens, small model, TP1 and TP2 x PP2)
+           against a plain transformers script doing the same work (load + batched greedy generate, KV cache).
 
-Prints one table of every figure in results.json. Work files go to bench/work/ (about 9 GB at peak, removed after).
+Prints one table of every figure in results.json. Work files go to bench/work/ (about 13 GB at peak, removed
+after unless --keep-work; a kept 1B model is reused by the next run).
 """
 
 from __future__ import annotations
@@ -64,13 +69,14 @@ def _rss(pids: list[int]) -> tuple[int, int]:
     return total, anon
 
 
-def measure(cmd: list[str], **kwargs) -> dict:
+def measure(cmd: list[str], env: dict | None = None, **kwargs) -> dict:
     """Run `cmd`; wall seconds and the peak RSS of its whole process tree, sampled every 20 ms.
 
     (ru_maxrss is not usable here: Linux carries the parent's high-water mark into a forked child across exec.)
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, **kwargs)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or ENV,
+                            **kwargs)
     peak = peak_anon = 0
     chunks: list[str] = []
     reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
@@ -172,6 +178,55 @@ print(json.dumps({"tokens_per_s": [tokens / t for t in times[2:]]}))
 
 # ----------------------------------------------------------------------------- benchmarks
 REPEATS = 3  # conversion runs are repeated, interleaved with the copy floor, and the medians reported
+ONLY_CONVERSIONS: list[str] | None = None  # --conversions: a subset (each needs its input from an earlier one)
+STATES = ("cold", "hot")  # page cache emptied before the run (when the bench may), or holding the input
+
+
+def drop_caches() -> bool:
+    """Empty the page cache (Linux, root: /proc/sys/vm/drop_caches), so the next run reads from the disk.
+
+    Flushes dirty pages first (`sync`) so that they can be dropped; the caller does this *outside* any timed
+    region. Returns False where the bench may not (not root, a container without the file writable).
+    """
+    subprocess.run(["sync"], check=False)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def settle(state: str) -> bool:
+    """Bring the machine to `state` before a timed run, outside the timing: "cold" empties the page cache, "hot"
+    only flushes the previous run's dirty pages (so no run pays for another's writeback). False: cold impossible."""
+    if state == "cold":
+        return drop_caches()
+    subprocess.run(["sync"], check=False)
+    return True
+
+
+def copy_floor_cmd(files: list[Path], dest: Path) -> list[str]:
+    """One plain copy of `files` into the new folder `dest`: every byte read once and written once, as a
+    conversion moves them (shutil.copyfile: sendfile / copy_file_range where the kernel offers it)."""
+    return [PY, "-c", "import shutil, sys, os; os.makedirs(sys.argv[1]); "
+            "[shutil.copyfile(f, os.path.join(sys.argv[1], os.path.basename(f))) for f in sys.argv[2:]]",
+            str(dest), *map(str, files)]
+
+
+def input_files(folder: Path) -> list[Path]:
+    """The weight files a conversion of `folder` reads (what the copy floor copies)."""
+    patterns = ("*.safetensors", "consolidated.*.pth", "*.distcp", "model_optim_rng.pt")
+    return sorted(p for pat in patterns for p in folder.rglob(pat))
+
+
+def warm(files: list[Path]) -> None:
+    """Read `files` once, so the page cache holds them."""
+    buf = bytearray(1 << 24)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
 
 
 def has_command(*args: str) -> bool:
@@ -179,22 +234,20 @@ def has_command(*args: str) -> bool:
     return subprocess.run(megallama(*args, "--help"), capture_output=True, env=ENV).returncode == 0
 
 
-def conversion_runs(hf: Path) -> dict[str, tuple[list[str], Path]]:
-    """{name: (command, output folder)} of the conversions the targets name; hf2megatron when it exists."""
-    pth = WORK / "pth-1b"
-    runs = {"hf2pth": (megallama("convert", "hf2pth", "--input-dir", str(hf), "--output-dir", str(pth), "--force"),
-                       pth),
-            "pth2megatron_tp2": (megallama("convert", "pth2megatron", "--input-dir", str(pth), "--output-dir",
-                                           str(WORK / "meg-1b-tp2"), "--tp", "2", "--ckpt-format", "torch", "--force"),
-                                 WORK / "meg-1b-tp2")}
-    # HOOK (issue 12): hf2megatron comes with the torch_dist writer; measured as soon as the command exists.
-    if has_command("convert", "hf2megatron"):
-        out = WORK / "meg-1b-tp2-dist"
-        runs["hf2megatron_tp2"] = (megallama("convert", "hf2megatron", "--input-dir", str(hf), "--output-dir",
-                                             str(out), "--tp", "2", "--force"), out)
-    else:
-        print("note: `megallama convert hf2megatron` does not exist on this branch: not measured", flush=True)
-    return runs
+def conversion_runs(hf: Path) -> dict[str, tuple[list[str], Path, Path]]:
+    """{name: (command, its input folder, its output folder)} of the conversions the targets name, in an order
+    where each input exists when its command runs (pth2hf and megatron2hf read what earlier ones wrote)."""
+    pth, meg, dist = WORK / "pth-1b", WORK / "meg-1b-tp2", WORK / "meg-1b-tp2-dist"
+
+    def conv(cmd: str, src: Path, dst: Path, *extra: str) -> tuple[list[str], Path, Path]:
+        return megallama("convert", cmd, "--input-dir", str(src), "--output-dir", str(dst), "--force",
+                         *extra), src, dst
+
+    return {"hf2pth": conv("hf2pth", hf, pth),
+            "pth2hf": conv("pth2hf", pth, WORK / "hf-back-1b"),
+            "pth2megatron_tp2": conv("pth2megatron", pth, meg, "--tp", "2", "--ckpt-format", "torch"),
+            "hf2megatron_tp2": conv("hf2megatron", hf, dist, "--tp", "2"),
+            "megatron2hf": conv("megatron2hf", dist, WORK / "hf-from-dist-1b")}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -202,48 +255,71 @@ def median_run(runs: list[dict]) -> dict:
             "peak_anon": max(r["peak_anon"] for r in runs), "all_seconds": [r["seconds"] for r in runs]}
 
 
+def timed_against_copy(cmd: list[str], src: Path, *, cold: bool) -> dict[str, dict]:
+    """{state: {"run": measure(cmd), "copy": measure(plain copy of src's weight files)}} for each state, copy and
+    command side by side in the same state (cold only when the page cache can be emptied)."""
+    out = {}
+    for state in STATES:
+        if state == "cold" and not cold:
+            continue
+        pair = {}
+        for what, command in (("copy", copy_floor_cmd(input_files(src), WORK / "copy")),
+                              ("run", cmd)):
+            shutil.rmtree(WORK / "copy", ignore_errors=True)
+            if state == "hot":  # the input in the page cache, as after a first run
+                warm(input_files(src))
+            settle(state)
+            pair[what] = measure(command)
+        shutil.rmtree(WORK / "copy", ignore_errors=True)
+        out[state] = pair
+    return out
+
+
 def bench_conversion() -> dict:
     hf = build_hf_1b(WORK / "hf-1b")
     model_bytes = folder_bytes(hf, "*.safetensors")
     runs = conversion_runs(hf)
-    copy = [PY, "-c", f"import shutil; shutil.copyfile({str(hf / 'model.safetensors')!r}, {str(WORK / 'copy.bin')!r})"]
-    timed: dict[str, list[dict]] = {"copy": [], "startup": [], **{name: [] for name in runs}}
+    if ONLY_CONVERSIONS:
+        runs = {k: v for k, v in runs.items() if k in ONLY_CONVERSIONS}
+    cold = drop_caches()
+    timed: dict[str, dict[str, list]] = {name: {f"{state}_{what}": [] for state in STATES for what in ("run", "copy")}
+                                         for name in runs}
+    startup = []
     for _ in range(REPEATS):  # interleaved, so a slow spell of a shared disk hits every command alike
-        subprocess.run(["sync"])
-        timed["copy"].append(measure(copy))
-        (WORK / "copy.bin").unlink()
-        timed["startup"].append(measure([PY, "-c", "import megallama.cli, megallama.convert"]))
-        for name, (cmd, _) in runs.items():
-            subprocess.run(["sync"])
-            timed[name].append(measure(cmd))
-    floor = statistics.median(r["seconds"] for r in timed["copy"])
-    startup = statistics.median(r["seconds"] for r in timed["startup"])
+        startup.append(measure([PY, "-c", "import megallama.cli, megallama.convert"])["seconds"])
+        for name, (cmd, src, _) in runs.items():
+            for state, pair in timed_against_copy(cmd, src, cold=cold).items():
+                for what, run in pair.items():
+                    timed[name][f"{state}_{what}"].append(run)
 
-    def step(run: dict, out: Path) -> dict:
-        moved = model_bytes + folder_bytes(out, "*.pt*") + folder_bytes(out, "*.distcp") + folder_bytes(
-            out, "*.safetensors")
-        return {"seconds": run["seconds"], "all_seconds": run["all_seconds"], "gb_per_s": moved / 1e9 / run["seconds"],
-                "floor_seconds": floor * 2,  # copy in + copy out of the same bytes
-                "x_floor": run["seconds"] / (floor * 2),
-                "x_floor_after_startup": (run["seconds"] - startup) / (floor * 2),
-                "peak_rss_gb": run["peak_rss"] / 1e9, "peak_anon_gb": run["peak_anon"] / 1e9,
-                "largest_output_gb": largest_file(out) / 1e9,
-                "rss_over_largest_output": run["peak_rss"] / largest_file(out)}
+    def step(name: str, src: Path, out: Path) -> dict:
+        moved = folder_bytes(src, "*") + folder_bytes(out, "*")
+        res = {"gb_in_plus_out": moved / 1e9, "largest_output_gb": largest_file(out) / 1e9}
+        for state in STATES:
+            runs_, copies = timed[name][f"{state}_run"], timed[name][f"{state}_copy"]
+            if not runs_:
+                res[state] = {"skipped": "the page cache cannot be emptied here (/proc/sys/vm/drop_caches)"}
+                continue
+            run, copy = median_run(runs_), median_run(copies)
+            res[state] = {"seconds": run["seconds"], "all_seconds": run["all_seconds"],
+                          "copy_seconds": copy["seconds"], "copy_all_seconds": copy["all_seconds"],
+                          "x_copy": run["seconds"] / copy["seconds"], "gb_per_s": moved / 1e9 / run["seconds"],
+                          "peak_rss_gb": run["peak_rss"] / 1e9, "peak_anon_gb": run["peak_anon"] / 1e9}
+        return res
 
-    results = {"model_gb": model_bytes / 1e9, "repeats": REPEATS,
-               "copy_floor": {"seconds": floor, "gb_per_s": 2 * model_bytes / 1e9 / floor},
-               "startup_seconds": startup}
-    results |= {name: step(median_run(timed[name]), out) for name, (_, out) in runs.items()}
+    results = {"model_gb": model_bytes / 1e9, "repeats": REPEATS, "cold_possible": cold,
+               "floor": "one plain copy (shutil.copyfile) of the command's input weight files, same page-cache state",
+               "startup_seconds": statistics.median(startup)}
+    results |= {name: step(name, src, out) for name, (_, src, out) in runs.items()}
     naive = WORK / "naive-1b-tp2"
     naive_run = measure([PY, "-c", NAIVE_SPLIT, str(hf), str(naive), "2"])
     shutil.rmtree(naive, ignore_errors=True)
-    ours_peak = max(max(r["peak_rss"] for r in timed[name]) for name in runs)
-    ours_anon = max(max(r["peak_anon"] for r in timed[name]) for name in runs)
-    results["memory_vs_whole_model"] = {"megallama_peak_rss_gb": ours_peak / 1e9,
+    every = [r for name in runs for key, rs in timed[name].items() if key.endswith("_run") for r in rs]
+    results["memory_vs_whole_model"] = {"megallama_peak_rss_gb": max(r["peak_rss"] for r in every) / 1e9,
                                         "whole_model_peak_rss_gb": naive_run["peak_rss"] / 1e9,
-                                        "megallama_peak_anon_gb": ours_anon / 1e9,
+                                        "megallama_peak_anon_gb": max(r["peak_anon"] for r in every) / 1e9,
                                         "whole_model_peak_anon_gb": naive_run["peak_anon"] / 1e9,
-                                        "ratio": ours_peak / naive_run["peak_rss"],
+                                        "ratio": max(r["peak_rss"] for r in every) / naive_run["peak_rss"],
                                         "whole_model_seconds": naive_run["seconds"]}
     return results
 
@@ -252,9 +328,9 @@ def ensure_megatron_1b() -> Path:
     """The 1B TP2 Megatron checkpoint `verify` compares (the convert part leaves it; alone, it is made here)."""
     meg = WORK / "meg-1b-tp2"
     if not (meg / "latest_checkpointed_iteration.txt").exists():
-        for cmd, _ in conversion_runs(build_hf_1b(WORK / "hf-1b")).values():
-            if "hf2megatron" not in cmd:
-                measure(cmd)
+        runs = conversion_runs(build_hf_1b(WORK / "hf-1b"))
+        for name in ("hf2pth", "pth2megatron_tp2"):
+            measure(runs[name][0])
     return meg
 
 
@@ -411,9 +487,10 @@ def bench_torch_dist() -> dict:
     tiny = make_hf_checkpoint(WORK / "tiny-hf-td", "llama2")
     dist, torch_fmt, back, whole = WORK / "dist-1b", WORK / "torch-1b", WORK / "dist-1b-hf", WORK / "whole-1b"
     model_bytes = folder_bytes(hf, "*.safetensors")
-    floor = measure([PY, "-c", f"import shutil; shutil.copyfile({str(hf / 'model.safetensors')!r}, "
-                     f"{str(WORK / 'copy.bin')!r})"])
-    (WORK / "copy.bin").unlink()
+    warm(input_files(hf))
+    settle("hot")
+    floor = measure(copy_floor_cmd(input_files(hf), WORK / "copy"))  # hot, as the runs below
+    shutil.rmtree(WORK / "copy")
 
     def write(src: Path, out: Path, *extra: str) -> dict:
         return measure(megallama("convert", "hf2megatron", "--input-dir", str(src), "--output-dir", str(out),
@@ -435,7 +512,7 @@ def bench_torch_dist() -> dict:
     out = {"model_gb": model_bytes / 1e9, "copy_floor_seconds": floor["seconds"], "largest_tensor_gb": largest / 1e9}
     for name, (run, folder, base) in runs.items():
         moved = model_bytes + (folder_bytes(folder) if folder else 0)
-        out[name] = {"seconds": run["seconds"], "x_floor": run["seconds"] / (floor["seconds"] * (2 if folder else 1)),
+        out[name] = {"seconds": run["seconds"], "x_floor": run["seconds"] / floor["seconds"],
                      "gb_per_s": moved / 1e9 / run["seconds"],
                      "peak_rss_gb": run["peak_rss"] / 1e9, "peak_anon_gb": run["peak_anon"] / 1e9,
                      "baseline_anon_gb": base["peak_anon"] / 1e9,
@@ -455,16 +532,21 @@ def torch_dist_rows(td: dict) -> list[tuple[str, str, str, str]]:
 
 def conversion_rows(conv: dict) -> list[tuple[str, str, str, str]]:
     rows = []
-    steps = [k for k in conv if isinstance(conv[k], dict) and "x_floor" in conv[k]]
-    for step in steps:
+    if "cold_possible" not in conv:  # a results.json of the old layout (floor = two copies)
+        return [("conversion (old results.json layout: rerun `make bench`)", "", "", "")]
+    for step in (k for k in conv if isinstance(conv[k], dict) and "hot" in conv[k]):
         s = conv[step]
-        after = f" ({s['x_floor_after_startup']:.1f}x after start-up)" if "x_floor_after_startup" in s else ""
-        rows.append((f"{step} 1B bf16 ({conv['model_gb']:.2f} GB)", f"{s['seconds']:.1f} s, {s['gb_per_s']:.2f} GB/s",
-                     f"file copy in+out {s['floor_seconds']:.1f} s", f"{s['x_floor']:.1f}x floor{after}"))
-        rows.append((f"{step} peak RSS (anon)", f"{s['peak_rss_gb']:.2f} GB ({s['peak_anon_gb']:.2f})",
-                     f"largest output {s['largest_output_gb']:.2f} GB", f"{s['rss_over_largest_output']:.2f}x"))
-    if "startup_seconds" in conv:
-        rows.append(("start-up (import megallama.convert, torch)", f"{conv['startup_seconds']:.1f} s", "", ""))
+        for state in STATES:
+            r = s[state]
+            if "skipped" in r:
+                rows.append((f"{step} 1B bf16, {state}", "skipped", r["skipped"], ""))
+                continue
+            rows.append((f"{step} 1B bf16, {state} page cache", f"{r['seconds']:.1f} s, {r['gb_per_s']:.2f} GB/s",
+                         f"plain copy {r['copy_seconds']:.1f} s", f"{r['x_copy']:.2f}x copy"))
+        hot = s["hot"]
+        rows.append((f"{step} peak RSS (anon)", f"{hot['peak_rss_gb']:.2f} GB ({hot['peak_anon_gb']:.2f})",
+                     f"largest output {s['largest_output_gb']:.2f} GB", ""))
+    rows.append(("start-up (import megallama.cli, megallama.convert)", f"{conv['startup_seconds']:.2f} s", "", ""))
     m = conv["memory_vs_whole_model"]
     rows.append(("conversion peak RSS vs whole model in RAM", f"{m['megallama_peak_rss_gb']:.2f} GB",
                  f"{m['whole_model_peak_rss_gb']:.2f} GB, {m['whole_model_seconds']:.1f} s", f"{m['ratio']:.2f}x"))
@@ -489,6 +571,73 @@ def verify_rows(ver: dict) -> list[tuple[str, str, str, str]]:
              f"max |dlogits| {v['max_abs_logits_diff']:.2e}", "") for name, v in ver.items()]
 
 
+PLAIN_GENERATE = r"""
+import json, sys, time, torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+src, prompts_file, new_tokens, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+start = time.perf_counter()
+tok = AutoTokenizer.from_pretrained(src)
+tok.pad_token, tok.padding_side = tok.eos_token, "left"
+model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+prompts = [json.loads(line) for line in open(prompts_file)]
+batch = tok(prompts, return_tensors="pt", padding=True)
+with torch.no_grad():
+    ids = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.eos_token_id)
+new = [row[batch["input_ids"].shape[1]:].tolist() for row in ids]
+json.dump([{"prompt": p, "completion": tok.decode(n, skip_special_tokens=True), "completion_ids": n}
+           for p, n in zip(prompts, new)], open(out, "w"))
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+
+GEN_SPEC = dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=688, vocab_size=1000,
+                max_position_embeddings=1024)
+GEN_PROMPTS, GEN_NEW_TOKENS = 8, 192
+
+
+def bench_generate() -> dict:
+    """The whole `megallama generate` command (start-up, torchrun, loading, decoding with the KV cache) against a
+    plain transformers script doing the same work (load, batched greedy `generate` with its KV cache), same
+    model, prompts and new tokens; megallama at TP1 and at TP2 x PP2."""
+    from megallama.spec import ModelSpec
+    from megallama.tiny import corpus_lines, make_hf_checkpoint
+
+    hf = make_hf_checkpoint(WORK / "gen-hf", ModelSpec(**GEN_SPEC))
+    meg = WORK / "gen-meg"
+    measure(megallama("convert", "hf2megatron", "--input-dir", str(hf), "--output-dir", str(meg), "--force"))
+    prompts = WORK / "gen-prompts.jsonl"
+    lines = [line for line in corpus_lines(200) if 20 < len(line) < 200][:GEN_PROMPTS]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    plain_out = WORK / "gen-plain.json"
+    plain = measure([PY, "-c", PLAIN_GENERATE, str(hf), str(prompts), str(GEN_NEW_TOKENS), str(plain_out)],
+                    env={**ENV, "OMP_NUM_THREADS": str(os.cpu_count())})
+    want = [r["completion_ids"] for r in json.loads(plain_out.read_text())]
+    results = {"model": "hidden 256, 4 layers, 8/4 heads, vocab 1000, fp32", "prompts": len(lines),
+               "new_tokens": GEN_NEW_TOKENS, "transformers_seconds": plain["seconds"]}
+    for name, extra in (("tp1", []), ("tp2_pp2", ["--tp", "2", "--pp", "2"])):
+        out = WORK / f"gen-{name}.json"
+        run = measure(megallama("generate", "--megatron", str(meg), "--prompts", str(prompts), "--max-new-tokens",
+                                str(GEN_NEW_TOKENS), "--json", str(out), *extra))
+        got = json.loads(out.read_text())
+        results[name] = {"seconds": run["seconds"], "x_transformers": run["seconds"] / plain["seconds"],
+                         "time_to_first_token_s": got[0].get("time_to_first_token_s"),
+                         "tokens_per_s": got[0].get("tokens_per_s"),
+                         "same_tokens_as_transformers": sum(g["completion_ids"] == w[:len(g["completion_ids"])]
+                                                            for g, w in zip(got, want, strict=True))}
+    return results
+
+
+def generate_rows(gen: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name in ("tp1", "tp2_pp2"):
+        g = gen[name]
+        rows.append((f"generate {gen['prompts']} prompts x {gen['new_tokens']} tokens, {name} (whole command)",
+                     f"{g['seconds']:.1f} s ({g['tokens_per_s']:.0f} tok/s decoding, first token "
+                     f"{g['time_to_first_token_s']:.2f} s)", f"transformers script {gen['transformers_seconds']:.1f} s",
+                     f"{g['x_transformers']:.2f}x ({g['same_tokens_as_transformers']}/{gen['prompts']} same tokens)"))
+    return rows
+
+
 # name -> (what it measures, the function that measures it, the table rows it gives). Add a part with one line.
 PARTS = {
     "conversion": (bench_conversion, conversion_rows),
@@ -496,6 +645,7 @@ PARTS = {
     "packing": (bench_packing, packing_rows),
     "verify": (bench_verify, verify_rows),
     "torch_dist": (bench_torch_dist, torch_dist_rows),
+    "generate": (bench_generate, generate_rows),
 }
 ALIASES = {"convert": "conversion"}
 
@@ -515,12 +665,18 @@ def print_table(results: dict) -> None:
 
 
 def main() -> None:
+    global REPEATS, ONLY_CONVERSIONS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help=f"comma-separated parts: {', '.join(PARTS)} (default: all); the results "
                         "are merged into the existing results.json")
     parser.add_argument("--table", action="store_true", help="only print the table of bench/results.json")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="runs per conversion (medians reported)")
+    parser.add_argument("--conversions", help="comma-separated subset of the convert part's commands")
+    parser.add_argument("--keep-work", action="store_true", help="keep bench/work/ (the 1B model is reused)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results.json", help="results file (merged with --only)")
     opts = parser.parse_args()
-    path = ROOT / "results.json"
+    REPEATS, ONLY_CONVERSIONS = opts.repeats, opts.conversions.split(",") if opts.conversions else None
+    path = opts.out
     if opts.table:
         print_table(json.loads(path.read_text()))
         return
@@ -537,7 +693,8 @@ def main() -> None:
             results[name] = PARTS[name][0]()
             results.setdefault("part_dates", {})[name] = time.strftime("%Y-%m-%d")  # slices merge into old results
     finally:
-        shutil.rmtree(WORK, ignore_errors=True)
+        if not opts.keep_work:
+            shutil.rmtree(WORK, ignore_errors=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     print(f"wrote {path}")

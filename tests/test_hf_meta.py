@@ -337,7 +337,8 @@ from pathlib import Path
 import megallama.formats.base as base
 import megallama.formats.hf as hf
 hf.REMAP_BYTES, hf.MAX_SHARD_BYTES = 3_000_000, 2_000_000
-base.HASH_BLOCK = 1 << 20  # the manifest hash reads 16 MB blocks: more than this whole tiny model
+import megallama.formats.checksums as checksums
+checksums.HASH_BLOCK = 1 << 20  # the manifest hash reads 16 MB blocks: more than this whole tiny model
 from megallama.convert import convert
 
 def kib(key):

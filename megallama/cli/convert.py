@@ -39,6 +39,8 @@ Layout = Annotated[str | None, typer.Option("--layout", help=LAYOUT_HELP)]
 ModelConfig = Annotated[Path | None, typer.Option(
     "--model-config", help="HF config.json, Meta params.json, or a folder with one: the architecture of a "
                            "torch-format checkpoint whose args lack it (the Megatron-LLaMA fork, alibaba).")]
+NoChecksums = Annotated[bool, typer.Option("--no-checksums", help="Skip the sources' sha256 in megallama.json "
+                                           "(one read pass of the input less).")]
 
 
 def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
@@ -50,10 +52,15 @@ def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
 
 def _run(src: Path, dst: Path, *, src_format: str, dst_format: str, title: str, revision: str | None = None,
          model_size: str | None = None, **kwargs) -> None:
-    from megallama.convert import convert
     from megallama.hub import resolve_model_path
 
     src = _resolve_model_size(resolve_model_path(src, revision), model_size)  # a Hub id becomes its snapshot
+    if kwargs.get("checksums", True):
+        from megallama.formats.checksums import start_early
+
+        start_early(src, src_format)  # reads the input while torch imports (first byte within ~0.4 s)
+    from megallama.convert import convert
+
     with byte_progress(title) as on_tensor:
         report = convert(src, dst, src_format=src_format, dst_format=dst_format, on_tensor=on_tensor,
                          on_start=on_tensor.set_total, **kwargs)
@@ -72,6 +79,7 @@ def hf2pth(
     output_type: str = typer.Option("pth", "--output-type", "--output_type", hidden=True),
     force: Force = False,
     revision: Revision = None,
+    no_checksums: NoChecksums = False,
 ) -> None:
     """HuggingFace LLaMA -> Meta consolidated.NN.pth + params.json.
 
@@ -83,7 +91,7 @@ def hf2pth(
     if output_type != "pth":
         raise InputError(f"--output_type {output_type!r} is not supported: only 'pth'")
     _run(input_dir, output_dir, src_format="hf", dst_format="meta", title="hf2pth", shards=shards, dtype=dtype,
-         force=force, revision=revision)
+         force=force, revision=revision, checksums=not no_checksums)
 
 
 @app.command("pth2hf")
@@ -95,13 +103,14 @@ def pth2hf(
     dtype: Dtype = None,
     force: Force = False,
     revision: Revision = None,
+    no_checksums: NoChecksums = False,
 ) -> None:
     """Meta consolidated.NN.pth -> HuggingFace safetensors + config.json.
 
     Example: megallama convert pth2hf --input-dir llama-2-7b --output-dir llama-2-7b-hf
     """
     _run(input_dir, output_dir, model_size=model_size, src_format="meta", dst_format="hf",
-         title="pth2hf", dtype=dtype, force=force, revision=revision)
+         title="pth2hf", dtype=dtype, force=force, revision=revision, checksums=not no_checksums)
 
 
 def _to_megatron(src: Path, dst: Path, *, src_format: str, title: str, **kwargs) -> None:
@@ -127,6 +136,7 @@ def pth2megatron(
     transformer_impl: TransformerImpl = "local",
     force: Force = False,
     revision: Revision = None,
+    no_checksums: NoChecksums = False,
 ) -> None:
     """Meta pth -> Megatron checkpoint (megatron-core GPTModel): torch_dist by default, or torch format split for
     TP x PP.
@@ -135,7 +145,7 @@ def pth2megatron(
     """
     _to_megatron(input_dir, output_dir, model_size=model_size, src_format="meta", title="pth2megatron",
                  tp=tp, pp=pp, ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl, revision=revision)
+                 transformer_impl=transformer_impl, revision=revision, checksums=not no_checksums)
 
 
 @app.command("hf2megatron")
@@ -152,6 +162,7 @@ def hf2megatron(
     transformer_impl: TransformerImpl = "local",
     force: Force = False,
     revision: Revision = None,
+    no_checksums: NoChecksums = False,
 ) -> None:
     """HuggingFace LLaMA -> Megatron checkpoint (torch_dist by default), without a pth step in between.
 
@@ -159,7 +170,7 @@ def hf2megatron(
     """
     _to_megatron(input_dir, output_dir, src_format="hf", title="hf2megatron", tp=tp, pp=pp,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl, revision=revision)
+                 transformer_impl=transformer_impl, revision=revision, checksums=not no_checksums)
 
 
 @app.command("megatron2megatron")
@@ -178,6 +189,7 @@ def megatron2megatron(
     model_config: ModelConfig = None,
     force: Force = False,
     revision: Revision = None,
+    no_checksums: NoChecksums = False,
 ) -> None:
     """Megatron -> Megatron: re-shard to another TP x PP and/or change the ckpt format (weights only).
 
@@ -185,7 +197,8 @@ def megatron2megatron(
     """
     _to_megatron(input_dir, output_dir, src_format="megatron", title="megatron2megatron", tp=tp, pp=pp,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl, layout=layout, model_config=model_config, revision=revision)
+                 transformer_impl=transformer_impl, layout=layout, model_config=model_config, revision=revision,
+                 checksums=not no_checksums)
 
 
 @app.command("megatron2pth")
@@ -200,13 +213,15 @@ def megatron2pth(
     model_config: ModelConfig = None,
     force: Force = False,
     revision: Revision = None,
+    no_checksums: NoChecksums = False,
 ) -> None:
     """Megatron checkpoint (any TP x PP) -> Meta pth: merge TP, join PP, drop padding, undo fusion.
 
     Example: megallama convert megatron2pth --input-dir runs/sft --output-dir llama-2-7b-sft
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="meta", title="megatron2pth", shards=shards,
-         dtype=dtype, force=force, layout=layout, model_config=model_config, revision=revision)
+         dtype=dtype, force=force, layout=layout, model_config=model_config, revision=revision,
+         checksums=not no_checksums)
 
 
 @app.command("megatron2hf")
@@ -220,10 +235,12 @@ def megatron2hf(
     model_config: ModelConfig = None,
     force: Force = False,
     revision: Revision = None,
+    no_checksums: NoChecksums = False,
 ) -> None:
     """Megatron checkpoint (torch_dist or torch, any TP x PP) -> HuggingFace safetensors + config.json.
 
     Example: megallama convert megatron2hf --input-dir runs/sft --output-dir llama-2-7b-sft-hf
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="hf", title="megatron2hf", dtype=dtype,
-         force=force, layout=layout, model_config=model_config, revision=revision)
+         force=force, layout=layout, model_config=model_config, revision=revision,
+         checksums=not no_checksums)

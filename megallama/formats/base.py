@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import resource
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +16,7 @@ import torch
 
 from megallama import __version__
 from megallama.errors import InputError
+from megallama.formats.checksums import HASH_BLOCK, prefetch_sha256, sha256  # noqa: F401  (re-exported)
 from megallama.names import canonical_names, expected_shapes
 from megallama.spec import ModelSpec
 from megallama.staging import staged_output  # noqa: F401  (re-exported: the writers' staged output)
@@ -126,57 +124,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-HASH_BLOCK = 1 << 24  # bytes read per hashing step
-
-
-def sha256(path: Path) -> str:
-    """The file's sha256 hex digest; taken from `prefetch_sha256` when that already hashed this version of it."""
-    pending = _PREFETCHED.pop(_file_key(path), None)
-    if pending is not None:
-        pending.join()
-        if pending.digest is not None:
-            return pending.digest
-    return _hash_file(path)
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
-class _Hasher(threading.Thread):
-    """Hashes one file in the background; a daemon, so a failing conversion never waits for it."""
-
-    def __init__(self, path: Path):
-        super().__init__(daemon=True, name="megallama-sha256")
-        self.path, self.digest = path, None
-
-    def run(self) -> None:
-        try:
-            self.digest = _hash_file(self.path)
-        except OSError:
-            pass  # sha256() hashes it again in the foreground and reports the error
-
-
-_PREFETCHED: dict[tuple, _Hasher] = {}
-
-
-def prefetch_sha256(paths: list[Path]) -> None:
-    """Start hashing `paths` (for the manifest) on a thread, so it overlaps the conversion (hashlib frees the GIL)."""
-    for path in paths:
-        hasher = _Hasher(Path(path))
-        _PREFETCHED[_file_key(path)] = hasher
-        hasher.start()
-
-
-def _file_key(path: Path) -> tuple:
-    st = os.stat(path)
-    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
-
-
 def copy_tokenizer(files: list[Path], out_dir: Path) -> list[str]:
     copied = []
     for f in files:
@@ -185,14 +132,33 @@ def copy_tokenizer(files: list[Path], out_dir: Path) -> list[str]:
     return copied
 
 
+_CHECKSUMS = [True]  # manifest sha256s on; `no_checksums()` turns them off for one conversion
+
+
+@contextlib.contextmanager
+def no_checksums(skip: bool = True) -> Iterator[None]:
+    """Within the block, manifests record their sources without sha256 (`--no-checksums`: one read pass less)."""
+    before = _CHECKSUMS[0]
+    _CHECKSUMS[0] = not skip and before
+    try:
+        yield
+    finally:
+        _CHECKSUMS[0] = before
+
+
+def checksums_enabled() -> bool:
+    return _CHECKSUMS[0]
+
+
 def write_manifest(out_dir: Path, *, spec: ModelSpec, fmt: str, sources: list[Path], **extra) -> None:
-    """megallama.json: spec, source checksums, tool version, and format-specific fields."""
+    """megallama.json: spec, source checksums (the sha256 the HF Hub uses as LFS oid; null with --no-checksums),
+    tool version, and format-specific fields."""
     manifest = {
         "format": fmt,
         "tool": "megallama",
         "version": __version__,
         "spec": spec.to_dict(),
-        "sources": {str(p): sha256(p) for p in sources},
+        "sources": {str(p): sha256(p) if checksums_enabled() else None for p in sources},
         **extra,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -29,6 +29,14 @@ from megallama.formats.base import (
     copy_tokenizer,
     write_manifest,
 )
+from megallama.formats.rawcopy import (
+    RawRange,
+    fast_copy_enabled,
+    raw_tensor,
+    safetensors_ranges,
+    save_safetensors_streamed,
+    torch_zip_ranges,
+)
 from megallama.names import EMBED, LM_HEAD, canonical_names, expected_shapes
 from megallama.spec import ModelSpec
 
@@ -123,6 +131,7 @@ class MappedFile:
         self.path = path
         self._handle = None
         self.served = 0  # bytes copied out of the current mapping
+        self._ranges: dict[str, RawRange] | None = None  # where each tensor lies (raw), read on first use
         handle = self._mapped()
         if self.is_safetensors:
             try:
@@ -161,6 +170,13 @@ class MappedFile:
         whole = part is not None and part[0] != 0
         self.served += t.numel() * t.element_size() * (part[2] if whole else 1)
         return t
+
+    def raw(self, name: str) -> RawRange | None:
+        """Where tensor `name` lies in this file, for a file-to-file copy (rawcopy.py); None if unknown."""
+        if self._ranges is None:
+            self._ranges = safetensors_ranges(self.path) if self.is_safetensors else torch_zip_ranges(self.path)
+        found = self._ranges.get(name)
+        return found if found is not None and found.shape == self.shapes.get(name) else None
 
     def close(self) -> None:
         """Unmap, releasing the pages read so far; the next `get` maps the file again."""
@@ -255,6 +271,10 @@ class HFReader(ContextReader):
         check_shape(name, t, self.spec)
         return t
 
+    def raw(self, name: str) -> RawRange | None:
+        """Where canonical `name` lies in its file (HF is canonical: every tensor can be copied as is)."""
+        return self._where[name].raw(name)
+
     def get_part(self, name: str, dim: int, rank: int, n: int) -> torch.Tensor:
         """Rank's contiguous 1/n of `name` along `dim`, read without the rest (shapes were checked on open)."""
         t = self._where[name].get(name, (dim, rank, n))
@@ -280,17 +300,11 @@ def write_hf(reader, out_dir: Path, *, dtype: str | None = None, on_tensor: OnTe
     files = shard_file_names(len(groups))
     report = WriteReport(output=out_dir, files=list(files))
     weight_map, total = {}, 0
+    shapes = expected_shapes(spec)
     for fname, group in zip(files, groups, strict=True):
-        tensors = {}
-        for name in group:
-            t = cast(reader.get(name), dtype)
-            tensors[name] = t
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-            if on_tensor:
-                on_tensor(name, t.numel() * t.element_size())
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-        del tensors
+        _write_file(reader, out_dir / fname, [(n, spec.dtype, shapes[n]) for n in group], dtype, on_tensor)
+        weight_map |= dict.fromkeys(group, fname)
+        total += sum(TORCH_DTYPES[spec.dtype].itemsize * int(torch.Size(shapes[n]).numel()) for n in group)
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEXES[0]).write_text(json.dumps(index, indent=2) + "\n")
@@ -302,6 +316,26 @@ def write_hf(reader, out_dir: Path, *, dtype: str | None = None, on_tensor: OnTe
     if spec.tie_embeddings:
         report.notes.append("tied embeddings: lm_head.weight omitted (tie_word_embeddings=true)")
     return report
+
+
+def _write_file(reader, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], dtype: str | None,
+                on_tensor: OnTensor | None) -> None:
+    """One safetensors file, byte for byte what save_file writes. Fast path: one tensor at a time, tensors whose
+    bytes lie as they are in the input copied file to file (rawcopy.py); else save_file of the whole file."""
+    if fast_copy_enabled():
+        out_dtype = entries[0][1]
+
+        def fetch(name: str):
+            return raw_tensor(reader, name, out_dtype) or cast(reader.get(name), dtype)
+
+        save_safetensors_streamed(path, entries, fetch, metadata={"format": "pt"}, on_tensor=on_tensor)
+        return
+    tensors = {}
+    for name, _, _ in entries:
+        tensors[name] = t = cast(reader.get(name), dtype)
+        if on_tensor:
+            on_tensor(name, t.numel() * t.element_size())
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def plan_files(spec: ModelSpec, max_shard_bytes: int) -> list[list[str]]:

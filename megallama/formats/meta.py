@@ -32,6 +32,7 @@ from megallama.formats.base import (
     write_manifest,
 )
 from megallama.formats.hf import MappedFile, check_shapes, load_sentencepiece, owned, read_json, release_if_due
+from megallama.formats.rawcopy import RawRange, raw_tensor
 from megallama.formats.streaming import save_streamed
 from megallama.names import EMBED, FINAL_NORM, LM_HEAD, canonical_names, expected_shapes
 from megallama.spec import ModelSpec
@@ -108,6 +109,18 @@ def meta_tensor(reader, rule: Rule, *, rank: int = 0, shards: int = 1, dtype: st
     t = cast(t, dtype)
     heads = rotary_heads(rule, spec) // shards
     return hf_to_meta_rotary(t, heads) if heads else t
+
+
+def meta_raw(reader, rule: Rule, *, rank: int = 0, shards: int = 1, dtype: str) -> RawRange | None:
+    """Where rank's part of one Meta tensor already lies, byte for byte, in `reader`'s files (no rotary permute,
+    same dtype, a whole tensor or a row block); None: build it with `meta_tensor`."""
+    if rotary_heads(rule, reader.spec):
+        return None
+    name = EMBED if rule.hf == LM_HEAD and reader.spec.tie_embeddings else rule.hf
+    raw = raw_tensor(reader, name, dtype)
+    if raw is None or shards == 1 or rule.split is Split.REPLICATED:
+        return raw
+    return raw.rows(rank, shards) if rule.split is Split.COLUMN else None
 
 
 def _read_part(reader, name: str, dim: int, rank: int, shards: int) -> torch.Tensor:
@@ -270,6 +283,13 @@ class MetaReader(ContextReader):
         heads = rotary_heads(rule, self.spec)
         return meta_to_hf_rotary(t, heads) if heads else t
 
+    def raw(self, name: str) -> RawRange | None:
+        """Where canonical `name` lies in the single shard when no permute changes it (rawcopy.py)."""
+        rule = self._rules[name]
+        if len(self._shards) != 1 or rotary_heads(rule, self.spec):
+            return None
+        return self._shards[0].raw(rule.meta)
+
     def close(self) -> None:
         for s in self._shards:
             s.close()
@@ -328,7 +348,8 @@ def _save_shard(reader, path: Path, *, rank: int, shards: int, dtype: str, embed
         if shards > 1 and rule.split is not Split.REPLICATED:
             shape[0 if rule.split is Split.COLUMN else 1] //= shards
         skeleton[rule.meta] = torch.empty(shape, dtype=TORCH_DTYPES[dtype])  # never touched: not resident
-    parts = ((r.meta, meta_tensor(reader, r, rank=rank, shards=shards, dtype=dtype)) for r in rules)
+    parts = ((r.meta, meta_raw(reader, r, rank=rank, shards=shards, dtype=dtype)
+              or meta_tensor(reader, r, rank=rank, shards=shards, dtype=dtype)) for r in rules)
     save_streamed(path, skeleton, parts, on_tensor=on_tensor)
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from megallama.formats.base import OnTensor
+from megallama.formats.rawcopy import RawRange, SourceFiles, copy_range
 
 WORKERS = 2  # threads writing slots; the main thread reads and transforms meanwhile
 WINDOW_BYTES = 1 << 26  # tensor bytes handed over but not yet written, at most (one bigger tensor may pass alone)
@@ -44,7 +45,8 @@ def save_streamed(path: Path, skeleton, tensors: Iterable[tuple[str, torch.Tenso
                   flat: Callable = lambda obj: obj, on_tensor: OnTensor | None = None) -> None:
     """torch.save `skeleton`, whose tensors are placeholders at `flat(skeleton)[key]`, with the bytes of `tensors`.
 
-    Each `(key, tensor)` must match its placeholder's shape and dtype; None values are skipped. Example:
+    Each `(key, tensor)` must match its placeholder's shape and dtype; None values are skipped; a RawRange
+    instead of a tensor is copied file to file (rawcopy.py). Example:
         >>> skeleton = {"w": torch.empty(4096, 4096)}
         >>> save_streamed(Path("w.pt"), skeleton, ((k, make(k)) for k in skeleton))
     """
@@ -52,7 +54,9 @@ def save_streamed(path: Path, skeleton, tensors: Iterable[tuple[str, torch.Tenso
         out = files.add(path, skeleton, flat=flat)
         del skeleton
         for key, t in tensors:
-            if t is not None:
+            if isinstance(t, RawRange):
+                files.put_raw(out, key, t)
+            elif t is not None:
                 files.put(out, key, t)
 
 
@@ -101,6 +105,7 @@ class StreamedFiles:
         self._pending = 0  # bytes handed over and not yet written
         self._cond = threading.Condition()
         self._error: BaseException | None = None
+        self._sources = SourceFiles()  # input files of put_raw, opened once
 
     def add(self, path: Path, skeleton, *, flat: Callable = lambda obj: obj) -> _Layout:
         """Lay out `skeleton` at `path` (placeholders not written) and return the handle `put` fills."""
@@ -126,6 +131,26 @@ class StreamedFiles:
         self._futures.append(self._pool.submit(self._write, layout, slot, data))
         if self._on_tensor is not None:
             self._on_tensor(key, slot.nbytes)
+
+    def put_raw(self, layout: _Layout, key: str, raw: RawRange) -> None:
+        """Queue a file-to-file copy of `raw` (the tensor's bytes in an input file) into `key`'s slot; the CRC-32
+        is computed on the same buffers as they pass."""
+        slot = layout.slots[key]
+        assert raw.shape == slot.shape and raw.nbytes == slot.nbytes and raw.dtype == str(slot.dtype)[6:], (
+            key, slot, raw)
+        if self._error is not None:
+            raise self._error
+        self._futures.append(self._pool.submit(self._copy, layout, slot, self._sources.fd(raw.path), raw.offset))
+        if self._on_tensor is not None:
+            self._on_tensor(key, slot.nbytes)
+
+    def _copy(self, layout: _Layout, slot: Slot, src_fd: int, src_offset: int) -> None:
+        try:
+            layout.crcs[slot.record] = copy_range(src_fd, src_offset, layout.fd, slot.offset, slot.nbytes, crc=True)
+        except BaseException as e:
+            with self._cond:
+                self._error = self._error or e
+            raise
 
     def _write(self, layout: _Layout, slot: Slot, data) -> None:
         try:
@@ -160,6 +185,7 @@ class StreamedFiles:
                     layout.fd = -1
                     write_crcs(layout.path, layout.crcs)
         finally:
+            self._sources.close()
             for layout in self._layouts:
                 if layout.fd >= 0:
                     os.close(layout.fd)

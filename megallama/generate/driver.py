@@ -42,10 +42,11 @@ class Completion:
     completion_ids: list[int]
     prompt_ids: list[int] = field(repr=False, default_factory=list)
     stop: str = "length"  # "eos" when the model ended the text, "length" at --max-new-tokens
+    timing: dict = field(default_factory=dict)  # the whole run's: time_to_first_token_s, tokens_per_s
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "completion": self.completion, "completion_ids": self.completion_ids,
-                "stop": self.stop}
+                "stop": self.stop, **self.timing}
 
 
 def read_prompts(path: Path) -> list[Prompt]:
@@ -140,6 +141,7 @@ class Settings:
     dtype: str | None = None  # default: the checkpoint's own
     tp: int | None = None  # default: the checkpoint's own split
     pp: int | None = None
+    batch_size: int = 16  # prompts decoded together (left-padded, one KV cache)
 
 
 def check_settings(s: Settings) -> None:
@@ -152,6 +154,8 @@ def check_settings(s: Settings) -> None:
         problems.append(f"--top-p must lie in (0, 1] (got {s.top_p})")
     problems += [f"{flag} must be >= 1 (got {size})" for flag, size in (("--tp", s.tp), ("--pp", s.pp))
                  if size is not None and size < 1]  # `s.tp or tp` would take 0 as the saved split
+    if s.batch_size < 1:
+        problems.append(f"--batch-size must be >= 1 (got {s.batch_size})")
     if problems:
         raise InputError("; ".join(problems))
 
@@ -189,15 +193,16 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     job = {"megatron": str(megatron.resolve()), "tp": tp, "pp": pp, "dtype": dtype,
            "padded_vocab_size": padded_vocab_size(spec.vocab_size, tp), "prompts": ids,
            "eos_id": tok.eos_id, "settings": asdict(s)}
-    outputs = run_workers(job, on_progress=on_progress)
+    outputs, timing = run_workers(job, on_progress=on_progress)
     done = []
     for p, row, (new, stop) in zip(prompts, ids, outputs, strict=True):
-        done.append(Completion(p.text, tok.decode(new), new, row, stop))
+        done.append(Completion(p.text, tok.decode(new), new, row, stop, timing))
     return done
 
 
-def run_workers(job: dict, *, on_progress: OnProgress | None = None) -> list[tuple[list[int], str]]:
-    """Launch the ranks; [(new token ids, stop reason)] per prompt."""
+def run_workers(job: dict, *, on_progress: OnProgress | None = None) -> tuple[list[tuple[list[int], str]], dict]:
+    """Launch the ranks; [(new token ids, stop reason)] per prompt, and the timings (time to first token, tokens/s
+    from the start of decoding to its end; start-up and model loading excluded)."""
     from megallama.engine.launch import stream_torchrun
 
     report = on_progress or (lambda what, done, total: None)
@@ -224,10 +229,13 @@ def run_workers(job: dict, *, on_progress: OnProgress | None = None) -> list[tup
         if returncode != 0 or not result.is_file():
             raise MegallamaError(f"generate workers (TP={job['tp']}, PP={job['pp']}) exited with {returncode}: "
                                  + " | ".join(tail[-3:]))
-        return [(r["ids"], r["stop"]) for r in json.loads(result.read_text())]
+        timing = Path(tmp) / "timing.json"
+        timing = json.loads(timing.read_text()) if timing.is_file() else {}
+        return [(r["ids"], r["stop"]) for r in json.loads(result.read_text())], timing
 
 
 def write_json(done: Sequence[Completion], path: Path) -> None:
-    """The --json contract: a list of {"prompt", "completion", "completion_ids"} (plus "stop")."""
+    """The --json contract: a list of {"prompt", "completion", "completion_ids"} (plus "stop" and the run's
+    "time_to_first_token_s", "generate_seconds", "new_tokens", "tokens_per_s")."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps([c.to_json() for c in done], indent=2, ensure_ascii=False) + "\n")

@@ -2,20 +2,25 @@
 
 Each rank builds the project's GPTModel for its TP x PP slot and fills it from the canonical Reader of the
 checkpoint (`rank_state_dict`: the same rule table the converters write with), so every format megallama reads
-can be generated from. Decoding is a plain loop: each new token is one forward of the whole sequence through
-megatron-core's pipeline schedule (forward_only; no KV cache, which is fine at the sizes this runs on CPU);
-the last stage gathers the vocab-parallel logits over TP and chooses the token, and the pipeline group
-broadcasts it to the other stages.
+can be generated from (`load_model`, kept apart so that adapters can be merged there). Prompts are decoded
+`batch_size` at a time, left-padded, with megatron-core's static KV cache (`StaticInferenceContext`, the
+`inference_context` of GPTModel.forward): one prefill pass over the prompts, then each new token is one token's
+forward through megatron-core's pipeline schedule (forward_only). Rotary angles follow the cache slot, so a
+left-padded row's positions are shifted by its padding; attention depends only on differences of positions,
+and the mask keeps padding out of every real token's view. The last stage gathers the vocab-parallel logits
+over TP and chooses the tokens; the pipeline group broadcasts them to the other stages.
 
 Usage: python -m torch.distributed.run --nproc-per-node TP*PP -m megallama.generate.worker JOB.json
 JOB.json = {"megatron", "tp", "pp", "dtype", "padded_vocab_size", "prompts": [[ids]], "eos_id", "settings", "out"};
-rank 0 writes OUT/result.json = [{"ids", "stop"}] and prints progress lines (generate.EVENT), or OUT/error.json.
+rank 0 writes OUT/result.json = [{"ids", "stop"}] and OUT/timing.json (time to first token, tokens/s) and prints
+progress lines (generate.EVENT), or OUT/error.json.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -52,20 +57,33 @@ def load_model(job: dict):
     return model, spec
 
 
-def last_logits(model, ids: list[int]) -> torch.Tensor | None:
-    """Logits [padded vocab] at the last position, on the last stage (None elsewhere): one pipeline pass."""
+def masks(pads: torch.Tensor, length: int, *, new: int) -> torch.Tensor:
+    """Blocked (True) attention for the last `new` of `length` positions of left-padded rows [b, 1, new, length].
+
+    Causal, and no real token attends to a row's padding; a padding query keeps its own key, so no softmax row is
+    empty (an empty row is NaN, and NaN times a zero weight is still NaN in the next layer's values).
+    """
+    q = torch.arange(length - new, length)[:, None]  # [new, 1] query positions
+    k = torch.arange(length)[None, :]  # [1, length] key positions
+    pad_key = k[None] < pads[:, None, None]  # [b, 1, length]
+    return ((k > q)[None] | (pad_key & (k != q)[None])).unsqueeze(1)  # [b, 1, new, length]
+
+
+def last_logits(model, context, tokens: torch.Tensor, positions: torch.Tensor,
+                blocked: torch.Tensor) -> torch.Tensor | None:
+    """Logits [b, padded vocab] at each row's last position, on the last stage (None elsewhere): one pipeline pass
+    over `tokens` [b, s], appending their keys and values to `context`'s cache (megatron-core's static KV cache)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megallama.engine.runtime import device
 
-    tokens = torch.tensor([ids], device=device())  # [1, s]
-    position_ids = torch.arange(len(ids), device=device()).unsqueeze(0)
+    tokens, positions, blocked = tokens.to(device()), positions.to(device()), blocked.to(device())
     kept: list[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
-        output = model(tokens, position_ids, None)  # causal mask built inside; last stage: [1, s, Vp/t]
+        # last stage: [b, 1, Vp], gathered over TP (the context keeps only the last position's logits)
+        output = model(tokens, positions, blocked, inference_context=context, runtime_gather_output=True)
 
         def keep(output_tensor):
             kept.append(output_tensor[:, -1:].detach())
@@ -74,26 +92,72 @@ def last_logits(model, ids: list[int]) -> torch.Tensor | None:
         return output, keep
 
     get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
-                                num_microbatches=1, seq_length=len(ids), micro_batch_size=1, forward_only=True)
+                                num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+                                forward_only=True)
+    context.sequence_len_offset += tokens.shape[1]
     if not ps.is_pipeline_last_stage():
         return None
-    return gather_from_tensor_model_parallel_region(kept[0].contiguous())[0, -1].float()  # [Vp]
+    return kept[0][:, -1].float()  # [b, Vp]
 
 
-def share_token(token: int | None) -> int:
-    """The last stage's token, sent to every stage of this pipeline."""
+def share_tokens(tokens: list[int] | None, batch: int) -> list[int]:
+    """The last stage's tokens (one per row), sent to every stage of this pipeline."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megallama.engine.runtime import device
 
-    t = torch.tensor([-1 if token is None else token], dtype=torch.long, device=device())
+    t = torch.tensor(tokens if tokens is not None else [-1] * batch, dtype=torch.long, device=device())
     dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    return int(t.item())
+    return t.tolist()
 
 
-def run(job: dict) -> list[dict]:
-    """Decode every prompt; every rank returns the same results."""
+def decode_batch(model, spec, prompts: list[list[int]], s: dict, *, eos_id: int | None, generator,
+                 on_step=lambda step: None) -> tuple[list[dict], float]:
+    """Complete `prompts` together: one prefill pass over the left-padded prompts, then one pass of one token per
+    row per step, reading earlier keys and values from the KV cache. Returns ([{"ids", "stop"}], seconds to the
+    first token)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    start = time.perf_counter()
+    b, longest, limit = len(prompts), max(map(len, prompts)), s["max_new_tokens"]
+    context = StaticInferenceContext(b, longest + limit)
+    pads = torch.tensor([longest - len(p) for p in prompts])  # [b]
+    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])  # [b, longest], pad id unused
+    positions = (torch.arange(longest)[None] - pads[:, None]).clamp(min=0)  # [b, longest]
+    blocked = masks(pads, longest, new=longest)
+    new: list[list[int]] = [[] for _ in prompts]
+    stop = ["length"] * b
+    first = 0.0
+    for step in range(limit):
+        logits = last_logits(model, context, tokens, positions, blocked)
+        if step == 0:
+            context.enable_decode_mode()
+        choices = None
+        if logits is not None:
+            choices = [next_token(row[: spec.vocab_size], temperature=s["temperature"], top_p=s["top_p"],
+                                  generator=generator) for row in logits]
+        chosen = share_tokens(choices, b)
+        first = first or time.perf_counter() - start
+        for i, token in enumerate(chosen):
+            if stop[i] == "eos":
+                continue
+            if token == eos_id:
+                stop[i] = "eos"
+            else:
+                new[i].append(token)
+        on_step(step + 1)
+        if all(st == "eos" for st in stop):
+            break
+        length = longest + step + 1
+        tokens = torch.tensor(chosen)[:, None]  # [b, 1]; finished rows run on, their tokens ignored
+        positions = (length - 1 - pads)[:, None]
+        blocked = masks(pads, length, new=1)
+    return [{"ids": n, "stop": st} for n, st in zip(new, stop, strict=True)], first
+
+
+def run(job: dict) -> tuple[list[dict], dict]:
+    """Decode every prompt, `batch_size` prompts at a time; every rank returns the same results, and timings."""
     import torch.distributed as dist
 
     s = job["settings"]
@@ -103,26 +167,23 @@ def run(job: dict) -> list[dict]:
     progress("workers", world, world)
     generator = torch.Generator().manual_seed(int(s["seed"]))  # same seed on every rank: same choices
     results, prompts, limit = [], job["prompts"], s["max_new_tokens"]
+    batch = max(1, int(s.get("batch_size") or len(prompts)))
+    start, firsts = time.perf_counter(), []
     with torch.no_grad():
-        for n, prompt in enumerate(prompts):
-            ids, new, stop = list(prompt), [], "length"
-            for step in range(limit):
-                logits = last_logits(model, ids)
-                choice = None
-                if logits is not None:
-                    choice = next_token(logits[: spec.vocab_size], temperature=s["temperature"], top_p=s["top_p"],
-                                        generator=generator)
-                token = share_token(choice)
-                progress("tokens", n * limit + step + 1, len(prompts) * limit)
-                if token == job["eos_id"]:
-                    stop = "eos"
-                    break
-                ids.append(token)
-                new.append(token)
-            progress("tokens", (n + 1) * limit, len(prompts) * limit)
-            progress("prompts", n + 1, len(prompts))
-            results.append({"ids": new, "stop": stop})
-    return results
+        for at in range(0, len(prompts), batch):
+            rows = prompts[at:at + batch]
+            done, first = decode_batch(model, spec, rows, s, eos_id=job["eos_id"], generator=generator,
+                                       on_step=lambda step: progress("tokens", at * limit + step * len(rows),
+                                                                     len(prompts) * limit))
+            firsts.append(first)
+            results += done
+            progress("tokens", (at + len(rows)) * limit, len(prompts) * limit)
+            progress("prompts", at + len(rows), len(prompts))
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r["ids"]) + (r["stop"] == "eos") for r in results)
+    timing = {"time_to_first_token_s": firsts[0], "generate_seconds": seconds, "new_tokens": tokens,
+              "tokens_per_s": tokens / seconds if seconds > 0 else None}
+    return results, timing
 
 
 def write_error(out: Path, error: BaseException) -> None:
@@ -141,9 +202,10 @@ def main(argv: list[str]) -> int:
     out = Path(job["out"])
     init_distributed(tp=job["tp"], pp=job["pp"], seed=int(job["settings"]["seed"]))
     try:
-        results = run(job)
+        results, timing = run(job)
         if dist.get_rank() == 0:
             (out / "result.json").write_text(json.dumps(results))
+            (out / "timing.json").write_text(json.dumps(timing))
         return 0
     except Exception as e:  # one clear line for the parent; the traceback stays on this rank's output
         if not isinstance(e, InputError):

@@ -226,6 +226,28 @@ def split_into_files(files: int, items: list[WriteItem]) -> list[list[WriteItem]
     return buckets
 
 
+def _make(it: _Item):
+    data = it.make()
+    if torch.is_tensor(data) and data.untyped_storage().nbytes() != data.numel() * data.element_size():
+        data = data.clone()  # a view: torch.save would write its whole storage (megatron-core clones too)
+    return data
+
+
+def _made_ahead(items: list[_Item]) -> Iterator[tuple[_Item, torch.Tensor | io.BytesIO]]:
+    """(item, its data) in order, the next item's data made on a thread while the caller writes this one: the
+    profile (docs/performance.md) shows the writer waiting on file writes with reading and fusing idle. Memory:
+    one item more (at most the embedding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="megallama-make") as pool:
+        pending = pool.submit(_make, items[0]) if items else None
+        for i, it in enumerate(items):
+            data = pending.result()
+            pending = pool.submit(_make, items[i + 1]) if i + 1 < len(items) else None
+            yield it, data
+            del data
+
+
 def save_dcp(out_dir: Path, items: list[_Item], *, on_tensor: OnTensor | None = None) -> None:
     """Write `items` as PyTorch DCP files the way megatron-core's torch_dist strategy does at world size 1.
 
@@ -246,21 +268,17 @@ def save_dcp(out_dir: Path, items: list[_Item], *, on_tensor: OnTensor | None = 
     transforms = _StorageWriterTransforms(None)
     results = []
     streams = [open(out_dir / n, "wb") for n in names]  # noqa: SIM115 (closed below, all together)
+    # bytes first in each file, as megatron-core writes them; then tensors in state-dict order
+    order = [it for want_bytes in (True, False) for it in items
+             if (it.write_item.type == WriteItemType.BYTE_IO) == want_bytes]
     try:
-        # bytes first in each file, as megatron-core writes them; then tensors in state-dict order
-        for want_bytes in (True, False):
-            for it in items:
-                if (it.write_item.type == WriteItemType.BYTE_IO) != want_bytes:
-                    continue
-                f = file_of[id(it.write_item)]
-                data = it.make()
-                if torch.is_tensor(data) and data.untyped_storage().nbytes() != data.numel() * data.element_size():
-                    data = data.clone()  # a view: torch.save would write its whole storage (megatron-core clones too)
-                results.append(_write_item(transforms, streams[f], data, it.write_item, names[f],
-                                           serialization_format=SerializationFormat.TORCH_SAVE))
-                if on_tensor is not None and torch.is_tensor(data):
-                    on_tensor(it.write_item.index.fqn, data.numel() * data.element_size())
-                del data
+        for it, data in _made_ahead(order):
+            f = file_of[id(it.write_item)]
+            results.append(_write_item(transforms, streams[f], data, it.write_item, names[f],
+                                       serialization_format=SerializationFormat.TORCH_SAVE))
+            if on_tensor is not None and torch.is_tensor(data):
+                on_tensor(it.write_item.index.fqn, data.numel() * data.element_size())
+            del data
     finally:
         for s in streams:
             s.close()
