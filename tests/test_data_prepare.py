@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from megallama.cli import app
-from megallama.data.indexed import open_indexed, prefix_files
+from megallama.data.indexed import prefix_files
 from megallama.data.sources import load_source
 from megallama.sft.data import IGNORE_INDEX, learnable_lines, load_dataset, load_tokenizer, make_learnable_dataset
 from megallama.sft.report import read_metrics

@@ -21,7 +21,7 @@ app = typer.Typer(help="Prepare datasets for sft and Megatron-LM: .bin/.idx with
 @app.command("prepare", no_args_is_help=True)
 @handle_errors
 def prepare_command(
-    input: str = typer.Option(..., "--input", "-i", help="JSON/JSONL, Parquet or Arrow file, a folder of them, or a "
+    source: str = typer.Option(..., "--input", "-i", help="JSON/JSONL, Parquet or Arrow file, a folder of them, or a "
                                                          "Hub dataset id (owner/name)."),
     fmt: str = typer.Option(..., "--format", "-f", help="alpaca, messages, sharegpt, text or pretokenized."),
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.model, or a tokenizer / checkpoint "
@@ -69,7 +69,7 @@ def prepare_command(
             progress.update(task, stats=f"{records:,} records ({records / seconds:,.0f}/s), "
                                         f"{tokens:,} tokens ({tokens / seconds:,.0f}/s)")
 
-        report = prepare(input, fmt=fmt, tokenizer=tokenizer, output=output, split=split, seq_length=seq_length,
+        report = prepare(source, fmt=fmt, tokenizer=tokenizer, output=output, split=split, seq_length=seq_length,
                          workers=workers, chat_template=chat_template, overwrite=overwrite, on_progress=on_progress)
     print_summary(report)
     if json_out is not None:

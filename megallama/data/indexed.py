@@ -40,11 +40,17 @@ def prefix_files(prefix: Path | str) -> list[Path]:
     return [Path(p + s) for s in (".bin", MASK_SUFFIX + ".bin", MASK_SUFFIX + ".idx", ".idx", ".json")]
 
 
-def token_dtype(vocab_size: int) -> type:
-    import megallama.engine.runtime  # noqa: F401  (filters megatron-core's start-up warnings before its import)
-    from megatron.core.datasets.indexed_dataset import DType
+def indexed_dataset_module():
+    """megatron.core.datasets.indexed_dataset, imported after megallama's filter of megatron-core's start-up
+    warnings (megallama.engine.runtime)."""
+    import importlib
 
-    return DType.optimal_dtype(vocab_size)
+    importlib.import_module("megallama.engine.runtime")
+    return importlib.import_module("megatron.core.datasets.indexed_dataset")
+
+
+def token_dtype(vocab_size: int) -> type:
+    return indexed_dataset_module().DType.optimal_dtype(vocab_size)
 
 
 # ---------------------------------------------------------------- writing
@@ -54,7 +60,7 @@ class IndexedWriter:
     """Appends samples to PREFIX.bin (and PREFIX_mask.bin) with megatron-core's IndexedDatasetBuilder."""
 
     def __init__(self, prefix: str, *, dtype: type, masks: bool):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+        IndexedDatasetBuilder = indexed_dataset_module().IndexedDatasetBuilder  # noqa: N806
 
         self.prefix = prefix
         self.tokens = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
@@ -172,8 +178,7 @@ def read_header(prefix: str) -> tuple[type, np.ndarray, np.ndarray]:
 
 def open_indexed(prefix: str | Path) -> IndexedCorpus:
     """Open PREFIX (and PREFIX_mask when present) with megatron-core's IndexedDataset, checked first."""
-    import megallama.engine.runtime  # noqa: F401  (filters megatron-core's start-up warnings before its import)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    IndexedDataset = indexed_dataset_module().IndexedDataset  # noqa: N806
 
     prefix = str(prefix)
     dtype, lengths, _ = read_header(prefix)

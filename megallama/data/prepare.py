@@ -14,7 +14,6 @@ import collections
 import multiprocessing
 import os
 import resource
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -24,8 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from megallama import __version__
-from megallama.data.indexed import IndexedWriter, check_prefix_target, prefix_files, staged_prefix, token_dtype
-from megallama.data.indexed import MASK_SUFFIX, write_meta
+from megallama.data.indexed import (
+    MASK_SUFFIX,
+    IndexedWriter,
+    check_prefix_target,
+    prefix_files,
+    staged_prefix,
+    token_dtype,
+    write_meta,
+)
 from megallama.data.records import open_records, parse_payload
 from megallama.data.samples import SFT_FORMATS, SampleRules, canonical_format, encode_record, fit_sample
 from megallama.errors import InputError
@@ -113,9 +119,9 @@ def ordered_map(fn: Callable, chunks: Iterator, *, workers: int, tokenizer_path:
         _init_worker(tokenizer_path, rules)
         yield from map(fn, chunks)
         return
-    # fork: workers start in milliseconds and inherit the imported modules; the parent's tokenizer was only used
-    # for single encodes, so the Rust tokenizers' thread pool is not yet running (safe to fork).
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # spawn, not fork: the parent runs threads (torch, tokenizers, HF datasets), and a forked child can inherit
+    # one of their locks held and hang. Spawned workers import megallama afresh (a second or two each, once).
+    context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, rules)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
@@ -144,7 +150,6 @@ def prepare(source: str, *, fmt: str, tokenizer: str | Path, output: str | Path,
     """
     from megallama.sft.tokenizer import load_tokenizer
 
-    tic = time.perf_counter()
     fmt = canonical_format(fmt)
     if seq_length is not None and seq_length < 1:
         raise InputError(f"--seq-length must be >= 1, got {seq_length}")
@@ -171,6 +176,7 @@ def prepare(source: str, *, fmt: str, tokenizer: str | Path, output: str | Path,
     dropped: Counter = Counter()
     with staged_prefix(prefix) as staging:
         writer = IndexedWriter(staging, dtype=token_dtype(tok.vocab_size), masks=masks)
+        tic = time.perf_counter()  # the work itself: start-up (imports, tokenizer) is not part of the rate
         results = ordered_map(encode_chunk, _chunks(records, chunk_size), workers=workers,
                               tokenizer_path=str(tok.path), rules=rules)
         for result in results:

@@ -104,7 +104,8 @@ def absolute_source(value: str, fmt: str) -> str:
         except InputError:
             return value
         return join_source([x for w, p in pairs for x in ([] if w is None else [w]) + [_absolute(p)]])
-    return _absolute(value) if Path(value).expanduser().exists() or not looks_like_hub_id(value) else value
+    hub = looks_like_hub_id(value) or HUB_SPLIT.match(value)
+    return _absolute(value) if Path(value).expanduser().exists() or not hub else value
 
 
 def _absolute(path: str) -> str:
