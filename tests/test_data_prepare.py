@@ -102,7 +102,8 @@ def test_alpaca_masks_by_hand(word_tok, tmp_path):
 
 def test_messages_default_layout_masks_by_hand(word_tok, tmp_path):
     result = prepare("--input", str(write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}])), "--format",
-                     "messages", "--tokenizer", str(word_tok), "--output", str(tmp_path / "m"), "--no-chat-template")
+                     "messages", "--tokenizer", str(word_tok), "--output", str(tmp_path / "m"), "--no-chat-template",
+                     "--workers", "1")
     assert result.exit_code == 0, result.output
     expected = by_hand(([BOS], 0), ("<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\n", 0), ("Hello", 1),
                        ([EOT], 1), ("<|user|>\nSay bye\n<|assistant|>\n", 0), ("Bye now", 1), ([EOT], 1))
@@ -113,7 +114,8 @@ def test_llama3_chat_template_masks_by_hand(word_tok, tmp_path):
     """Llama 3's template has no {% generation %} markers; the assistant replies and their <|eot_id|> are still
     the only targets (Megatron-Bridge fell back to all-ones here), and the tokens are the template's own."""
     result = prepare("--input", str(write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])), "--format",
-                     "messages", "--tokenizer", str(word_tok), "--output", str(tmp_path / "c"), "--chat-template")
+                     "messages", "--tokenizer", str(word_tok), "--output", str(tmp_path / "c"), "--chat-template",
+                     "--workers", "1")
     assert result.exit_code == 0, result.output
     expected = by_hand(([BOS, SH], 0), ("system", 0), ([EH], 0), ("\n\nBe brief.", 0), ([EOT, SH], 0), ("user", 0),
                        ([EH], 0), ("\n\nHi there", 0), ([EOT, SH], 0), ("assistant", 0), ([EH], 0), ("\n\n", 0),

@@ -91,7 +91,8 @@ def source_problems(value: str, fmt: str) -> list[str]:
     path = Path(value).expanduser()
     if len(str(value).split()) > 1:
         return [f"data source {value!r}: several sources or blends need data.format: megatron"]
-    if path.exists() or looks_like_hub_id(value) or HUB_SPLIT.match(value):
+    data_file = path.suffix.lower() in (".json", ".jsonl", ".parquet", ".arrow")  # a typo, not a Hub id
+    if path.exists() or (not data_file and (looks_like_hub_id(value) or HUB_SPLIT.match(value))):
         return []
     return [f"data source {value} does not exist (a file, a folder or a Hub dataset id owner/name)"]
 
