@@ -14,6 +14,7 @@ Parts (`python bench/bench.py --only convert,verify` runs a slice and merges it 
   verify   Verify wall time for the tiny and the 1B-shaped model.
   generate The whole `megallama generate` command (8 prompts x 192 new tokens, small model, TP1 and TP2 x PP2)
            against a plain transformers script doing the same work (load + batched greedy generate, KV cache).
+  data     `data prepare` records/s and tokens/s at 1 and N workers against a plain encode loop; peak RSS.
 
 Prints one table of every figure in results.json. Work files go to bench/work/ (about 13 GB at peak, removed
 after unless --keep-work; a kept 1B model is reused by the next run).
@@ -635,6 +636,80 @@ def generate_rows(gen: dict) -> list[tuple[str, str, str, str]]:
                      f"{g['seconds']:.1f} s ({g['tokens_per_s']:.0f} tok/s decoding, first token "
                      f"{g['time_to_first_token_s']:.2f} s)", f"transformers script {gen['transformers_seconds']:.1f} s",
                      f"{g['x_transformers']:.2f}x ({g['same_tokens_as_transformers']}/{gen['prompts']} same tokens)"))
+PLAIN_ENCODE = r"""
+import json, sys, time
+from pathlib import Path
+from megallama.sft.data import load_tokenizer
+from megallama.sft.templates import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
+tok = load_tokenizer(Path(sys.argv[2]))
+tic, records, tokens = time.perf_counter(), 0, 0
+with open(sys.argv[1]) as f:
+    for line in f:
+        r = json.loads(line)
+        prompt = (ALPACA_TEMPLATE.format(instruction=r["instruction"], input=r["input"]) if r.get("input")
+                  else ALPACA_TEMPLATE_NO_INPUT.format(instruction=r["instruction"]))
+        tokens += len(tok.encode(prompt)) + len(tok.encode(r["output"])) + 2
+        records += 1
+print(json.dumps({"records": records, "tokens": tokens, "seconds": time.perf_counter() - tic}))
+"""
+
+
+def alpaca_records(path: Path, n: int, *, seed: int = 0) -> Path:
+    """n alpaca-style records (instruction, optional input, output of 1-6 lines) from the tiny corpus."""
+    import random
+
+    from megallama.tiny import corpus_lines
+
+    lines, rng = corpus_lines(), random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            record = {"instruction": rng.choice(lines), "input": rng.choice(lines) if rng.random() < 0.4 else "",
+                      "output": " ".join(rng.sample(lines, rng.randint(1, 6)))}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def bench_data_prepare() -> dict:
+    """`megallama data prepare` on synthetic alpaca records (LLaMA-style sentencepiece BPE tokenizer, vocab 8000):
+    records/s and tokens/s with 1 and N workers against a plain single-process json + template + encode loop over
+    the same file (rates from each program's own clock, start-up excluded); peak RSS of the whole process tree
+    for the input and for an input 3x as large (streaming: it should not grow)."""
+    from megallama.tiny import train_tokenizer
+
+    tok = WORK / "data-tok"
+    train_tokenizer(tok, vocab_size=8000)
+    n = 100_000
+    small, large = alpaca_records(WORK / "alpaca-100k.jsonl", n), alpaca_records(WORK / "alpaca-300k.jsonl", 3 * n)
+    plain = measure([PY, "-c", PLAIN_ENCODE, str(small), str(tok)])
+    base = json.loads(plain["output"].strip().splitlines()[-1])
+    cores = os.cpu_count() or 1
+    runs = {}
+    for name, data, workers in (("1 worker", small, 1), (f"{cores} workers", small, cores),
+                                (f"{cores} workers, 3x input", large, cores)):
+        report = WORK / "prepare.json"
+        run = measure(megallama("data", "prepare", "--input", str(data), "--format", "alpaca", "--tokenizer",
+                                str(tok), "--output", str(WORK / "prepared"), "--workers", str(workers),
+                                "--overwrite", "--json", str(report)))
+        r = json.loads(report.read_text())
+        runs[name] = {"records_per_s": r["records"] / r["seconds"], "tokens_per_s": r["tokens"] / r["seconds"],
+                      "wall_s": run["seconds"], "peak_rss": run["peak_rss"], "records": r["records"]}
+    fast = runs[f"{cores} workers"]
+    return {"records": n, "tokens": base["tokens"], "cores": cores, "tokenizer": "sentencepiece BPE, vocab 8000",
+            "plain_records_per_s": base["records"] / base["seconds"],
+            "plain_tokens_per_s": base["tokens"] / base["seconds"], "plain_peak_rss": plain["peak_rss"],
+            "runs": runs, "ratio": fast["tokens_per_s"] / (base["tokens"] / base["seconds"]),
+            "rss_ratio_3x_input": runs[f"{cores} workers, 3x input"]["peak_rss"] / fast["peak_rss"]}
+
+
+def data_rows(d: dict) -> list[tuple[str, str, str, str]]:
+    plain = f"plain encode loop {d['plain_tokens_per_s']:,.0f} tokens/s"
+    rows = [(f"data prepare tokens/s, {name}", f"{r['tokens_per_s']:,.0f} ({r['records_per_s']:,.0f} records/s)",
+             plain, f"{r['tokens_per_s'] / d['plain_tokens_per_s']:.2f}x")
+            for name, r in d["runs"].items() if "3x" not in name]
+    big = [r for name, r in d["runs"].items() if "3x" in name][0]
+    small = d["runs"][f"{d['cores']} workers"]
+    rows.append(("data prepare peak RSS (process tree)", f"{small['peak_rss'] / 1e6:.0f} MB",
+                 f"3x input {big['peak_rss'] / 1e6:.0f} MB", f"{d['rss_ratio_3x_input']:.2f}x"))
     return rows
 
 
@@ -646,6 +721,7 @@ PARTS = {
     "verify": (bench_verify, verify_rows),
     "torch_dist": (bench_torch_dist, torch_dist_rows),
     "generate": (bench_generate, generate_rows),
+    "data": (bench_data_prepare, data_rows),
 }
 ALIASES = {"convert": "conversion"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from megallama import __version__
-from megallama.cli import convert, doctor, generate, inspect, sft, verify
+from megallama.cli import convert, data, doctor, generate, inspect, sft, verify
 from megallama.cli.common import OneLineErrors
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(convert.app, name="convert")
 app.add_typer(verify.app, name="verify")
+app.add_typer(data.app, name="data")
 sft.register(app)
 generate.register(app)
 doctor.register(app)

@@ -181,6 +181,19 @@ def _data_row(path: str, ds, d: dict) -> str:
             f"{s.truncated} truncated, {s.dropped_empty} dropped")
 
 
+def pack_pretraining(cfg: dict) -> list[str]:
+    """Continued pretraining (text, or prefixes without loss masks) packs its document pieces into rows."""
+    from megallama.data.sources import is_pretraining
+
+    d = cfg["data"]
+    if d["pack"] or not is_pretraining(d["train"], d["format"]):
+        return []
+    if cfg["train"]["attention"] == "local":
+        return ["continued pretraining without packing: train.attention=local cannot pack (use sdpa)"]
+    d["pack"] = True
+    return ["continued pretraining: data.pack turned on (document pieces share rows, attention stays inside each)"]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("sft", no_args_is_help=True)
     @handle_errors
@@ -250,9 +263,11 @@ def register(app: typer.Typer) -> None:
                      precision=cfg["train"]["precision"])
         spec = ModelSpec.from_dict(manifest["spec"])
         splits = tokenize_splits(cfg, vocab_size=spec.vocab_size)  # bad data exits 2 before any process starts
+        pack_note = pack_pretraining(cfg)
         plan = sft_config.resolve_plan(cfg, num_layers=spec.num_layers, padded_vocab_size=manifest["padded_vocab_size"],
                                        num_samples=len(splits["train"]), extra=extra,
                                        devices=None if slurm else sft_config.local_devices())
+        plan.notes += pack_note
         if start.step >= plan.steps:
             raise InputError(f"nothing to do: the checkpoint in {start.root} is at step {start.step} and the run "
                              f"has {plan.steps} steps; raise train.steps to train further")

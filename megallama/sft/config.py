@@ -27,7 +27,7 @@ DEFAULTS: dict = {
     "data": {
         "train": None,
         "eval": None,
-        "format": "alpaca",  # alpaca | messages | pretokenized
+        "format": "alpaca",  # alpaca | messages | pretokenized | text | megatron (megallama.data.sources)
         "seq_length": 2048,
         "train_on_prompt": False,
         "pack": False,  # several samples per seq_length row, attention kept within each (sdpa or te attention)
@@ -79,7 +79,7 @@ TYPES = {"load": str, "tokenizer": str, "data.train": str, "data.eval": str, "pa
          "train.epochs": float, "train.loss_scale": float, "output": str, "logging.wandb_project": str,
          "logging.wandb_run_name": str}
 CHOICES = {
-    "data.format": ("alpaca", "messages", "pretokenized"),
+    "data.format": ("alpaca", "messages", "pretokenized", "text", "megatron"),
     "train.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.recompute": ("none", "selective", "full"),
@@ -128,6 +128,10 @@ def coerce(key: str, value):
     nulls = ("null", "~", "none") if key in TYPES else ("null", "~")  # "none" is a value of train.recompute
     if value is None or (isinstance(value, str) and value.lower() in nulls):
         return None
+    if isinstance(value, list) and key in ("data.train", "data.eval"):  # a blend [0.7, A, 0.3, B]
+        from megallama.data.sources import join_source
+
+        return join_source(value)
     kind = TYPES.get(key) or type(KEYS[key])
     try:
         if kind is bool:
@@ -200,10 +204,14 @@ def dump_config(cfg: dict, path: Path) -> None:
 
 def absolute_paths(cfg: dict) -> dict:
     """Paths resolved against the current folder, so workers do not depend on where they start."""
+    from megallama.data.sources import SOURCE_KEYS, absolute_source
+
     cfg = copy.deepcopy(cfg)
     for key in PATH_KEYS:
         value = get(cfg, key)
-        if value is not None:
+        if value is not None and key in SOURCE_KEYS:  # Hub ids and blends as well as paths
+            _set(cfg, key, absolute_source(value, cfg["data"]["format"]))
+        elif value is not None:
             _set(cfg, key, str(Path(value).expanduser().resolve()))
     return cfg
 
@@ -253,10 +261,15 @@ def validate(cfg: dict) -> list[str]:
             problems.append(str(e))
     if cfg["parallel"]["dp"] is not None and cfg["parallel"]["dp"] < 1:
         problems.append(f"parallel.dp must be >= 1 (got {cfg['parallel']['dp']})")
-    for key in ("load", "tokenizer", "data.train", "data.eval"):
+    for key in ("load", "tokenizer"):
         value = get(cfg, key)
         if value and not Path(value).exists():
             problems.append(f"{key} {value} does not exist")
+    from megallama.data.sources import source_problems
+
+    for key in ("data.train", "data.eval"):
+        if get(cfg, key):
+            problems += [f"{key}: {p}" for p in source_problems(get(cfg, key), cfg["data"]["format"])]
     from megallama.sft.loggers import logging_problems
 
     problems += logging_problems(cfg)

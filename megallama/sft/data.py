@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,13 +194,16 @@ class TokenizedDataset:
 
 
 def load_dataset(path: Path, *, fmt: str, tokenizer: Tokenizer | None, seq_length: int,
-                 train_on_prompt: bool = False, vocab_size: int | None = None) -> TokenizedDataset:
+                 train_on_prompt: bool = False, vocab_size: int | None = None,
+                 records: Iterable[tuple[str, dict[str, Any]]] | None = None) -> TokenizedDataset:
     """Read, template, tokenize, mask, truncate and pad a whole SFT file.
 
     Args:
         fmt: "alpaca", "messages" (alias "sharegpt") or "pretokenized".
         tokenizer: required except for pretokenized data (where it supplies pad_id and the vocabulary bound).
         vocab_size: the model's true vocabulary; ids at or above it are refused.
+        records: (where, record) pairs to use instead of reading `path` (Parquet, Hub datasets, indexed
+            datasets: megallama.data.sources); `path` then only names the data in messages.
 
     Example:
         >>> ds = load_dataset(Path("train.jsonl"), fmt="alpaca", tokenizer=tok, seq_length=2048)
@@ -210,7 +213,7 @@ def load_dataset(path: Path, *, fmt: str, tokenizer: Tokenizer | None, seq_lengt
     _check_arguments(fmt, tokenizer, seq_length, train_on_prompt, vocab_size)
     limit = vocab_size if vocab_size is not None else (tokenizer.vocab_size if tokenizer else None)
     samples, truncated, dropped = [], 0, 0
-    for where, record in read_records(path):
+    for where, record in read_records(path) if records is None else records:
         if fmt == "pretokenized":
             ids, targets = pretokenized_sample(record, where=where)
         else:

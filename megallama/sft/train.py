@@ -39,17 +39,19 @@ def tokenizer_path(cfg: dict) -> Path:
 
 def tokenize_splits(cfg: dict, *, vocab_size: int) -> dict:
     """{"train": TokenizedDataset, "eval": TokenizedDataset | None}; InputError on bad data or token ids."""
-    from megallama.sft.data import load_dataset, load_tokenizer
+    from megallama.data.sources import load_source
+    from megallama.sft.data import load_tokenizer
 
     d = cfg["data"]
     path = tokenizer_path(cfg)
     # Pre-tokenized rows need no tokenizer; the model's own, when present, still supplies the padding id.
     has_tokenizer = path.is_file() or any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
-    tokenizer = load_tokenizer(path) if d["format"] != "pretokenized" or has_tokenizer else None
+    tokenizer = load_tokenizer(path) if d["format"] not in ("pretokenized", "megatron") or has_tokenizer else None
     kw = dict(fmt=d["format"], tokenizer=tokenizer, seq_length=d["seq_length"],
               train_on_prompt=d["train_on_prompt"], vocab_size=vocab_size)
-    return {"train": load_dataset(Path(d["train"]), **kw),
-            "eval": load_dataset(Path(d["eval"]), **kw) if d["eval"] else None}
+    # JSON/JSONL files, Parquet, Hub dataset ids, text, indexed-dataset prefixes and blends (megallama.data)
+    return {"train": load_source(d["train"], **kw),
+            "eval": load_source(d["eval"], **kw) if d["eval"] else None}
 
 
 def _data_key(cfg: dict) -> dict:
