@@ -100,7 +100,7 @@ def family_config(spec) -> tuple[dict[str, Any], tuple[str, ...]]:
         layers = [i for i in range(spec.num_layers) if spec.windowed(i)]
         suffix = bool(layers) and layers == list(range(layers[0], spec.num_layers))
         keys.update(use_sliding_window=spec.sliding_window is not None,
-                    sliding_window=spec.sliding_window if spec.sliding_window is not None else QWEN_WINDOW_DEFAULT,
+                    sliding_window=spec.sliding_window,
                     max_window_layers=layers[0] if suffix else spec.num_layers,
                     layer_types=["sliding_attention" if spec.windowed(i) else "full_attention"
                                  for i in range(spec.num_layers)])
