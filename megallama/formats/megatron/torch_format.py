@@ -325,7 +325,10 @@ def load_rank_file(path: Path) -> dict:
     try:
         for _ in range(_MAX_FOREIGN):
             try:
-                with torch.serialization.safe_globals(allowed):
+                # torch's context removes its globals on exit, also ones registered before (megatron-core's
+                # register_safe_globals): allow only the missing ones, or a later torch_dist load would fail.
+                already = set(torch.serialization.get_safe_globals())
+                with torch.serialization.safe_globals([g for g in allowed if g not in already]):
                     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except pickle.UnpicklingError as e:
                 foreign = _megatron_global(e)
