@@ -7,7 +7,7 @@ Judges: config.json read and written back per family; refusals by name; bit-exac
 against the family's transformers class, every family at TP2 x PP2 (megatron-core strict loads of every rank,
 torch and torch_dist), and FAIL on a dropped bias, k-norm applied as q-norm and a window off by one, all in one
 torchrun launch; generate equals transformers greedy (Qwen2: biases, tied embeddings, windowed upper layers);
-an SFT step moves the biases and the q/k norm weights. Four torchrun launches (4, 1, 1, 1 ranks).
+an SFT step moves the biases and the q/k norm weights. Three torchrun launches (4, 1, 1 ranks).
 """
 
 from __future__ import annotations
@@ -139,9 +139,8 @@ def fam(tmp_path_factory) -> dict:
         out[name] = hf
         out[name, "torch"] = convert(hf, root / f"meg-{name}-tp2pp2", src_format="hf", dst_format="megatron",
                                      tp=2, pp=2, ckpt_format="torch").output
-    for name in ("qwen3", "qwen2"):
-        out[name, "torch_dist"] = convert(out[name], root / f"dist-{name}", src_format="hf", dst_format="megatron",
-                                          tp=2, pp=2, ckpt_format="torch_dist").output
+    out["qwen3", "torch_dist"] = convert(out["qwen3"], root / "dist-qwen3", src_format="hf", dst_format="megatron",
+                                         tp=2, pp=2, ckpt_format="torch_dist").output
     return out
 
 
@@ -207,7 +206,7 @@ def k_norm_as_q_norm(model, manifest):  # q_layernorm loaded from k_norm
 
 
 def window_off_by_one(model, manifest):  # --window-size W,0 for HF's W (megatron-core's left bound is W - 1)
-    manifest["spec"]["sliding_window"] += 1
+    manifest["spec"]["sliding_window"] = FAMILY_PRESETS["mistral"].sliding_window + 1
 
 
 BUGS = {"dropped-bias": ("qwen2", drop_qkv_bias), "k-norm-as-q-norm": ("qwen3", k_norm_as_q_norm),
@@ -220,15 +219,15 @@ def reports(fam) -> dict:
     from megallama.verify.layer_diff import layer_diff_many
 
     pairs = {f"{name}-torch": (fam[name], fam[name, "torch"]) for name in FAMILIES}
-    pairs |= {f"{name}-torch_dist": (fam[name], fam[name, "torch_dist"]) for name in ("qwen3", "qwen2")}
+    pairs["qwen3-torch_dist"] = (fam["qwen3"], fam["qwen3", "torch_dist"])
     for label, (name, mutate) in BUGS.items():
         pairs[label] = (fam[name], broken_copy(fam[name, "torch"], fam["root"] / f"bug-{label}", mutate))
-    got = layer_diff_many(list(pairs.values()), dtype="fp32", seq_len=SEQ, batch=2)
+    got = layer_diff_many(list(pairs.values()), dtype="fp32", seq_len=SEQ, batch=1)
     return dict(zip(pairs, got, strict=True))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("label", [f"{n}-torch" for n in FAMILIES] + ["qwen3-torch_dist", "qwen2-torch_dist"])
+@pytest.mark.parametrize("label", [f"{n}-torch" for n in FAMILIES] + ["qwen3-torch_dist"])
 def test_verify_passes_against_the_family_class_at_tp2_pp2(reports, label):
     report = reports[label]
     assert report.verdict == "PASS", (report.first_failing_point, report.notes)
@@ -254,8 +253,7 @@ def test_generate_equals_transformers_greedy(fam):
     from megallama.generate.driver import Prompt, Settings, generate
     from megallama.sft.tokenizer import load_tokenizer
 
-    meg = convert(fam["qwen2"], fam["root"] / "gen-qwen2", src_format="hf", dst_format="megatron", tp=2,
-                  ckpt_format="torch").output
+    meg = convert(fam["qwen2"], fam["root"] / "gen-qwen2", src_format="hf", dst_format="megatron").output
     done = generate(meg, [Prompt("What is the capital of France?")], Settings(max_new_tokens=8))
     tok = load_tokenizer(meg)
     model = transformers.Qwen2ForCausalLM.from_pretrained(fam["qwen2"], dtype=torch.float32).eval()
@@ -269,30 +267,41 @@ def test_generate_equals_transformers_greedy(fam):
 
 # ---------------------------------------------------------------- sft
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "moved"), [
-    ("llama-bias", ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias", "gate_proj.bias", "up_proj.bias",
-                    "down_proj.bias")),
-    ("qwen3", ("q_norm.weight", "k_norm.weight")),
-])
-def test_an_sft_step_moves_biases_and_qk_norms(fam, name, moved):
+def test_an_sft_step_moves_biases_and_qk_norms(fam):
+    """One launch for both: Qwen3's q/k norms plus every bias megatron-core has (a shape no release has, built
+    from the Qwen3 fixture and random biases, so that one SFT step covers all of them)."""
+    from megallama.formats.base import DictReader
+    from megallama.formats.megatron.torch_format import write_megatron
+    from megallama.names import canonical_names, expected_shapes
     from megallama.sft.data import make_learnable_dataset
 
     root = fam["root"]
-    train = make_learnable_dataset(root / "train.jsonl", n=16, seed=0)
-    meg = convert(fam[name], root / f"sft-in-{name}", src_format="hf", dst_format="megatron",
-                  ckpt_format="torch").output
-    out = root / f"sft-{name}"
+    spec = FAMILY_PRESETS["qwen3"].replace(qkv_bias=True, o_bias=True, mlp_bias=True)
+    gen = torch.Generator().manual_seed(3)
+    before = load_file(fam["qwen3"] / "model.safetensors")
+    before |= {n: 0.5 * torch.randn(shape, generator=gen) for n, shape in expected_shapes(spec).items()
+               if n.endswith(".bias")}
+    assert set(before) == set(canonical_names(spec))
+    reader = DictReader(spec, before)
+    reader.tokenizer_files = [fam["qwen3"] / "tokenizer.model", fam["qwen3"] / "tokenizer_config.json"]
+    meg = root / "sft-in"
+    meg.mkdir()
+    write_megatron(reader, meg, tp=1, pp=1)
+    out = root / "sft-out"
     config = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
+    train = make_learnable_dataset(root / "train.jsonl", n=16, seed=0)
     result = runner.invoke(app, ["sft", "--config", str(config), f"load={meg}", f"data.train={train}",
                                  f"output={out}", "train.steps=1", "train.warmup_steps=0", "train.save_interval=1",
                                  "train.eval_interval=100", "train.micro_batch_size=2", "train.global_batch_size=2"])
     assert result.exit_code == 0, result.output
-    before = load_file(fam[name] / "model.safetensors")
-    with open_reader(out, "megatron") as reader:
-        after = {n: reader.get(n) for n in reader.names()}
+    with open_reader(out, "megatron") as trained:
+        assert trained.spec == spec
+        after = {n: trained.get(n) for n in trained.names()}
     assert after.keys() == before.keys()
+    moved = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias", "gate_proj.bias", "up_proj.bias",
+             "down_proj.bias", "q_norm.weight", "k_norm.weight")
     for suffix in moved:
         names = [n for n in before if n.endswith(suffix)]
-        assert len(names) == FAMILY_PRESETS[name].num_layers
+        assert len(names) == spec.num_layers
         for n in names:
             assert torch.isfinite(after[n]).all() and not torch.equal(after[n], before[n]), n
