@@ -167,8 +167,12 @@ def test_round_trips_are_bit_exact_with_the_same_architecture(fam, name):
 def test_inspect_names_the_family(fam):
     result = runner.invoke(app, ["inspect", str(fam["qwen3", "torch_dist"]), "--json"])
     assert result.exit_code == 0, result.output
-    spec = json.loads(result.stdout)["spec"]
+    report = json.loads(result.stdout)
+    spec = report["spec"]
     assert spec["architecture"] == "Qwen3ForCausalLM" and spec["qk_norm"] == "rms" and spec["explicit_head_dim"] == 24
+    for name in FAMILIES:  # the parameter count includes head_dim, biases and q/k norms
+        stored = sum(t.numel() for t in load_file(fam[name] / "model.safetensors").values())
+        assert FAMILY_PRESETS[name].num_parameters() == stored, name
 
 
 def test_hf2pth_refuses_the_families_in_one_line(fam, tmp_path):
