@@ -20,18 +20,43 @@ LAYER_TEMPLATES = (
     "model.layers.{i}.mlp.up_proj.weight",
     "model.layers.{i}.mlp.down_proj.weight",
 )
+# The families' optional tensors (docs/models.md), each with the ModelSpec feature that brings it.
+OPTIONAL_TEMPLATES = (
+    ("model.layers.{i}.self_attn.q_proj.bias", "qkv_bias"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "qkv_bias"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "qkv_bias"),
+    ("model.layers.{i}.self_attn.o_proj.bias", "o_bias"),
+    ("model.layers.{i}.self_attn.q_norm.weight", "qk_norm_weights"),
+    ("model.layers.{i}.self_attn.k_norm.weight", "qk_norm_weights"),
+    ("model.layers.{i}.mlp.gate_proj.bias", "mlp_bias"),
+    ("model.layers.{i}.mlp.up_proj.bias", "mlp_bias"),
+    ("model.layers.{i}.mlp.down_proj.bias", "mlp_bias"),
+)
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def layer_names(i: int) -> list[str]:
-    return [t.format(i=i) for t in LAYER_TEMPLATES]
+def has_feature(spec: ModelSpec, feature: str | None) -> bool:
+    """Whether `spec` has the optional tensors of `feature` (a ModelSpec bias flag or "qk_norm_weights")."""
+    if feature is None:
+        return True
+    if feature == "qk_norm_weights":
+        return spec.qk_norm == "rms"  # Llama 4's L2 norm has no weights
+    return bool(getattr(spec, feature))
+
+
+def layer_names(i: int, spec: ModelSpec | None = None) -> list[str]:
+    """Layer i's canonical tensors (with `spec`: plus its family's biases and q/k norms, in HF module order)."""
+    names = [t.format(i=i) for t in LAYER_TEMPLATES]
+    if spec is not None:
+        names += [t.format(i=i) for t, feature in OPTIONAL_TEMPLATES if has_feature(spec, feature)]
+    return names
 
 
 def canonical_names(spec: ModelSpec) -> list[str]:
     """Every canonical tensor of `spec`, in model order."""
     names = [EMBED]
     for i in range(spec.num_layers):
-        names += layer_names(i)
+        names += layer_names(i, spec)
     names.append(FINAL_NORM)
     if not spec.tie_embeddings:
         names.append(LM_HEAD)
@@ -46,17 +71,21 @@ def layer_index(name: str) -> int | None:
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Shape of every canonical tensor, for validating readers before anything is written."""
     h, f, v = spec.hidden_size, spec.ffn_hidden_size, spec.vocab_size
-    kv = spec.num_kv_heads * spec.head_dim
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     per_layer = {
-        "input_layernorm.weight": (h,), "self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, h),
+        "input_layernorm.weight": (h,), "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
         "post_attention_layernorm.weight": (h,), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
         "mlp.down_proj.weight": (h, f),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.bias": (h,), "self_attn.q_norm.weight": (spec.head_dim,),
+        "self_attn.k_norm.weight": (spec.head_dim,), "mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
+        "mlp.down_proj.bias": (h,),
     }
     shapes = {EMBED: (v, h), FINAL_NORM: (h,)}
     if not spec.tie_embeddings:
         shapes[LM_HEAD] = (v, h)
     for i in range(spec.num_layers):
-        for suffix, shape in per_layer.items():
-            shapes[f"model.layers.{i}.{suffix}"] = shape
+        for name in layer_names(i, spec):
+            shapes[name] = per_layer[name.split(".", 3)[3]]
     return shapes

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megallama.errors import InputError
+from megallama.families import FAMILIES, architecture_of, family_config, family_fields, family_problems
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
@@ -77,6 +78,15 @@ class ModelSpec:
     max_position_embeddings: int = 4096  # HF max_position_embeddings / Meta max_seq_len (runtime)
     bos_token_id: int | None = 1  # HF bos_token_id
     eos_token_id: int | list | None = 2  # HF eos_token_id
+    # ---- LLaMA-shaped families (issue 19; docs/models.md). Defaults = plain LLaMA.
+    explicit_head_dim: int | None = None  # HF head_dim when != hidden / heads (Qwen3, Llama 4, some LLaMA) / Meta: none
+    qkv_bias: bool = False  # HF attention_bias (Llama, Qwen3); Qwen2: always / Megatron add_qkv_bias
+    o_bias: bool = False  # HF attention_bias (Llama, Qwen3) also biases o_proj / Megatron add_bias_linear
+    mlp_bias: bool = False  # HF mlp_bias (Llama) / Megatron add_bias_linear
+    qk_norm: str | None = None  # "rms": per-head RMSNorm with weights (Qwen3 q_norm/k_norm); "l2": Llama 4 use_qk_norm
+    sliding_window: int | None = None  # HF sliding_window (Mistral; Qwen2/3 with use_sliding_window): keys i-W < j <= i
+    sliding_window_layers: tuple[int, ...] | None = None  # 0-based windowed layers; None = all (Qwen2/3 layer_types)
+    architecture: str = "LlamaForCausalLM"  # HF architectures[0], written back
 
     def __post_init__(self) -> None:
         sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads,
@@ -85,13 +95,16 @@ class ModelSpec:
         bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
         if bad:
             raise InputError(f"model sizes must be positive integers: {', '.join(bad)}")
+        if self.sliding_window_layers is not None:  # a JSON list (manifest) becomes the frozen tuple
+            object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
         problems = []
-        if self.hidden_size % self.num_heads:
+        if self.explicit_head_dim is None and self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
-        elif (self.hidden_size // self.num_heads) % 2:
-            problems.append(f"head_dim {self.hidden_size // self.num_heads} must be even for rotary embeddings")
+        elif self.head_dim <= 0 or self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        problems += family_problems(self)
         if self.vocab_size <= 0:
             problems.append(f"vocab_size {self.vocab_size} must be positive (pass a tokenizer for vocab_size -1)")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "llama3":
@@ -102,7 +115,22 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def family(self) -> str:
+        """HF model_type of the architecture: "llama", "mistral", "qwen2", "qwen3"."""
+        return FAMILIES[self.architecture]
+
+    def is_plain_llama(self) -> bool:
+        """True for a LlamaForCausalLM without the families' extras: what Meta's pth format can hold."""
+        return not (self.architecture != "LlamaForCausalLM" or self.explicit_head_dim or self.qkv_bias
+                    or self.o_bias or self.mlp_bias or self.qk_norm or self.sliding_window)
+
+    def windowed(self, layer: int) -> bool:
+        """Whether 0-based `layer` uses sliding-window attention."""
+        return self.sliding_window is not None and (self.sliding_window_layers is None
+                                                    or layer in self.sliding_window_layers)
 
     @property
     def q_per_kv(self) -> int:
@@ -113,8 +141,10 @@ class ModelSpec:
 
     def num_parameters(self) -> int:
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
-        kv = self.num_kv_heads * self.head_dim
-        per_layer = h * h * 2 + 2 * h * kv + 3 * h * f + 2 * h
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = h * q * 2 + 2 * h * kv + 3 * h * f + 2 * h
+        per_layer += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + (2 * f + h) * self.mlp_bias
+        per_layer += 2 * self.head_dim * (self.qk_norm == "rms")
         return self.num_layers * per_layer + v * h * (1 if self.tie_embeddings else 2) + h
 
     # ---------------------------------------------------------------- HF config.json
@@ -125,24 +155,17 @@ class ModelSpec:
     @classmethod
     def _from_hf_config(cls, cfg: dict) -> ModelSpec:
         """Read a transformers 4.x (`rope_theta`, `rope_scaling`, `torch_dtype`) or 5.x (`rope_parameters`,
-        `dtype`) LlamaForCausalLM config."""
-        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-        if cfg.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
-            raise InputError(f"config.json describes {archs} / model_type {cfg.get('model_type')!r}; "
-                             "only LlamaForCausalLM is supported")
+        `dtype`) config of a LLaMA-shaped family (`families.FAMILIES`)."""
+        arch = architecture_of(cfg)
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                "vocab_size") if k not in cfg]
         if missing:
             raise InputError(f"config.json is missing {', '.join(missing)}")
         check_numbers("config.json", cfg, HF_NUMBERS)
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise InputError("config.json has attention_bias/mlp_bias: biased LLaMA variants are not supported")
         if cfg.get("hidden_act", "silu") != "silu":
             raise InputError(f"config.json hidden_act {cfg['hidden_act']!r}: LLaMA uses silu")
         heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim")
-        if head_dim is not None and head_dim * heads != cfg["hidden_size"]:
-            raise InputError(f"config.json head_dim {head_dim} x {heads} heads != hidden_size {cfg['hidden_size']}")
+        extras = family_fields(cfg, arch, num_layers=cfg["num_hidden_layers"])
         rope = dict(cfg.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
         scaling = cfg.get("rope_scaling") or (rope if rope else None)
@@ -162,14 +185,16 @@ class ModelSpec:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
+            **extras,
         )
 
     def to_hf_config(self) -> dict:
-        """A config.json that transformers 4.x and 5.x both load (both rope spellings are written)."""
+        """A config.json that transformers 4.x and 5.x both load (both rope spellings are written), for the
+        spec's own family class (`architecture`)."""
         rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope_parameters = {**self.rope_scaling, "rope_theta": self.rope_theta}
-        return {
+        config = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": self.hidden_size,
@@ -197,6 +222,9 @@ class ModelSpec:
             "torch_dtype": self.dtype,
             "dtype": self.dtype,
         }
+        keys, dropped = family_config(self)
+        config.update(keys)
+        return {k: v for k, v in config.items() if k not in dropped}
 
     # ---------------------------------------------------------------- Meta params.json
     @classmethod

@@ -25,6 +25,22 @@ PRESETS: dict[str, ModelSpec] = {
     "tied": ModelSpec(**_BASE, num_kv_heads=2, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True,
                       rope_scaling={**LLAMA3_SCALING, "factor": 32.0}, max_position_embeddings=131072),
 }
+# The LLaMA-shaped families (docs/models.md) at toy size: every extra on, windows shorter than a test sequence.
+FAMILY_PRESETS: dict[str, ModelSpec] = {
+    # Mistral v0.1: sliding window on every layer.
+    "mistral": ModelSpec(**_BASE, num_kv_heads=2, norm_eps=1e-5, sliding_window=7, max_position_embeddings=4096,
+                         architecture="MistralForCausalLM"),
+    # Qwen2 / 2.5 small: q/k/v biases, tied embeddings, theta 1e6, a window on the upper layers only.
+    "qwen2": ModelSpec(**_BASE, num_kv_heads=2, norm_eps=1e-6, rope_theta=1000000.0, tie_embeddings=True,
+                       qkv_bias=True, sliding_window=5, sliding_window_layers=(2, 3), max_position_embeddings=4096,
+                       architecture="Qwen2ForCausalLM"),
+    # Qwen3 dense: per-head q/k RMSNorm, head_dim 24 != 64 / 4.
+    "qwen3": ModelSpec(**_BASE, num_kv_heads=2, norm_eps=1e-6, rope_theta=1000000.0, qk_norm="rms",
+                       explicit_head_dim=24, max_position_embeddings=4096, architecture="Qwen3ForCausalLM"),
+    # LLaMA config seen in the wild: attention_bias + mlp_bias, explicit head_dim 8 != 64 / 4.
+    "llama-bias": ModelSpec(**_BASE, num_kv_heads=2, norm_eps=1e-5, qkv_bias=True, o_bias=True, mlp_bias=True,
+                            explicit_head_dim=8, max_position_embeddings=4096),
+}
 
 
 def corpus_lines(limit: int = 4000) -> list[str]:
@@ -75,24 +91,28 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 320, extra_lines: list[str]
 def make_hf_checkpoint(out_dir: Path, preset: str | ModelSpec = "llama2", *, dtype: str = "float32", seed: int = 0,
                        tokenizer: bool = True, shard_bytes: str | None = None,
                        tokenizer_lines: list[str] | None = None) -> Path:
-    """Write a random-weight LlamaForCausalLM with `save_pretrained` (safetensors) plus a tokenizer.model.
+    """Write a random-weight model of the spec's family (LlamaForCausalLM, Qwen2ForCausalLM, ...) with
+    `save_pretrained` (safetensors) plus a tokenizer.model.
 
-    Weights use a larger init than HF's default and random norm scales, so a misplaced tensor changes logits.
+    Weights use a larger init than HF's default, random norm scales and biases, so a misplaced tensor changes
+    logits.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    spec = PRESETS[preset] if isinstance(preset, str) else preset
+    spec = ({**PRESETS, **FAMILY_PRESETS}[preset] if isinstance(preset, str) else preset)
     spec = spec.replace(dtype=dtype)
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     cfg = spec.to_hf_config()
     cfg.pop("architectures"), cfg.pop("model_type"), cfg.pop("dtype"), cfg.pop("torch_dtype")
-    config = LlamaConfig(**cfg)
-    model = LlamaForCausalLM(config)
+    config = transformers.AutoConfig.for_model(spec.family, **cfg)
+    model = getattr(transformers, spec.architecture)(config)  # the family's own class (LlamaForCausalLM, ...)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # non-zero (Qwen2 initialises them to 0, which hides a dropped bias)
+                p.copy_(0.5 * torch.randn_like(p))
+            elif p.dim() == 1:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)

@@ -9,6 +9,8 @@ maths with one fused SDPA call per sequence:
 - grouped-query attention without repeating K/V (`enable_gqa`: query head i reads KV group i // (heads/groups),
   the same grouping as megatron-core's `repeat_interleave`);
 - packed sequences (`PackedSeqParams`, `qkv_format="thd"`): attention stays inside each `cu_seqlens` segment;
+- sliding-window attention (`config.window_size`, per layer through `window_attn_skip_freq`, as megatron-core's
+  `is_layer_window_attention`): Mistral's and Qwen2's windows, exact beyond the window (`window_mask`);
 - no parameters or buffers, so checkpoints keep exactly the local spec's keys.
 """
 
@@ -32,13 +34,16 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         unsupported = {"attention dropout": dropout != 0.0, "context parallelism": config.context_parallel_size != 1,
-                       "sliding-window attention": config.window_size is not None,
                        f"softmax_type {config.softmax_type!r}": config.softmax_type != "vanilla",
                        "query-key layer scaling": config.apply_query_key_layer_scaling}
         refused = [name for name, present in unsupported.items() if present]
         if refused:
             raise InputError(f"train.attention sdpa does not support {', '.join(refused)}; use attention local or te")
         self.attn_mask_type = attn_mask_type
+        from megatron.core.transformer.utils import is_layer_window_attention
+
+        windowed = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+        self.window = tuple(config.window_size) if windowed else None  # (left, right) keys around the query
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, attn_mask_type=None,
@@ -53,6 +58,9 @@ class SDPAttention(MegatronModule):
         # megatron-core's mask is True where attention is *blocked*; SDPA's boolean mask is True where allowed.
         # Like the local path, a given mask replaces the causal one.
         mask = None if attention_mask is None else ~attention_mask
+        if self.window is not None:
+            window = window_mask(q.shape[2], k.shape[2], self.window, device=q.device)  # [sq, sk]
+            mask = window if mask is None else mask & window
         out = self._sdpa(q, k, v, mask=mask)  # [b, np, s, hn]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, np * hn]
 
@@ -68,10 +76,26 @@ class SDPAttention(MegatronModule):
         outputs = []
         for q, k, v in zip(query.split(q_lengths), key.split(kv_lengths), value.split(kv_lengths), strict=True):
             q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, n, len, hn]
-            outputs.append(self._sdpa(q, k, v, mask=None)[0].transpose(0, 1))  # [len, np, hn]
+            mask = None if self.window is None else window_mask(q.shape[2], k.shape[2], self.window, device=q.device)
+            outputs.append(self._sdpa(q, k, v, mask=mask)[0].transpose(0, 1))  # [len, np, hn]
         return torch.cat(outputs).flatten(1)  # [t, np * hn]
 
     def _sdpa(self, q, k, v, *, mask):
         """[b, np, sq, hn] x [b, ng, sk, hn] -> [b, np, sq, hn]; causal unless a mask is given."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=mask is None,
                                               scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def window_mask(sq: int, sk: int, window: tuple[int, int], *, device=None) -> torch.Tensor:
+    """[sq, sk] bool, True where query i (the last sq of sk positions) may see key j: i - left <= j <= i + right.
+
+    megatron-core's `get_sliding_window_causal_mask` with SDPA's polarity (True = attend); (W - 1, 0) is HF's
+    sliding_window W (causal, and j > i - W).
+    """
+    left, right = window
+    i = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)  # [sq, 1] absolute query positions
+    j = torch.arange(sk, device=device).unsqueeze(0)  # [1, sk]
+    allowed = (j <= i + right) if right >= 0 else torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:  # -1: unbounded (megatron-core's "infinite window")
+        allowed &= j >= i - left
+    return allowed

@@ -33,8 +33,6 @@ def transformer_config(spec: ModelSpec, *, dtype: str = "float32", sequence_para
         layernorm_epsilon=spec.norm_eps,
         gated_linear_unit=True,  # SwiGLU: silu(first half of fc1) * second half
         activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
@@ -55,6 +53,7 @@ def transformer_config(spec: ModelSpec, *, dtype: str = "float32", sequence_para
         fp16=dtype == "float16",
         use_cpu_initialization=not torch.cuda.is_available(),
         rotary_interleaved=False,  # checkpoints hold q/k in HF half-split order (formats.md 2.2)
+        **family_config(spec),
     )
     if recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -64,6 +63,25 @@ def transformer_config(spec: ModelSpec, *, dtype: str = "float32", sequence_para
         raise InputError(f"unknown activation recompute {recompute!r}: expected none, selective or full")
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def family_config(spec: ModelSpec) -> dict:
+    """TransformerConfig fields of the families' extras (docs/models.md): biases, q/k norm, sliding window."""
+    check_family_supported(spec)
+    config = dict(add_bias_linear=spec.o_bias, add_qkv_bias=spec.qkv_bias and not spec.o_bias,
+                  qk_layernorm=spec.qk_norm == "rms")
+    if spec.sliding_window is not None:
+        # HF: query i sees keys j with i - j < W; megatron-core's (left, right) window: i - left <= j <= i + right
+        config["window_size"] = (spec.sliding_window - 1, 0)
+        if spec.sliding_window_layers is not None:  # 1 = windowed, by layer (megatron-core's custom pattern)
+            config["window_attn_skip_freq"] = [int(spec.windowed(i)) for i in range(spec.num_layers)]
+    return config
+
+
+def check_family_supported(spec: ModelSpec) -> None:
+    """Refuse by name what the engine cannot build for this spec (the rest is refused by ModelSpec itself)."""
+    if spec.qk_norm not in (None, "rms"):
+        raise InputError(f"qk_norm {spec.qk_norm!r} is not supported by megallama's engine yet")
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
@@ -120,7 +138,7 @@ def gpt_layer_spec(config, attention: str = "sdpa"):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     attn = layer.submodules.self_attention
     attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules,
                                                                     core_attention=core_attention(attention)))

@@ -302,6 +302,7 @@ def write_meta(reader, out_dir: Path, *, shards: int = 1, dtype: str | None = No
     """Write params.json + consolidated.NN.pth split as Meta's releases are, one shard file at a time."""
     out_dir = Path(out_dir)
     spec = reader.spec.replace(dtype=dtype or reader.spec.dtype)
+    check_meta_expressible(spec)
     embed_split = embedding_split(spec)
     check_shards(spec, shards, embed_split)
     (out_dir / "params.json").write_text(json.dumps(spec.to_meta_params(), indent=2) + "\n")
@@ -321,6 +322,19 @@ def write_meta(reader, out_dir: Path, *, shards: int = 1, dtype: str | None = No
     if spec.tie_embeddings:
         report.notes.append("tied embeddings: output.weight = embedding")
     return report
+
+
+def check_meta_expressible(spec: ModelSpec) -> None:
+    """Meta's pth format (params.json + Meta's model.py) is LLaMA only: refuse the families' extras by name."""
+    if spec.is_plain_llama():
+        return
+    extras = [name for name, on in (("head_dim != hidden/heads", spec.explicit_head_dim),
+                                    ("q/k/v biases", spec.qkv_bias), ("o_proj bias", spec.o_bias),
+                                    ("mlp biases", spec.mlp_bias), (f"q/k norm {spec.qk_norm}", spec.qk_norm),
+                                    ("sliding window", spec.sliding_window is not None)) if on]
+    what = spec.architecture + (f" with {', '.join(extras)}" if extras else "")
+    raise InputError(f"{what}: Meta's pth format holds LLaMA only (no Meta release of this family exists); "
+                     "convert to HF or Megatron instead")
 
 
 def check_shards(spec: ModelSpec, shards: int, embed_split: Split) -> None:

@@ -19,8 +19,10 @@ from megallama.errors import InputError
 from megallama.engine.model import TORCH_DTYPES
 from megallama.spec import ModelSpec, check_parallel
 
-SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size")
-NUMERIC_FIELDS = ("norm_eps", "rope_theta", "rope_scaling", "tie_embeddings")
+SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+                "head_dim", "qkv_bias", "o_bias", "mlp_bias", "qk_norm")
+NUMERIC_FIELDS = ("norm_eps", "rope_theta", "rope_scaling", "tie_embeddings", "sliding_window",
+                  "sliding_window_layers")
 MAX_CPU_RANKS = 64  # gloo on one host: beyond this a launch is thrashing, not verifying
 
 # Fixed English text for when --data is absent: ordinary prose, so the loss means something on a real model.
@@ -238,14 +240,20 @@ def _keep(captures: dict, name: str):
 
 
 def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str) -> dict[str, torch.Tensor]:
-    """transformers' LlamaForCausalLM with forward hooks on every compared module."""
-    from transformers import LlamaForCausalLM
+    """transformers' class of the model's family (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+    Qwen3ForCausalLM) with forward hooks on every compared module."""
+    import transformers
     from transformers.utils import logging as hf_logging
+
+    from megallama.formats.hf import read_json
+
+    spec = ModelSpec.from_hf_config(read_json(Path(path) / "config.json", "expected an HF folder"))
+    model_class = getattr(transformers, spec.architecture)
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the CLI owns the terminal
     try:
-        model = LlamaForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype], attn_implementation="eager")
+        model = model_class.from_pretrained(path, dtype=TORCH_DTYPES[dtype], attn_implementation="eager")
     finally:
         if bar:
             hf_logging.enable_progress_bar()

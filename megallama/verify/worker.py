@@ -38,6 +38,8 @@ def add_hooks(model, captures: dict) -> list:
     def keep(name: str):
         def hook(module, args, output):
             out = output[0] if isinstance(output, tuple) else output  # linears/attention/layers return (out, bias)
+            if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+                out = out + output[1]  # the o_proj / down_proj bias, which mcore adds in bias-dropout-add
             captures[name] = to_bsh(out)
 
         return hook

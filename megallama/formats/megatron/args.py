@@ -76,7 +76,8 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, padded_vocab_size: int, 
         use_rope_scaling=spec.rope_scaling is not None,
         rope_scaling_factor=float(spec.rope_scaling["factor"]) if spec.rope_scaling else 8.0,
         normalization="RMSNorm", layernorm_epsilon=spec.norm_eps, norm_epsilon=spec.norm_eps, swiglu=True,
-        squared_relu=False, add_bias_linear=False, add_qkv_bias=False,
+        squared_relu=False, add_bias_linear=spec.o_bias, add_qkv_bias=spec.qkv_bias and not spec.o_bias,
+        qk_layernorm=spec.qk_norm == "rms", window_size=window_size(spec), window_attn_skip_freq=window_layers(spec),
         untie_embeddings_and_output_weights=not spec.tie_embeddings,
         apply_layernorm_1p=False, apply_query_key_layer_scaling=False, attention_dropout=0.0, hidden_dropout=0.0,
         num_experts=None, spec=None, hybrid_override_pattern=None, hybrid_attention_ratio=0.0, hybrid_mlp_ratio=0.0,
@@ -94,6 +95,35 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, padded_vocab_size: int, 
     return args
 
 
+def window_size(spec: ModelSpec) -> tuple[int, int] | None:
+    """megatron-core's (left, right) window of HF's sliding_window W: query i sees keys i - (W - 1) ... i."""
+    return None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
+
+
+def window_layers(spec: ModelSpec) -> list[int] | None:
+    """`--window-attn-skip-freq` as a per-layer pattern (1 = windowed), None when every layer is windowed."""
+    if spec.sliding_window is None or spec.sliding_window_layers is None:
+        return None
+    return [int(spec.windowed(i)) for i in range(spec.num_layers)]
+
+
+def family_flags(a: argparse.Namespace) -> list[str]:
+    """The launch flags of the families' extras (docs/models.md): head_dim, biases, q/k norm, sliding window."""
+    flags = [] if a.kv_channels == a.hidden_size // a.num_attention_heads else [f"--kv-channels {a.kv_channels}"]
+    if not getattr(a, "add_bias_linear", False):  # biased linears (q/k/v included) are Megatron-LM's default
+        flags.append("--disable-bias-linear")
+        if getattr(a, "add_qkv_bias", False):
+            flags.append("--add-qkv-bias")
+    if getattr(a, "qk_layernorm", False):
+        flags.append("--qk-layernorm")
+    if getattr(a, "window_size", None):
+        left, right = a.window_size
+        flags.append(f"--window-size {left},{right}")
+        if getattr(a, "window_attn_skip_freq", None) is not None:
+            flags.append(f"--window-attn-skip-freq {shlex.quote(str(list(a.window_attn_skip_freq)))}")
+    return flags
+
+
 def launch_flags(args: argparse.Namespace, *, load_dir: Path | None = None) -> list[str]:
     """Megatron-LM flags matching a checkpoint's args (formats.md 4.4); one flag (with its value) per item."""
     a = args
@@ -106,7 +136,7 @@ def launch_flags(args: argparse.Namespace, *, load_dir: Path | None = None) -> l
     if a.group_query_attention:
         flags += ["--group-query-attention", f"--num-query-groups {a.num_query_groups}"]
     flags += [f"--seq-length {a.seq_length}", f"--max-position-embeddings {a.max_position_embeddings}",
-              "--normalization RMSNorm", f"--norm-epsilon {a.norm_epsilon}", "--swiglu", "--disable-bias-linear",
+              "--normalization RMSNorm", f"--norm-epsilon {a.norm_epsilon}", "--swiglu", *family_flags(a),
               "--position-embedding-type rope", f"--rotary-base {a.rotary_base}", "--rotary-percent 1.0"]
     if a.rotary_interleaved:
         flags.append("--rotary-interleaved")
@@ -150,10 +180,10 @@ def spec_from_args(args, *, padded_vocab_size: int, dtype: str, notes: list[str]
     if args is None:
         raise InputError("checkpoint has neither megallama.json nor an args namespace: cannot tell its architecture")
     a = vars(args)
-    wrong = {k: a.get(k) for k, want in (("normalization", "RMSNorm"), ("swiglu", True), ("add_bias_linear", False),
+    wrong = {k: a.get(k) for k, want in (("normalization", "RMSNorm"), ("swiglu", True),
                                          ("position_embedding_type", "rope")) if a.get(k, want) != want}
     if wrong:
-        raise InputError(f"checkpoint args {wrong} do not describe a LLaMA model (RMSNorm, SwiGLU, no bias, rope)")
+        raise InputError(f"checkpoint args {wrong} do not describe a LLaMA-shaped model (RMSNorm, SwiGLU, rope)")
     vocab = a.get("vocab_size") or a.get("orig_vocab_size") or fallback_vocab
     if not vocab:
         vocab = padded_vocab_size
@@ -170,7 +200,31 @@ def spec_from_args(args, *, padded_vocab_size: int, dtype: str, notes: list[str]
         rope_theta=float(a.get("rotary_base", 10000)), rope_scaling=scaling,
         tie_embeddings=not a.get("untie_embeddings_and_output_weights", False), dtype=dtype,
         max_position_embeddings=int(a.get("max_position_embeddings") or a.get("seq_length") or 4096),
+        **family_from_args(a, heads),
     )
+
+
+def family_from_args(a: dict, heads: int) -> dict:
+    """The ModelSpec extras (docs/models.md) a Megatron-LM args namespace records; the HF architecture is a guess
+    from them (megallama.json records the real one)."""
+    bias_all, qk_norm = bool(a.get("add_bias_linear")), bool(a.get("qk_layernorm"))
+    out = {"qkv_bias": bias_all or bool(a.get("add_qkv_bias")), "o_bias": bias_all, "mlp_bias": bias_all,
+           "qk_norm": "rms" if qk_norm else None}
+    kv = a.get("kv_channels")
+    if kv and kv * heads != a["hidden_size"]:
+        out["explicit_head_dim"] = int(kv)
+    window = a.get("window_size")
+    if window:
+        out["sliding_window"] = int(window[0]) + 1
+        pattern = a.get("window_attn_skip_freq")
+        if pattern is not None:
+            n = a["num_layers"]
+            on = [bool(pattern[i]) for i in range(n)] if isinstance(pattern, list | tuple) else \
+                [(i + 1) % int(pattern) != 0 for i in range(n)]
+            out["sliding_window_layers"] = tuple(i for i in range(n) if on[i])
+    out["architecture"] = ("Qwen3ForCausalLM" if qk_norm else "Qwen2ForCausalLM" if out["qkv_bias"] and not bias_all
+                           else "MistralForCausalLM" if window else "LlamaForCausalLM")
+    return out
 
 
 def spec_from_config_file(root: Path, dtype: str, config: Path | None = None) -> ModelSpec | None:

@@ -13,6 +13,7 @@ layer) and a `Kind`; each kind is a pair of pure functions, `to_rank` (canonical
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from megallama import transforms as T
-from megallama.names import EMBED
+from megallama.names import EMBED, has_feature
 from megallama.spec import ModelSpec
 
 
@@ -45,9 +46,11 @@ class Rule:
     sources: tuple[str, ...]  # canonical (HF) names; "{i}" = global layer index
     kind: Kind
     extra_state: bool = False  # the module's state_dict() also has `<module>._extra_state`
+    when: str | None = None  # present only for specs with this feature (names.has_feature: biases, q/k norms)
 
     def bind(self, i: int | None = None, j: int | None = None) -> Rule:
-        return Rule(self.target.format(j=j), tuple(s.format(i=i) for s in self.sources), self.kind, self.extra_state)
+        return Rule(self.target.format(j=j), tuple(s.format(i=i) for s in self.sources), self.kind, self.extra_state,
+                    self.when)
 
     @property
     def extra_state_key(self) -> str:
@@ -98,8 +101,9 @@ def stage_rules(layout: Layout, spec: ModelSpec, *, pp_rank: int, pp: int) -> li
     rules: list[tuple[Rule, int | None]] = []
     if pp_rank == 0:
         rules.append((layout.embedding, None))
+    present = extra_state_last([r for r in layout.layer_rules if has_feature(spec, r.when)])
     for j, i in enumerate(layers):
-        rules += [(r.bind(i=i, j=j), i) for r in layout.layer_rules]
+        rules += [(r.bind(i=i, j=j), i) for r in present]
     if pp_rank == pp - 1:
         rules.append((layout.final_norm, None))
         out = layout.output
@@ -110,6 +114,17 @@ def stage_rules(layout: Layout, spec: ModelSpec, *, pp_rank: int, pp: int) -> li
         elif out.extra_state:
             rules.append((Rule(out.target, (), Kind.VOCAB, extra_state=True), None))
     return rules
+
+
+def extra_state_last(rules: list[Rule]) -> list[Rule]:
+    """A module's `_extra_state` follows its last tensor (a bias after its weight), as in `state_dict()` order."""
+    def module(r: Rule) -> str:
+        return r.target.rsplit(".", 1)[0]
+
+    last = {module(r): n for n, r in enumerate(rules)}
+    flagged = {module(r) for r in rules if r.extra_state}
+    return [dataclasses.replace(r, extra_state=module(r) in flagged and last[module(r)] == n)
+            for n, r in enumerate(rules)]
 
 
 # ---------------------------------------------------------------- canonical -> one TP rank
@@ -178,8 +193,9 @@ def rank_shape(kind: Kind, spec: ModelSpec, source_shape: tuple[int, ...], *, tp
         return (source_shape[0], source_shape[1] // tp)
     if kind is Kind.VOCAB:
         return (padded_vocab_size // tp, spec.hidden_size)
+    # weights [rows, h]; their biases [rows] (source_shape[1:] is then empty)
     if kind is Kind.GATE_UP:
-        return (2 * spec.ffn_hidden_size // tp, spec.hidden_size)
+        return (2 * spec.ffn_hidden_size // tp, *source_shape[1:])
     if kind in (Kind.QKV, Kind.QKV_BLOCKS):
-        return ((spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim // tp, spec.hidden_size)
+        return ((spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim // tp, *source_shape[1:])
     raise AssertionError(kind)

@@ -13,22 +13,31 @@ from megallama.formats.megatron.local import EMBEDDING_RULE, OUTPUT_RULE
 from megallama.formats.megatron.rules import Kind, Layout, Rule
 from megallama.names import FINAL_NORM
 
+A, M = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+# The families' rows (`when`) as in local.py; TE's fused linears keep `bias` beside `weight`, and its q/k norms
+# (TENorm) save `_extra_state` like the final norm.
 LAYER_RULES = (
     Rule("decoder.layers.{j}.self_attention.core_attention.weight", (), Kind.REPLICATED, extra_state=True),
-    Rule("decoder.layers.{j}.self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",),
-         Kind.ROW, extra_state=True),
+    Rule("decoder.layers.{j}.self_attention.linear_proj.weight", (A + "o_proj.weight",), Kind.ROW, extra_state=True),
+    Rule("decoder.layers.{j}.self_attention.linear_proj.bias", (A + "o_proj.bias",), Kind.REPLICATED, when="o_bias"),
     Rule("decoder.layers.{j}.self_attention.linear_qkv.layer_norm_weight",
          ("model.layers.{i}.input_layernorm.weight",), Kind.REPLICATED),
     Rule("decoder.layers.{j}.self_attention.linear_qkv.weight",
-         ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
-          "model.layers.{i}.self_attn.v_proj.weight"), Kind.QKV, extra_state=True),
+         (A + "q_proj.weight", A + "k_proj.weight", A + "v_proj.weight"), Kind.QKV, extra_state=True),
+    Rule("decoder.layers.{j}.self_attention.linear_qkv.bias", (A + "q_proj.bias", A + "k_proj.bias", A + "v_proj.bias"),
+         Kind.QKV, when="qkv_bias"),
+    Rule("decoder.layers.{j}.self_attention.q_layernorm.weight", (A + "q_norm.weight",), Kind.REPLICATED,
+         extra_state=True, when="qk_norm_weights"),
+    Rule("decoder.layers.{j}.self_attention.k_layernorm.weight", (A + "k_norm.weight",), Kind.REPLICATED,
+         extra_state=True, when="qk_norm_weights"),
     Rule("decoder.layers.{j}.mlp.linear_fc1.layer_norm_weight",
          ("model.layers.{i}.post_attention_layernorm.weight",), Kind.REPLICATED),
-    Rule("decoder.layers.{j}.mlp.linear_fc1.weight",
-         ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), Kind.GATE_UP,
+    Rule("decoder.layers.{j}.mlp.linear_fc1.weight", (M + "gate_proj.weight", M + "up_proj.weight"), Kind.GATE_UP,
          extra_state=True),
-    Rule("decoder.layers.{j}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), Kind.ROW,
-         extra_state=True),
+    Rule("decoder.layers.{j}.mlp.linear_fc1.bias", (M + "gate_proj.bias", M + "up_proj.bias"), Kind.GATE_UP,
+         when="mlp_bias"),
+    Rule("decoder.layers.{j}.mlp.linear_fc2.weight", (M + "down_proj.weight",), Kind.ROW, extra_state=True),
+    Rule("decoder.layers.{j}.mlp.linear_fc2.bias", (M + "down_proj.bias",), Kind.REPLICATED, when="mlp_bias"),
 )
 
 TE = Layout(

@@ -14,6 +14,7 @@ next. Memory stays near one whole tensor plus its rank pieces, whatever the mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import pickle
 import re
@@ -319,13 +320,28 @@ def canonical_from_ranks(states: list[list[dict]], spec: ModelSpec, layout: Layo
     return {name: reader.get(name) for name in reader.names()}
 
 
+@contextlib.contextmanager
+def only_safe_globals(allowed: list) -> Iterator[None]:
+    """Exactly `allowed` during the block, and afterwards exactly what was registered before. torch's own
+    `safe_globals` context adds to what is registered (megatron-core's `register_safe_globals` at import) and on
+    exit removes its list, megatron-core's classes included, which broke a later torch_dist load in the process."""
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(allowed)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 def load_rank_file(path: Path) -> dict:
     """torch.load a rank file lazily (mmap) and safely (weights_only), one clear line if it is unreadable."""
     allowed = list(_SAFE_GLOBALS)
     try:
         for _ in range(_MAX_FOREIGN):
             try:
-                with torch.serialization.safe_globals(allowed):
+                with only_safe_globals(allowed):
                     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except pickle.UnpicklingError as e:
                 foreign = _megatron_global(e)
