@@ -90,6 +90,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
             report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
                             divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst,
                             ckpt_format=ckpt_format, transformer_impl=transformer_impl)
+            report.notes += getattr(reader, "notes", None) or []  # e.g. Llama 4: the vision tower dropped
         finally:
             reader.close()
     report.output = dst

@@ -77,6 +77,21 @@ class ModelSpec:
     max_position_embeddings: int = 4096  # HF max_position_embeddings / Meta max_seq_len (runtime)
     bos_token_id: int | None = 1  # HF bos_token_id
     eos_token_id: int | list | None = 2  # HF eos_token_id
+    # ---- families (#19) and Llama 4 (#18); every default describes a dense LLaMA
+    explicit_head_dim: int | None = None  # HF head_dim when it is not hidden_size / num_heads
+    qk_norm: str | None = None  # "rms" (weighted) | "l2" (weightless, Llama 4 HF use_qk_norm) | None
+    architecture: str = "LlamaForCausalLM"  # HF architectures[0], written back
+    num_experts: int = 0  # HF num_local_experts (0: a dense model)
+    moe_layers: tuple[int, ...] = ()  # HF moe_layers (from interleave_moe_layer_step): 0-based MoE layers
+    moe_ffn_hidden_size: int | None = None  # HF intermediate_size of a Llama 4 expert (dense layers: ffn_hidden_size)
+    shared_expert_ffn_hidden_size: int | None = None  # Llama 4: the shared expert, HF intermediate_size too
+    moe_top_k: int = 1  # HF num_experts_per_tok
+    nope_layers: tuple[int, ...] = ()  # HF no_rope_layers == 0: 0-based layers without rotary (and qk norm)
+    attention_chunk_size: int | None = None  # HF attention_chunk_size: chunked local attention on rope layers
+    attn_temperature_tuning: bool = False  # HF attn_temperature_tuning (NoPE layers only)
+    floor_scale: int = 8192  # HF floor_scale
+    attn_scale: float = 0.1  # HF attn_scale
+    router_aux_loss_coef: float = 0.0  # HF router_aux_loss_coef (kept for the config; sft's own default is 0)
 
     def __post_init__(self) -> None:
         sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads,
@@ -86,12 +101,12 @@ class ModelSpec:
         if bad:
             raise InputError(f"model sizes must be positive integers: {', '.join(bad)}")
         problems = []
-        if self.hidden_size % self.num_heads:
+        if self.explicit_head_dim is None and self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
-        elif (self.hidden_size // self.num_heads) % 2:
-            problems.append(f"head_dim {self.hidden_size // self.num_heads} must be even for rotary embeddings")
+        elif self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.vocab_size <= 0:
             problems.append(f"vocab_size {self.vocab_size} must be positive (pass a tokenizer for vocab_size -1)")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "llama3":
@@ -102,7 +117,17 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i in self.moe_layers
+
+    def uses_rope(self, i: int) -> bool:
+        return i not in self.nope_layers
 
     @property
     def q_per_kv(self) -> int:
@@ -113,9 +138,16 @@ class ModelSpec:
 
     def num_parameters(self) -> int:
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
-        kv = self.num_kv_heads * self.head_dim
-        per_layer = h * h * 2 + 2 * h * kv + 3 * h * f + 2 * h
-        return self.num_layers * per_layer + v * h * (1 if self.tie_embeddings else 2) + h
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = 2 * h * q + 2 * h * kv + 2 * h
+        total = 0
+        for i in range(self.num_layers):
+            if self.is_moe_layer(i):
+                fe, fs = self.moe_ffn_hidden_size or f, self.shared_expert_ffn_hidden_size or 0
+                total += attn + self.num_experts * (3 * h * fe + h) + 3 * h * fs
+            else:
+                total += attn + 3 * h * f
+        return total + v * h * (1 if self.tie_embeddings else 2) + h
 
     # ---------------------------------------------------------------- HF config.json
     @classmethod
@@ -127,6 +159,10 @@ class ModelSpec:
         """Read a transformers 4.x (`rope_theta`, `rope_scaling`, `torch_dtype`) or 5.x (`rope_parameters`,
         `dtype`) LlamaForCausalLM config."""
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if cfg.get("model_type") in LLAMA4_MODEL_TYPES or any(a.startswith("Llama4") for a in archs):
+            from megallama.llama4 import spec_from_llama4_config
+
+            return spec_from_llama4_config(cls, cfg)
         if cfg.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
             raise InputError(f"config.json describes {archs} / model_type {cfg.get('model_type')!r}; "
                              "only LlamaForCausalLM is supported")
@@ -166,6 +202,10 @@ class ModelSpec:
 
     def to_hf_config(self) -> dict:
         """A config.json that transformers 4.x and 5.x both load (both rope spellings are written)."""
+        if self.architecture.startswith("Llama4"):
+            from megallama.llama4 import llama4_text_config
+
+            return llama4_text_config(self)
         rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope_parameters = {**self.rope_scaling, "rope_theta": self.rope_theta}
@@ -287,7 +327,12 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        data = {k: (tuple(v) if k in TUPLE_FIELDS and v is not None else v) for k, v in data.items() if k in fields}
+        return cls(**data)
+
+
+TUPLE_FIELDS = ("moe_layers", "nope_layers")  # JSON lists in megallama.json, tuples in the frozen spec
+LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")
 
 
 # Numeric keys of each config file: checked by name first, so a string or list gets a message naming its key.
@@ -345,19 +390,26 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def check_parallel(spec: ModelSpec, *, tp: int, pp: int) -> None:
-    """Refuse TP/PP sizes the model cannot be split into (formats.md P21, 3.9)."""
+def check_parallel(spec: ModelSpec, *, tp: int, pp: int, ep: int = 1) -> None:
+    """Refuse TP/PP/EP sizes the model cannot be split into (formats.md P21, 3.9)."""
     problems = []
-    if tp < 1 or pp < 1:
-        problems.append(f"TP and PP must be >= 1 (got TP={tp}, PP={pp})")
+    if tp < 1 or pp < 1 or ep < 1:
+        problems.append(f"TP, PP and EP must be >= 1 (got TP={tp}, PP={pp}, EP={ep})")
+    elif ep > 1 and not spec.is_moe:
+        problems.append(f"--ep {ep}: expert parallelism needs a mixture-of-experts model; this one is dense")
+    elif spec.is_moe and spec.num_experts % ep:
+        problems.append(f"EP={ep} does not divide the {spec.num_experts} experts (choose an EP that divides "
+                        f"{spec.num_experts})")
     else:
         if spec.num_heads % tp:
             problems.append(f"TP={tp} does not divide the {spec.num_heads} attention heads")
         if spec.num_kv_heads % tp:
             problems.append(f"TP={tp} does not divide the {spec.num_kv_heads} KV heads "
                             f"(choose a TP that divides {spec.num_kv_heads})")
-        if spec.ffn_hidden_size % tp:
-            problems.append(f"TP={tp} does not divide the FFN size {spec.ffn_hidden_size}")
+        for what, size in (("FFN size", spec.ffn_hidden_size), ("expert FFN size", spec.moe_ffn_hidden_size),
+                           ("shared-expert FFN size", spec.shared_expert_ffn_hidden_size)):
+            if size and size % tp:
+                problems.append(f"TP={tp} does not divide the {what} {size}")
         if spec.num_layers % pp:
             problems.append(f"PP={pp} does not divide the {spec.num_layers} layers")
     if problems:
