@@ -84,7 +84,8 @@ def moe_layer_shapes(spec: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
            p + "self_attn.o_proj.weight": (h, q), p + "post_attention_layernorm.weight": (h,),
            ROUTER.format(i=i): (spec.num_experts, h)}
     for e in range(spec.num_experts):
-        out.update({EXPERT.format(i=i, e=e, proj="gate_proj"): (fe, h), EXPERT.format(i=i, e=e, proj="up_proj"): (fe, h),
+        out.update({EXPERT.format(i=i, e=e, proj="gate_proj"): (fe, h),
+                    EXPERT.format(i=i, e=e, proj="up_proj"): (fe, h),
                     EXPERT.format(i=i, e=e, proj="down_proj"): (h, fe)})
     if fs:
         out.update({SHARED_EXPERT.format(i=i, proj="gate_proj"): (fs, h),

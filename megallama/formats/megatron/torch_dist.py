@@ -76,6 +76,7 @@ from megallama.formats.megatron.local import (
     stage_rules,
     to_rank,
 )
+from megallama.formats.megatron.moe import moe_args
 from megallama.formats.megatron.torch_format import (
     ARGS_FILE,
     CHECKPOINT_VERSION,
@@ -88,7 +89,6 @@ from megallama.formats.megatron.torch_format import (
     load_rank_file,
     write_tracker,
 )
-from megallama.formats.megatron.moe import moe_args
 from megallama.names import expected_shapes
 from megallama.spec import ModelSpec, check_parallel, normalize_dtype, padded_vocab_size
 
