@@ -56,6 +56,9 @@ def transformer_config(spec: ModelSpec, *, dtype: str = "float32", sequence_para
         use_cpu_initialization=not torch.cuda.is_available(),
         rotary_interleaved=False,  # checkpoints hold q/k in HF half-split order (formats.md 2.2)
     )
+    from megallama.engine.llama4 import moe_config
+
+    kwargs.update(moe_config(spec, **overrides.pop("moe", {})))  # Llama 4: experts, router, NoPE pattern
     if recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
@@ -197,15 +200,23 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
 
     from megallama.engine.runtime import device
 
-    check_rope_supported(spec)
+    from megallama.engine import llama4
+
+    if not spec.architecture.startswith("Llama4"):  # Llama 4: the spec's frequencies are set below
+        check_rope_supported(spec)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     config = transformer_config(spec, dtype=dtype, **config_overrides)
+    if llama4.needs_layer_specs(spec):  # layers differ (MoE / dense, rope / NoPE): one spec per layer
+        norm = SequenceParallelRMSNorm if config.sequence_parallel else None
+        layer_spec = llama4.block_spec(config, spec, attention, norm=norm)
+    else:
+        layer_spec = gpt_layer_spec(config, attention)
     model = llama_gpt_model_class()(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(config, attention),
+        transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size,
         max_sequence_length=max_seq_length or spec.max_position_embeddings,
         pre_process=pre_process,
@@ -218,5 +229,7 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
         rope_scaling=spec.rope_scaling is not None,
         rope_scaling_factor=float(spec.rope_scaling["factor"]) if spec.rope_scaling else 8.0,
     )
+    if spec.architecture.startswith("Llama4"):
+        llama4.set_rope_frequencies(model, spec)
     model.true_vocab_size = spec.vocab_size
     return model.to(device())

@@ -29,6 +29,15 @@ GPTModel, pipeline schedules, DDP and optimizer on CPU with the gloo backend, `a
    process, so a plain in-process queue stands in. Its `torch.cuda.synchronize` and
    `device=torch.cuda.current_device()` calls are already covered by 3 and 1.
 
+8. Mixture of experts (Llama 4; `_bridge_moe`). Of the four CUDA assumptions in megatron-core 0.16.1's MoE, two are
+   covered above: the router moving its weight to `torch.cuda.current_device()` (1) and the alltoall dispatcher's
+   `torch.cuda.Stream()` (3). The other two: `moe_utils.te_general_gemm` is never defined without Transformer
+   Engine (an import-guard slip: the router's gating raises NameError; upstream HEAD sets it to None), so it is set
+   to None; and `maybe_move_tensor_to_cpu` converts only CUDA tensors to numpy, so at EP > 1 the alltoall
+   dispatcher's split sizes stay tensors, which gloo's `all_to_all_single` rejects: the bridge returns the numpy
+   array for CPU tensors too. Experts are the local spec's `SequentialMLP` (grouped GEMM needs TE or CUDA).
+   Upstream: Megatron-LM PR #6270 (open).
+
 Outside megatron-core only code that itself names CUDA (`torch.cuda.*`, `.cuda()`) sees a difference.
 
 Each CPU rank gets cores / local ranks intra-op threads (one each when ranks outnumber cores),
@@ -210,6 +219,25 @@ def apply_cpu_compat() -> None:
     torch.Tensor.type = _cuda_named_type(torch.Tensor.type)
     # (7) torch_dist checkpoint saving
     _bridge_dist_checkpoint_save()
+    # (8) mixture of experts
+    _bridge_moe()
+
+
+def _bridge_moe() -> None:
+    """(8): `te_general_gemm` defined (None) and split sizes as numpy for CPU tensors (EP > 1 over gloo)."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
 def _bridge_dist_checkpoint_save() -> None:
