@@ -53,7 +53,8 @@ def open_reader(path: Path, fmt: str, *, layout: str | None = None):
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int | None = None, pp: int | None = None,
             shards: int = 1, dtype: str | None = None, divisible_by: int = 128, force: bool = False,
             ckpt_format: str = "torch_dist", transformer_impl: str = "local", on_tensor: OnTensor | None = None,
-            on_start: Callable[[int], None] | None = None, layout: str | None = None) -> WriteReport:
+            on_start: Callable[[int], None] | None = None, layout: str | None = None,
+            ep: int | None = None) -> WriteReport:
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
 
     Megatron output is `ckpt_format` "torch_dist" (loads at any TP x PP; `tp`/`pp` only pad the vocab and fill
@@ -80,8 +81,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
         reader = open_reader(src, src_format, layout=layout)
         try:
             check_complete(reader)
-            if dst_format == "megatron":
-                check_parallel(reader.spec, tp=tp or 1, pp=pp or 1)
+            if dst_format == "megatron" or ep:
+                check_parallel(reader.spec, tp=tp or 1, pp=pp or 1, ep=ep or 1)
             bytes_read = sum(p.stat().st_size for p in reader.source_files)
             prefetch_sha256(reader.source_files)  # the manifest's checksums, hashed while the conversion runs
             if on_start is not None:
@@ -89,7 +90,7 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
                 on_start(reader.spec.num_parameters() * out_dtype.itemsize)
             report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
                             divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst,
-                            ckpt_format=ckpt_format, transformer_impl=transformer_impl)
+                            ckpt_format=ckpt_format, transformer_impl=transformer_impl, ep=ep or 1)
             report.notes += getattr(reader, "notes", None) or []  # e.g. Llama 4: the vision tower dropped
         finally:
             reader.close()
@@ -103,7 +104,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
 
 
 def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_by, on_tensor,
-           final_dir: Path, ckpt_format: str = "torch_dist", transformer_impl: str = "local") -> WriteReport:
+           final_dir: Path, ckpt_format: str = "torch_dist", transformer_impl: str = "local",
+           ep: int = 1) -> WriteReport:
     if fmt == "hf":
         from megallama.formats.hf import write_hf
         return write_hf(reader, out_dir, dtype=dtype, on_tensor=on_tensor)
@@ -114,9 +116,9 @@ def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_
         from megallama.formats.megatron.torch_dist import write_torch_dist
         return write_torch_dist(reader, out_dir, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
                                 on_tensor=on_tensor, final_dir=final_dir,
-                                args_overrides={"transformer_impl": transformer_impl})
+                                args_overrides={"transformer_impl": transformer_impl}, ep=ep)
     if fmt == "megatron":
         from megallama.formats.megatron.torch_format import write_megatron
         return write_megatron(reader, out_dir, tp=tp or 1, pp=pp or 1, dtype=dtype, divisible_by=divisible_by,
-                              on_tensor=on_tensor, final_dir=final_dir, transformer_impl=transformer_impl)
+                              on_tensor=on_tensor, final_dir=final_dir, transformer_impl=transformer_impl, ep=ep)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

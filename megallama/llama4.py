@@ -125,3 +125,21 @@ def moe_pattern(spec) -> str:
 def rope_pattern(spec) -> str:
     """One character per layer: R = rotary (chunked, qk-normed), N = NoPE (global, temperature-tuned)."""
     return "".join("R" if spec.uses_rope(i) else "N" for i in range(spec.num_layers))
+
+
+def hf_reference_class(path) -> tuple[type, object] | None:
+    """(transformers class, text-model getter or None) for a Llama 4 HF folder; None for other models."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") == "llama4" or "Llama4ForConditionalGeneration" in archs:
+        from transformers import Llama4ForConditionalGeneration
+
+        return Llama4ForConditionalGeneration, lambda model: model.language_model
+    if cfg.get("model_type") == "llama4_text" or "Llama4ForCausalLM" in archs:
+        from transformers import Llama4ForCausalLM
+
+        return Llama4ForCausalLM, None
+    return None

@@ -261,7 +261,7 @@ def _cuda_named_type(original):
     return tensor_type
 
 
-def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> None:
+def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: int = 1) -> None:
     """Start torch.distributed from torchrun's environment and megatron-core's model-parallel groups.
 
     Works as a single process without torchrun too (world size 1). On CPU: gloo, one thread per rank,
@@ -285,12 +285,14 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: i
     if not dist.is_initialized():
         dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
-    if world % (tp * pp):
+    if world % (tp * pp) or (world // pp) % (tp * ep):
         from megallama.errors import InputError
 
-        raise InputError(f"world size {world} is not a multiple of TP x PP = {tp * pp}")
+        raise InputError(f"world size {world} is not a multiple of TP x PP = {tp * pp} with TP x EP = {tp * ep} "
+                         "dividing the ranks of a stage (experts split over data-parallel ranks)")
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

@@ -229,11 +229,11 @@ def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
     from megallama.engine.launch import stream_torchrun
     from megallama.verify.worker import parse_progress
 
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, int, int], list[int]] = {}
     for n, job in enumerate(jobs):
-        groups.setdefault((job.tp, job.pp), []).append(n)
+        groups.setdefault((job.tp, job.pp, job.ep), []).append(n)
     results: list[dict] = [{} for _ in jobs]
-    for (tp, pp), members in groups.items():
+    for (tp, pp, ep), members in groups.items():
         specs = []
         for n in members:
             job, out = jobs[n], workdir / f"job{n}"
@@ -241,13 +241,13 @@ def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
             torch.save(jobs[n].tokens, out / "tokens.pt")
             specs.append({"spec": job.spec.to_dict(), "tp": tp, "pp": pp, "padded_vocab_size": job.padded_vocab_size,
                           "rotary_interleaved": job.rotary_interleaved, "rank_files": job.rank_files,
-                          "layout": job.layout, "megatron": str(job.megatron),
+                          "layout": job.layout, "megatron": str(job.megatron), "ep": ep,
                           "tokens": str(out / "tokens.pt"), "out": str(out)})
-        job_file = workdir / f"jobs-tp{tp}-pp{pp}.json"
+        job_file = workdir / f"jobs-tp{tp}-pp{pp}-ep{ep}.json"
         job_file.write_text(json.dumps({"dtype": dtype, "jobs": specs}))
         if on_progress is not None:
-            on_progress("workers", 0, tp * pp)
-        returncode, tail = stream_torchrun(["-m", "megallama.verify.worker", str(job_file)], nproc=tp * pp,
+            on_progress("workers", 0, tp * pp * ep)
+        returncode, tail = stream_torchrun(["-m", "megallama.verify.worker", str(job_file)], nproc=tp * pp * ep,
                                            on_line=lambda line: parse_progress(line, on_progress))
         for n in members:
             _raise_worker_error(workdir / f"job{n}")

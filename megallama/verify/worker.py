@@ -174,7 +174,7 @@ def main(argv: list[str]) -> int:
 
     plan = json.loads(Path(argv[0]).read_text())
     jobs, dtype = plan["jobs"], plan["dtype"]
-    init_distributed(tp=jobs[0]["tp"], pp=jobs[0]["pp"], seed=1234)
+    init_distributed(tp=jobs[0]["tp"], pp=jobs[0]["pp"], seed=1234, ep=jobs[0].get("ep", 1))
     progress("workers", dist.get_world_size(), dist.get_world_size())  # every rank has joined the group
     status = 0
     for number, job in enumerate(jobs, 1):
@@ -186,7 +186,7 @@ def main(argv: list[str]) -> int:
             write_error(out, e)
             status = 1
             break
-        if ps.get_tensor_model_parallel_rank() == 0:
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:  # EP: DP ranks agree
             torch.save(captures, out / f"capture-{ps.get_pipeline_model_parallel_rank():03d}.pt")
         dist.barrier()
         progress("forward", number, len(jobs))
