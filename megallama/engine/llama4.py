@@ -52,8 +52,11 @@ def needs_layer_specs(spec: ModelSpec) -> bool:
                 or spec.attn_temperature_tuning)
 
 
-def block_spec(config, spec: ModelSpec, attention: str = "sdpa", norm=None):
-    """TransformerBlockSubmodules for this pipeline stage's layers, each built for its global layer."""
+def block_spec(config, spec: ModelSpec, attention: str = "sdpa", norm=None, *, qk_norm_on_nope: bool = False):
+    """TransformerBlockSubmodules for this pipeline stage's layers, each built for its global layer.
+
+    `qk_norm_on_nope` puts the L2 q/k norm on NoPE layers too (megatron-core's global `qk_l2_norm`): wrong for
+    Llama 4, a negative control for verify."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -74,7 +77,7 @@ def block_spec(config, spec: ModelSpec, attention: str = "sdpa", norm=None):
         rope = spec.uses_rope(i)
         layer = get_gpt_layer_local_spec(num_experts=spec.num_experts if spec.is_moe_layer(i) else None,
                                          moe_grouped_gemm=False, normalization="RMSNorm",
-                                         qk_l2_norm=spec.qk_norm == "l2" and rope)
+                                         qk_l2_norm=spec.qk_norm == "l2" and (rope or qk_norm_on_nope))
         params = {}
         if core is SDPAttention and rope and spec.attention_chunk_size:
             params["chunk_size"] = spec.attention_chunk_size
@@ -82,7 +85,7 @@ def block_spec(config, spec: ModelSpec, attention: str = "sdpa", norm=None):
             params["temperature"] = (spec.floor_scale, spec.attn_scale)
         sub = layer.submodules.self_attention.submodules
         sub = dataclasses.replace(sub, core_attention=ModuleSpec(module=core, params=params) if params else core)
-        if spec.qk_norm != "l2" or not rope:
+        if spec.qk_norm != "l2" or not (rope or qk_norm_on_nope):
             sub = dataclasses.replace(sub, q_layernorm=IdentityOp, k_layernorm=IdentityOp)
         attn = dataclasses.replace(layer.submodules.self_attention, submodules=sub)
         changes = {"self_attention": attn}

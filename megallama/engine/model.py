@@ -208,10 +208,11 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    faults = config_overrides.pop("llama4_faults", {})  # negative controls only (tests): see llama4.block_spec
     config = transformer_config(spec, dtype=dtype, **config_overrides)
     if llama4.needs_layer_specs(spec):  # layers differ (MoE / dense, rope / NoPE): one spec per layer
         norm = SequenceParallelRMSNorm if config.sequence_parallel else None
-        layer_spec = llama4.block_spec(config, spec, attention, norm=norm)
+        layer_spec = llama4.block_spec(config, spec, attention, norm=norm, **faults)
     else:
         layer_spec = gpt_layer_spec(config, attention)
     model = llama_gpt_model_class()(

@@ -70,6 +70,7 @@ class Job:
     notes: list[str] = field(default_factory=list)
     layout: str = "mcore-local"  # other layouts are converted to local-spec rank dicts by the workers
     ep: int = 1  # expert parallelism (MoE): tp * pp * ep processes, the experts split over ep data-parallel ranks
+    engine_overrides: dict = field(default_factory=dict)  # build_gpt_model keywords (tests' negative controls)
 
 
 def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64,
@@ -113,7 +114,7 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
         notes.append(f"checkpoint does not record its true vocab: comparing the reference's {spec.vocab_size} "
                      f"of {padded} logit columns")
     check_same_shapes(ref_spec, spec)
-    ep = int(manifest.get("ep") or 1) if dist_dir is not None else 1
+    ep = int(manifest.get("ep") or 1)
     check_launchable(spec, tp=tp, pp=pp, ep=ep)
     if seq_len > spec.max_position_embeddings:
         raise InputError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "

@@ -242,6 +242,7 @@ def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
             specs.append({"spec": job.spec.to_dict(), "tp": tp, "pp": pp, "padded_vocab_size": job.padded_vocab_size,
                           "rotary_interleaved": job.rotary_interleaved, "rank_files": job.rank_files,
                           "layout": job.layout, "megatron": str(job.megatron), "ep": ep,
+                          "engine_overrides": job.engine_overrides,
                           "tokens": str(out / "tokens.pt"), "out": str(out)})
         job_file = workdir / f"jobs-tp{tp}-pp{pp}-ep{ep}.json"
         job_file.write_text(json.dumps({"dtype": dtype, "jobs": specs}))
@@ -287,12 +288,18 @@ def layer_diff(reference: Path, megatron: Path, *, data: Path | None = None, seq
 
 def layer_diff_many(pairs: Sequence[tuple[Path, Path]], *, data: Path | None = None, seq_len: int = 64,
                     batch: int = 2, dtype: str = "float32", on_stage: OnStage | None = None,
-                    on_progress: OnProgress | None = None) -> list[LayerDiffReport]:
-    """`layer_diff` for several pairs; pairs with the same TP x PP share one torchrun launch (tests, sweeps)."""
+                    on_progress: OnProgress | None = None,
+                    engine_overrides: Sequence[dict | None] | None = None) -> list[LayerDiffReport]:
+    """`layer_diff` for several pairs; pairs with the same TP x PP share one torchrun launch (tests, sweeps).
+
+    `engine_overrides` (one per pair, tests only) are passed to the workers' `build_gpt_model`: the negative
+    controls break the Megatron model on purpose and expect FAIL at the right layer."""
     dtype = normalize_dtype(dtype)
     stage = on_stage or (lambda message: None)
     start = time.perf_counter()
     jobs = [prepare(r, m, data=data, seq_len=seq_len, batch=batch) for r, m in pairs]
+    for job, overrides in zip(jobs, engine_overrides or [None] * len(jobs), strict=True):
+        job.engine_overrides = overrides or {}
     for job in jobs:
         stage(f"Megatron: TP={job.tp} x PP={job.pp} on {job.tp * job.pp} processes, {dtype}, "
               f"tokens [{job.tokens.shape[0]}, {job.tokens.shape[1]}] from {job.token_source}")

@@ -69,10 +69,13 @@ def rank_state(job: dict, spec, *, tp_rank: int, pp_rank: int) -> tuple[dict, Pa
     from megallama.formats.megatron.torch_format import load_rank_file, open_megatron, rank_state_dict
 
     path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
-    if job.get("layout", LOCAL.name) != LOCAL.name:
-        with open_megatron(Path(job["megatron"]), layout=job["layout"]) as reader:
+    if job.get("layout", LOCAL.name) != LOCAL.name or job.get("ep", 1) > 1:  # EP: this expert rank's experts
+        from megatron.core import parallel_state as ps
+
+        with open_megatron(Path(job["megatron"]), layout=job.get("layout")) as reader:
             return rank_state_dict(reader, spec, tp_rank=tp_rank, tp=job["tp"], pp_rank=pp_rank, pp=job["pp"],
-                                   padded_vocab_size=job["padded_vocab_size"]), path
+                                   padded_vocab_size=job["padded_vocab_size"], ep=job.get("ep", 1),
+                                   ep_rank=ps.get_expert_model_parallel_rank()), path
     state = load_rank_file(path).get("model")
     if not isinstance(state, dict):
         raise InputError(f"{path} has no 'model' state dict")
@@ -88,7 +91,8 @@ def load_model(job: dict, dtype: str):
 
     spec = ModelSpec.from_dict(job["spec"])
     model = build_gpt_model(spec, padded_vocab_size=job["padded_vocab_size"], dtype=dtype,
-                            rotary_interleaved=job["rotary_interleaved"]).eval()
+                            rotary_interleaved=job["rotary_interleaved"],
+                            **job.get("engine_overrides", {})).eval()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
     if path.is_dir():  # a torch_dist iteration folder: megatron-core reads this rank's slices, as Megatron-LM does
