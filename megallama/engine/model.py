@@ -198,9 +198,8 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
     """
     from megatron.core import parallel_state
 
-    from megallama.engine.runtime import device
-
     from megallama.engine import llama4
+    from megallama.engine.runtime import device
 
     if not spec.architecture.startswith("Llama4"):  # Llama 4: the spec's frequencies are set below
         check_rope_supported(spec)
