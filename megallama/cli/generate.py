@@ -35,6 +35,8 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option(None, "--dtype", help="Compute dtype: fp32, bf16, fp16 (default: checkpoint's)."),
         tp: int = typer.Option(None, "--tp", help="Run at this TP instead of the checkpoint's own."),
         pp: int = typer.Option(None, "--pp", help="Run at this PP instead of the checkpoint's own."),
+        ep: int = typer.Option(None, "--ep", help="Expert parallelism (Llama 4): run at this EP instead of the "
+                                                  "checkpoint's own (TP x PP x EP processes)."),
     ) -> None:
         """Complete prompts with the real megatron-core GPTModel under torchrun; stops at EOS.
 
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
             raise InputError("give exactly one of --prompt TEXT and --prompts FILE.jsonl")
         items = [Prompt(prompt)] if prompt is not None else read_prompts(prompts)
         settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                            chat=chat, dtype=dtype, tp=tp, pp=pp)
+                            chat=chat, dtype=dtype, tp=tp, pp=pp, ep=ep)
         megatron = resolve_model_path(megatron, revision)
         with step_progress() as on_progress:
             done = run(megatron, items, settings, tokenizer=tokenizer, on_progress=on_progress)

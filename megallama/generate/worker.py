@@ -46,7 +46,8 @@ def load_model(job: dict):
     with open_reader(Path(job["megatron"]), "megatron") as reader:
         spec = reader.spec
         state = rank_state_dict(reader, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                                padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"])
+                                padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"],
+                                ep_rank=ps.get_expert_model_parallel_rank(), ep=job.get("ep", 1))
     model = build_gpt_model(spec, padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"]).eval()
     model.load_state_dict(state, strict=True)
     return model, spec
@@ -138,7 +139,7 @@ def main(argv: list[str]) -> int:
 
     job = json.loads(Path(argv[0]).read_text())
     out = Path(job["out"])
-    init_distributed(tp=job["tp"], pp=job["pp"], seed=int(job["settings"]["seed"]))
+    init_distributed(tp=job["tp"], pp=job["pp"], seed=int(job["settings"]["seed"]), ep=job.get("ep", 1))
     try:
         results = run(job)
         if dist.get_rank() == 0:

@@ -525,6 +525,7 @@ def open_torch_dist(path: Path) -> MegatronReader:
     # torch_dist loads at any TP x PP; commands that run the model default to the split it was saved for
     reader.saved_tp = int(manifest.get("tp") or getattr(args, "tensor_model_parallel_size", 1) or 1)
     reader.saved_pp = int(manifest.get("pp") or getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    reader.saved_ep = int(manifest.get("ep") or getattr(args, "expert_model_parallel_size", 1) or 1)
     return reader
 
 
