@@ -297,6 +297,20 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: i
     model_parallel_cuda_manual_seed(seed)
 
 
+def reinit_model_parallel(*, tp: int, pp: int, ep: int = 1, seed: int = 1234) -> None:
+    """Re-split the running world into another TP x PP (x EP), keeping the process group: one launch can run
+    several checkpoints of different splits (verify's jobs; smaller splits run as data-parallel replicas)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             expert_model_parallel_size=ep)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
 def destroy_distributed() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state

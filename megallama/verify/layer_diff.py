@@ -225,18 +225,23 @@ def compare(ref: dict[str, torch.Tensor], meg: dict[str, torch.Tensor], *, num_l
 # ---------------------------------------------------------------- the two sides
 def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
                  on_progress: OnProgress | None = None) -> list[dict[str, torch.Tensor]]:
-    """Captures of every job's Megatron forward. Jobs with the same TP x PP share one torchrun launch."""
+    """Captures of every job's Megatron forward, in as few torchrun launches as possible: when every job's
+    TP x PP x EP divides the largest, all run in one launch of that size (the worker re-splits the world between
+    jobs; smaller splits run as identical data-parallel replicas), else one launch per world size."""
     from megallama.engine.launch import stream_torchrun
     from megallama.verify.worker import parse_progress
 
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for n, job in enumerate(jobs):
-        groups.setdefault((job.tp, job.pp, job.ep), []).append(n)
+    worlds = [job.tp * job.pp * job.ep for job in jobs]
+    largest = max(worlds)
+    groups: dict[int, list[int]] = {}
+    for n, world in enumerate(worlds):
+        groups.setdefault(largest if largest % world == 0 else world, []).append(n)
     results: list[dict] = [{} for _ in jobs]
-    for (tp, pp, ep), members in groups.items():
+    for world, members in groups.items():
         specs = []
         for n in members:
             job, out = jobs[n], workdir / f"job{n}"
+            tp, pp, ep = job.tp, job.pp, job.ep
             out.mkdir(parents=True)
             torch.save(jobs[n].tokens, out / "tokens.pt")
             specs.append({"spec": job.spec.to_dict(), "tp": tp, "pp": pp, "padded_vocab_size": job.padded_vocab_size,
@@ -244,16 +249,18 @@ def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
                           "layout": job.layout, "megatron": str(job.megatron), "ep": ep,
                           "engine_overrides": job.engine_overrides,
                           "tokens": str(out / "tokens.pt"), "out": str(out)})
-        job_file = workdir / f"jobs-tp{tp}-pp{pp}-ep{ep}.json"
+        job_file = workdir / f"jobs-world{world}.json"
         job_file.write_text(json.dumps({"dtype": dtype, "jobs": specs}))
         if on_progress is not None:
-            on_progress("workers", 0, tp * pp * ep)
-        returncode, tail = stream_torchrun(["-m", "megallama.verify.worker", str(job_file)], nproc=tp * pp * ep,
+            on_progress("workers", 0, world)
+        returncode, tail = stream_torchrun(["-m", "megallama.verify.worker", str(job_file)], nproc=world,
                                            on_line=lambda line: parse_progress(line, on_progress))
         for n in members:
             _raise_worker_error(workdir / f"job{n}")
         if returncode != 0:
-            raise MegallamaError(f"Megatron workers (TP={tp}, PP={pp}) exited with {returncode}: "
+            splits = {(jobs[n].tp, jobs[n].pp) for n in members}
+            label = "TP={}, PP={}".format(*splits.pop()) if len(splits) == 1 else f"{world} processes"
+            raise MegallamaError(f"Megatron workers ({label}) exited with {returncode}: "
                                  + " | ".join(tail[-3:]))
         for n in members:
             for f in sorted((workdir / f"job{n}").glob("capture-*.pt")):

@@ -98,7 +98,10 @@ def load_model(job: dict, dtype: str):
     if path.is_dir():  # a torch_dist iteration folder: megatron-core reads this rank's slices, as Megatron-LM does
         from megatron.core import dist_checkpointing
 
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"]
+        from megatron.core.safe_globals import SAFE_GLOBALS
+
+        with torch.serialization.safe_globals(SAFE_GLOBALS):  # common.pt's args (weights_only, data classes only)
+            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"]
     else:
         state, path = rank_state(job, spec, tp_rank=tp_rank, pp_rank=pp_rank)
     try:
@@ -174,15 +177,19 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megallama.engine.runtime import destroy_distributed, init_distributed
+    from megallama.engine.runtime import destroy_distributed, init_distributed, reinit_model_parallel
 
     plan = json.loads(Path(argv[0]).read_text())
     jobs, dtype = plan["jobs"], plan["dtype"]
-    init_distributed(tp=jobs[0]["tp"], pp=jobs[0]["pp"], seed=1234, ep=jobs[0].get("ep", 1))
+    split = (jobs[0]["tp"], jobs[0]["pp"], jobs[0].get("ep", 1))
+    init_distributed(tp=split[0], pp=split[1], seed=1234, ep=split[2])
     progress("workers", dist.get_world_size(), dist.get_world_size())  # every rank has joined the group
     status = 0
     for number, job in enumerate(jobs, 1):
         out = Path(job["out"])
+        if (job["tp"], job["pp"], job.get("ep", 1)) != split:  # another split in the same launch
+            split = (job["tp"], job["pp"], job.get("ep", 1))
+            reinit_model_parallel(tp=split[0], pp=split[1], ep=split[2], seed=1234)
         try:
             captures = run_job(job, dtype)
         except Exception as e:  # one clear line for the parent; the traceback stays on this rank's stderr
