@@ -86,8 +86,8 @@ def test_megatron_round_trip_is_bit_exact(l4_dir, tmp_path, fmt, tp, pp, ep):
     convert(l4_dir, meg, src_format="hf", dst_format="megatron", tp=tp, pp=pp, ep=ep, ckpt_format=fmt)
     if fmt == "torch":  # Megatron-LM's naming: mp_rank_TT[_PPP][_EEE]
         names = sorted(p.name for p in (meg / "release").iterdir())
-        assert len(names) == tp * pp * ep and names[-1] == "mp_rank_%02d%s_%03d" % (
-            tp - 1, f"_{pp - 1:03d}" if pp > 1 else "", ep - 1)
+        last = f"mp_rank_{tp - 1:02d}" + (f"_{pp - 1:03d}" if pp > 1 else "") + f"_{ep - 1:03d}"
+        assert len(names) == tp * pp * ep and names[-1] == last
     flags = (meg / "megatron_args.txt").read_text()
     assert "--num-experts 4" in flags and f"--expert-model-parallel-size {ep}" in flags
     convert(meg, tmp_path / "back", src_format="megatron", dst_format="hf")

@@ -97,7 +97,6 @@ def load_model(job: dict, dtype: str):
     path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
     if path.is_dir():  # a torch_dist iteration folder: megatron-core reads this rank's slices, as Megatron-LM does
         from megatron.core import dist_checkpointing
-
         from megatron.core.safe_globals import SAFE_GLOBALS
 
         with torch.serialization.safe_globals(SAFE_GLOBALS):  # common.pt's args (weights_only, data classes only)
