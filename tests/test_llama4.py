@@ -205,3 +205,34 @@ def test_greedy_generate_equals_transformers_at_tp_pp_ep(l4_dir, tmp_path):
     n = len(done.completion_ids)
     assert done.completion_ids == expected[:n]  # token for token
     assert n == 12 or (done.stop == "eos" and expected[n] == 2)  # generate stops at EOS, transformers was told not to
+
+
+@pytest.mark.slow
+def test_sft_ep2_equals_ep1_per_step(tmp_path):
+    """Loss and pre-clip grad_norm per step are the same with the experts split over two ranks (alltoall and
+    allgather dispatchers) as with every expert on every rank (DP2 in all three runs)."""
+    from megallama.sft.data import learnable_lines, make_learnable_dataset
+    from megallama.sft.report import read_metrics
+    from megallama.tiny import train_tokenizer
+
+    hf = make_llama4_checkpoint(tmp_path / "hf", tokenizer=False)
+    train_tokenizer(hf, vocab_size=LLAMA4_TEXT["vocab_size"], extra_lines=learnable_lines())
+    convert(hf, tmp_path / "meg", src_format="hf", dst_format="megatron")
+    train = make_learnable_dataset(tmp_path / "train.jsonl", n=64, seed=0)
+    config = __import__("pathlib").Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
+    runs = {}
+    for ep, dispatcher in ((1, "alltoall"), (2, "alltoall"), (2, "allgather")):
+        out = tmp_path / f"ep{ep}-{dispatcher}"
+        result = runner.invoke(app, [
+            "sft", "--config", str(config), f"load={tmp_path / 'meg'}", f"data.train={train}", "data.eval=null",
+            f"output={out}", "train.steps=3", "train.micro_batch_size=2", "train.global_batch_size=4",
+            "train.save_interval=3", "train.eval_interval=100", "parallel.tp=1", "parallel.pp=1", "parallel.dp=2",
+            f"parallel.ep={ep}", f"parallel.moe_dispatcher={dispatcher}", "train.precision=fp32",
+            "data.seq_length=48"])
+        assert result.exit_code == 0, result.output
+        runs[ep, dispatcher] = [(m["loss"], m["grad_norm"]) for m in read_metrics(out) if "loss" in m]
+    base = runs[1, "alltoall"]
+    assert len(base) == 3
+    for key in ((2, "alltoall"), (2, "allgather")):
+        for (loss, norm), (loss1, norm1) in zip(runs[key], base, strict=True):
+            assert loss == pytest.approx(loss1, rel=1e-5) and norm == pytest.approx(norm1, rel=1e-5), key

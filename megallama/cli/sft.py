@@ -48,7 +48,7 @@ def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
                          "`megallama convert pth2megatron` (or point load at an sft output)")
     spec = ModelSpec.from_dict(manifest["spec"])
     p = cfg["parallel"]
-    check_parallel(spec, tp=p["tp"], pp=p["pp"])
+    check_parallel(spec, tp=p["tp"], pp=p["pp"], ep=p.get("ep", 1))
     iteration = read_tracker(root)
     it_dir = iteration_dir(root, iteration)
     if not it_dir.is_dir():
