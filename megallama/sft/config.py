@@ -81,7 +81,8 @@ DEFAULTS: dict = {
 }
 TYPES = {"load": str, "tokenizer": str, "data.train": str, "data.eval": str, "parallel.dp": int,
          "train.epochs": float, "train.loss_scale": float, "output": str, "logging.wandb_project": str,
-         "logging.wandb_run_name": str, "train.moe_z_loss_coeff": float, "train.moe_aux_loss_coeff": float}
+         "logging.wandb_run_name": str, "train.moe_z_loss_coeff": float,
+         "train.moe_aux_loss_coeff": float}
 CHOICES = {
     "data.format": ("alpaca", "messages", "pretokenized"),
     "train.decay_style": ("cosine", "linear", "constant"),
