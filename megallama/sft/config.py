@@ -92,8 +92,9 @@ CHOICES = {
     "checkpoint.format": ("torch_dist", "torch"),
     "parallel.moe_dispatcher": ("alltoall", "allgather"),
 }
-POSITIVE = ("data.seq_length", "parallel.tp", "parallel.pp", "parallel.ep", "train.micro_batch_size", "train.global_batch_size",
-            "train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval")
+POSITIVE = ("data.seq_length", "parallel.tp", "parallel.pp", "parallel.ep", "train.micro_batch_size",
+            "train.global_batch_size", "train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps",
+            "train.save_interval")
 PATH_KEYS = ("load", "tokenizer", "data.train", "data.eval", "output")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
