@@ -55,7 +55,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
             shards: int = 1, dtype: str | None = None, divisible_by: int = 128, force: bool = False,
             ckpt_format: str = "torch_dist", transformer_impl: str = "local", on_tensor: OnTensor | None = None,
             on_start: Callable[[int], None] | None = None, layout: str | None = None,
-            model_config: Path | None = None, checksums: bool = True) -> WriteReport:
+            model_config: Path | None = None, checksums: bool = True,
+            ep: int | None = None) -> WriteReport:
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
 
     Megatron output is `ckpt_format` "torch_dist" (loads at any TP x PP; `tp`/`pp` only pad the vocab and fill
@@ -86,8 +87,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
         reader = open_reader(src, src_format, layout=layout, model_config=model_config)
         try:
             check_complete(reader)
-            if dst_format == "megatron":
-                check_parallel(reader.spec, tp=tp or 1, pp=pp or 1)
+            if dst_format == "megatron" or ep:
+                check_parallel(reader.spec, tp=tp or 1, pp=pp or 1, ep=ep or 1)
                 check_rope_for_megatron(reader.spec)  # the launch flags could only rebuild another model
             bytes_read = sum(p.stat().st_size for p in reader.source_files)
             if checksums:
@@ -97,7 +98,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
                 on_start(reader.spec.num_parameters() * out_dtype.itemsize)
             report = _write(reader, tmp, dst_format, tp=tp, pp=pp, shards=shards, dtype=dtype,
                             divisible_by=divisible_by, on_tensor=on_tensor, final_dir=dst,
-                            ckpt_format=ckpt_format, transformer_impl=transformer_impl)
+                            ckpt_format=ckpt_format, transformer_impl=transformer_impl, ep=ep or 1)
+            report.notes += getattr(reader, "notes", None) or []  # e.g. Llama 4: the vision tower dropped
         finally:
             reader.close()
     report.output = dst
@@ -110,7 +112,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
 
 
 def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_by, on_tensor,
-           final_dir: Path, ckpt_format: str = "torch_dist", transformer_impl: str = "local") -> WriteReport:
+           final_dir: Path, ckpt_format: str = "torch_dist", transformer_impl: str = "local",
+           ep: int = 1) -> WriteReport:
     if fmt == "hf":
         from megallama.formats.hf import write_hf
         return write_hf(reader, out_dir, dtype=dtype, on_tensor=on_tensor)
@@ -121,9 +124,9 @@ def _write(reader, out_dir: Path, fmt: str, *, tp, pp, shards, dtype, divisible_
         from megallama.formats.megatron.torch_dist import write_torch_dist
         return write_torch_dist(reader, out_dir, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by,
                                 on_tensor=on_tensor, final_dir=final_dir,
-                                args_overrides={"transformer_impl": transformer_impl})
+                                args_overrides={"transformer_impl": transformer_impl}, ep=ep)
     if fmt == "megatron":
         from megallama.formats.megatron.torch_format import write_megatron
         return write_megatron(reader, out_dir, tp=tp or 1, pp=pp or 1, dtype=dtype, divisible_by=divisible_by,
-                              on_tensor=on_tensor, final_dir=final_dir, transformer_impl=transformer_impl)
+                              on_tensor=on_tensor, final_dir=final_dir, transformer_impl=transformer_impl, ep=ep)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

@@ -20,6 +20,8 @@ FAMILIES = {  # HF architectures[0] -> model_type
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Llama4ForCausalLM": "llama4_text",  # Llama 4 text (issue 18): read and written by megallama/llama4.py
+    "Llama4ForConditionalGeneration": "llama4",  # its multimodal checkpoint: the text part is converted
 }
 # transformers' config defaults where a family's differ from "absent means off" (configuration_*.py)
 MISTRAL_WINDOW_DEFAULT = 4096  # MistralConfig.sliding_window

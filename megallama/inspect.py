@@ -35,6 +35,10 @@ class Inspection:
     tokenizer_type: str | None = None  # as Megatron-LM's --tokenizer-type would name it
     optimizer_state: bool = False
     notes: list[str] = field(default_factory=list)
+    ep: int | None = None  # megatron, mixture of experts: the expert-parallel split it was saved for
+    experts: str | None = None  # Llama 4: "16 routed (top-1, FFN 8192) + shared (FFN 8192)"
+    moe_layers: str | None = None  # one letter per layer: E = experts, D = dense MLP
+    rope_layers: str | None = None  # one letter per layer: R = rotary (chunked attention), N = NoPE
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,16 +74,26 @@ def _base(path: Path, fmt: str, spec: ModelSpec, tokenizer_files) -> Inspection:
     from megallama.formats.megatron.torch_format import detect_tokenizer
 
     files = [Path(f) for f in tokenizer_files if Path(f).name not in NOT_TOKENIZER]
-    return Inspection(path=str(path), format=fmt, dtype=spec.dtype, spec=spec.to_dict(),
-                      num_parameters=spec.num_parameters(), vocab_size=spec.vocab_size,
-                      tokenizer=[f.name for f in files], tokenizer_type=detect_tokenizer(files, path)[0])
+    report = Inspection(path=str(path), format=fmt, dtype=spec.dtype, spec=spec.to_dict(),
+                        num_parameters=spec.num_parameters(), vocab_size=spec.vocab_size,
+                        tokenizer=[f.name for f in files], tokenizer_type=detect_tokenizer(files, path)[0])
+    if spec.is_moe:
+        from megallama.llama4 import moe_pattern, rope_pattern
+
+        report.experts = (f"{spec.num_experts} routed (top-{spec.moe_top_k}, FFN {spec.moe_ffn_hidden_size})"
+                          + (f" + shared (FFN {spec.shared_expert_ffn_hidden_size})"
+                             if spec.shared_expert_ffn_hidden_size else ""))
+        report.moe_layers, report.rope_layers = moe_pattern(spec), rope_pattern(spec)
+    return report
 
 
 def _hf(path: Path) -> Inspection:
     from megallama.formats.hf import open_hf
 
     with open_hf(path) as r:
-        return _base(path, "hf", r.spec, r.tokenizer_files)
+        report = _base(path, "hf", r.spec, r.tokenizer_files)
+        report.notes = list(getattr(r, "notes", []))  # Llama 4 multimodal: the vision tower is not converted
+        return report
 
 
 def _meta(path: Path) -> Inspection:
@@ -97,6 +111,7 @@ def _megatron(path: Path, layout: str | None) -> Inspection:
     with open_megatron(path, layout=layout) as r:
         report = _base(path, "megatron", r.spec, r.tokenizer_files)
         report.ckpt_format, report.layout, report.tp, report.pp = "torch", r.layout.name, r.tp, r.pp
+        report.ep = r.ep if r.spec.is_moe else None
         report.padded_vocab_size, report.notes = r.padded_vocab_size, list(r.notes)
         first = r.source_files[0]
     it_dir = first.parent.parent
@@ -139,13 +154,20 @@ def _torch_dist(path: Path, it_dir: Path) -> Inspection:
     padded = embed[0][0] if embed else getattr(args, "padded_vocab_size", None)
     dtype = embed[1] if embed else "float32"
     notes: list[str] = []
-    spec = spec_from_args(args, padded_vocab_size=padded or 0, dtype=dtype, notes=notes)
+    from megallama.formats.base import read_manifest
+
+    manifest = read_manifest(path) or {}
+    if manifest.get("format") == "megatron" and manifest.get("spec"):  # megallama's: the exact spec (Llama 4 too)
+        spec = ModelSpec.from_dict({**manifest["spec"], "dtype": dtype})
+    else:
+        spec = spec_from_args(args, padded_vocab_size=padded or 0, dtype=dtype, notes=notes)
     from megallama.formats.base import TOKENIZER_FILES
 
     report = _base(path, "megatron", spec, [path / n for n in TOKENIZER_FILES if (path / n).is_file()])
     report.ckpt_format, report.layout = "torch_dist", "mcore"
     report.tp = getattr(args, "tensor_model_parallel_size", None)
     report.pp = getattr(args, "pipeline_model_parallel_size", None)
+    report.ep = getattr(args, "expert_model_parallel_size", None) if spec.is_moe else None
     report.iteration = "release" if it_dir.name == "release" else common.get("iteration")
     report.padded_vocab_size = padded or padded_vocab_size(spec.vocab_size, report.tp or 1)
     report.optimizer_state = any(k.startswith("optimizer.") for k in tensors)

@@ -56,7 +56,7 @@ def canonical_names(spec: ModelSpec) -> list[str]:
     """Every canonical tensor of `spec`, in model order."""
     names = [EMBED]
     for i in range(spec.num_layers):
-        names += layer_names(i, spec)
+        names += list(moe_layer_shapes(spec, i)) if spec.is_moe_layer(i) else layer_names(i, spec)
     names.append(FINAL_NORM)
     if not spec.tie_embeddings:
         names.append(LM_HEAD)
@@ -86,6 +86,38 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     if not spec.tie_embeddings:
         shapes[LM_HEAD] = (v, h)
     for i in range(spec.num_layers):
+        if spec.is_moe_layer(i):
+            shapes.update(moe_layer_shapes(spec, i))
+            continue
         for name in layer_names(i, spec):
             shapes[name] = per_layer[name.split(".", 3)[3]]
     return shapes
+
+
+# Mixture-of-experts layers (Llama 4): HF Llama4's names, except that the experts, which HF fuses into 3-D
+# `experts.gate_up_proj [E, h, 2F]` / `experts.down_proj [E, F, h]` (input-major), are canonical one nn.Linear per
+# expert and projection (`experts.{e}.gate_proj.weight [F, h]`): the HF reader splits them, the HF writer fuses.
+MOE_PREFIX = "model.layers.{i}.feed_forward."
+ROUTER = MOE_PREFIX + "router.weight"
+EXPERT = MOE_PREFIX + "experts.{e}.{proj}.weight"
+SHARED_EXPERT = MOE_PREFIX + "shared_expert.{proj}.weight"
+
+
+def moe_layer_shapes(spec: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
+    """Canonical names and shapes of MoE layer `i`, in megatron-core's state-dict order."""
+    h, fe, fs = spec.hidden_size, spec.moe_ffn_hidden_size, spec.shared_expert_ffn_hidden_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    p = f"model.layers.{i}."
+    out = {p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (q, h),
+           p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
+           p + "self_attn.o_proj.weight": (h, q), p + "post_attention_layernorm.weight": (h,),
+           ROUTER.format(i=i): (spec.num_experts, h)}
+    for e in range(spec.num_experts):
+        out.update({EXPERT.format(i=i, e=e, proj="gate_proj"): (fe, h),
+                    EXPERT.format(i=i, e=e, proj="up_proj"): (fe, h),
+                    EXPERT.format(i=i, e=e, proj="down_proj"): (h, fe)})
+    if fs:
+        out.update({SHARED_EXPERT.format(i=i, proj="gate_proj"): (fs, h),
+                    SHARED_EXPERT.format(i=i, proj="up_proj"): (fs, h),
+                    SHARED_EXPERT.format(i=i, proj="down_proj"): (h, fs)})
+    return out

@@ -87,6 +87,18 @@ class ModelSpec:
     sliding_window: int | None = None  # HF sliding_window (Mistral; Qwen2/3 with use_sliding_window): keys i-W < j <= i
     sliding_window_layers: tuple[int, ...] | None = None  # 0-based windowed layers; None = all (Qwen2/3 layer_types)
     architecture: str = "LlamaForCausalLM"  # HF architectures[0], written back
+    # ---- Llama 4 (issue 18; docs/llama4.md). Defaults = dense.
+    num_experts: int = 0  # HF num_local_experts (0: a dense model)
+    moe_layers: tuple[int, ...] = ()  # HF moe_layers (from interleave_moe_layer_step): 0-based MoE layers
+    moe_ffn_hidden_size: int | None = None  # HF intermediate_size of a Llama 4 expert (dense layers: ffn_hidden_size)
+    shared_expert_ffn_hidden_size: int | None = None  # Llama 4: the shared expert, HF intermediate_size too
+    moe_top_k: int = 1  # HF num_experts_per_tok
+    nope_layers: tuple[int, ...] = ()  # HF no_rope_layers == 0: 0-based layers without rotary (and qk norm)
+    attention_chunk_size: int | None = None  # HF attention_chunk_size: chunked local attention on rope layers
+    attn_temperature_tuning: bool = False  # HF attn_temperature_tuning (NoPE layers only)
+    floor_scale: int = 8192  # HF floor_scale
+    attn_scale: float = 0.1  # HF attn_scale
+    router_aux_loss_coef: float = 0.0  # HF router_aux_loss_coef (kept for the config; sft's own default is 0)
 
     def __post_init__(self) -> None:
         sizes = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads,
@@ -132,6 +144,15 @@ class ModelSpec:
         return self.sliding_window is not None and (self.sliding_window_layers is None
                                                     or layer in self.sliding_window_layers)
 
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i in self.moe_layers
+
+    def uses_rope(self, i: int) -> bool:
+        return i not in self.nope_layers
+
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
@@ -142,10 +163,16 @@ class ModelSpec:
     def num_parameters(self) -> int:
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        per_layer = h * q * 2 + 2 * h * kv + 3 * h * f + 2 * h
-        per_layer += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + (2 * f + h) * self.mlp_bias
-        per_layer += 2 * self.head_dim * (self.qk_norm == "rms")
-        return self.num_layers * per_layer + v * h * (1 if self.tie_embeddings else 2) + h
+        attn = 2 * h * q + 2 * h * kv + 2 * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
+        attn += 2 * self.head_dim * (self.qk_norm == "rms")
+        total = 0
+        for i in range(self.num_layers):
+            if self.is_moe_layer(i):
+                fe, fs = self.moe_ffn_hidden_size or f, self.shared_expert_ffn_hidden_size or 0
+                total += attn + self.num_experts * (3 * h * fe + h) + 3 * h * fs
+            else:
+                total += attn + 3 * h * f + (2 * f + h) * self.mlp_bias
+        return total + v * h * (1 if self.tie_embeddings else 2) + h
 
     # ---------------------------------------------------------------- HF config.json
     @classmethod
@@ -155,7 +182,12 @@ class ModelSpec:
     @classmethod
     def _from_hf_config(cls, cfg: dict) -> ModelSpec:
         """Read a transformers 4.x (`rope_theta`, `rope_scaling`, `torch_dtype`) or 5.x (`rope_parameters`,
-        `dtype`) config of a LLaMA-shaped family (`families.FAMILIES`)."""
+        `dtype`) config of a LLaMA-shaped family (`families.FAMILIES`) or of Llama 4."""
+        archs = cfg.get("architectures") or []
+        if cfg.get("model_type") in LLAMA4_MODEL_TYPES or any(a.startswith("Llama4") for a in archs):
+            from megallama.llama4 import spec_from_llama4_config
+
+            return spec_from_llama4_config(cls, cfg)
         arch = architecture_of(cfg)
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                "vocab_size") if k not in cfg]
@@ -191,6 +223,10 @@ class ModelSpec:
     def to_hf_config(self) -> dict:
         """A config.json that transformers 4.x and 5.x both load (both rope spellings are written), for the
         spec's own family class (`architecture`)."""
+        if self.architecture.startswith("Llama4"):
+            from megallama.llama4 import llama4_text_config
+
+            return llama4_text_config(self)
         rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope_parameters = {**self.rope_scaling, "rope_theta": self.rope_theta}
@@ -315,7 +351,12 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        data = {k: (tuple(v) if k in TUPLE_FIELDS and v is not None else v) for k, v in data.items() if k in fields}
+        return cls(**data)
+
+
+TUPLE_FIELDS = ("moe_layers", "nope_layers")  # JSON lists in megallama.json, tuples in the frozen spec
+LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")
 
 
 # Numeric keys of each config file: checked by name first, so a string or list gets a message naming its key.
@@ -373,19 +414,26 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def check_parallel(spec: ModelSpec, *, tp: int, pp: int) -> None:
-    """Refuse TP/PP sizes the model cannot be split into (formats.md P21, 3.9)."""
+def check_parallel(spec: ModelSpec, *, tp: int, pp: int, ep: int = 1) -> None:
+    """Refuse TP/PP/EP sizes the model cannot be split into (formats.md P21, 3.9)."""
     problems = []
-    if tp < 1 or pp < 1:
-        problems.append(f"TP and PP must be >= 1 (got TP={tp}, PP={pp})")
+    if tp < 1 or pp < 1 or ep < 1:
+        problems.append(f"TP, PP and EP must be >= 1 (got TP={tp}, PP={pp}, EP={ep})")
+    elif ep > 1 and not spec.is_moe:
+        problems.append(f"--ep {ep}: expert parallelism needs a mixture-of-experts model; this one is dense")
+    elif spec.is_moe and spec.num_experts % ep:
+        problems.append(f"EP={ep} does not divide the {spec.num_experts} experts (choose an EP that divides "
+                        f"{spec.num_experts})")
     else:
         if spec.num_heads % tp:
             problems.append(f"TP={tp} does not divide the {spec.num_heads} attention heads")
         if spec.num_kv_heads % tp:
             problems.append(f"TP={tp} does not divide the {spec.num_kv_heads} KV heads "
                             f"(choose a TP that divides {spec.num_kv_heads})")
-        if spec.ffn_hidden_size % tp:
-            problems.append(f"TP={tp} does not divide the FFN size {spec.ffn_hidden_size}")
+        for what, size in (("FFN size", spec.ffn_hidden_size), ("expert FFN size", spec.moe_ffn_hidden_size),
+                           ("shared-expert FFN size", spec.shared_expert_ffn_hidden_size)):
+            if size and size % tp:
+                problems.append(f"TP={tp} does not divide the {what} {size}")
         if spec.num_layers % pp:
             problems.append(f"PP={pp} does not divide the {spec.num_layers} layers")
     if problems:

@@ -125,3 +125,52 @@ def make_hf_checkpoint(out_dir: Path, preset: str | ModelSpec = "llama2", *, dty
             {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}, indent=2))
     return out_dir
+
+
+# Llama 4 at toy size: experts on layers 1 and 3 (dense 0 and 2, as Maverick interleaves), NoPE on layer 2,
+# explicit head_dim (4 x 24 != 64), Scout's rope scaling, and a chunk size / floor scale shorter than a test
+# sequence so chunked attention and temperature tuning really run.
+LLAMA4_TEXT = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=24, rms_norm_eps=1e-5, num_local_experts=4,
+    num_experts_per_tok=1, interleave_moe_layer_step=2, use_qk_norm=True, no_rope_layers=[1, 1, 0, 1],
+    attention_chunk_size=16, attn_temperature_tuning=True, floor_scale=8, attn_scale=0.1,
+    max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+)
+TINY_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                   image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                   projector_output_dim=64, pixel_shuffle_ratio=0.5)
+
+
+def make_llama4_checkpoint(out_dir: Path, *, multimodal: bool = False, seed: int = 0, tokenizer: bool = True,
+                           dtype: str = "float32", **text_overrides) -> Path:
+    """A random-weight Llama4ForCausalLM (or, `multimodal`, Llama4ForConditionalGeneration with a tiny vision
+    tower) saved with `save_pretrained`, plus a SentencePiece tokenizer.model."""
+    import torch
+    from transformers import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    text = Llama4TextConfig(**{**LLAMA4_TEXT, **text_overrides})
+    if multimodal:
+        model = Llama4ForConditionalGeneration(Llama4Config(text_config=text.to_dict(), vision_config=TINY_VISION))
+    else:
+        model = Llama4ForCausalLM(text)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "experts.gate_up_proj" in name or "experts.down_proj" in name:
+                p.copy_(torch.randn_like(p) / p.shape[-2] ** 0.5)  # input-major [E, in, out]
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer:
+        train_tokenizer(out_dir, vocab_size=text.vocab_size)
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}, indent=2))
+    return out_dir

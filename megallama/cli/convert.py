@@ -31,6 +31,9 @@ Force = Annotated[bool, typer.Option("--force", help="Replace a non-empty output
 Revision = Annotated[str | None, typer.Option("--revision", help=REVISION_HELP)]
 Tp = Annotated[int | None, typer.Option("--tp", "--tensor-size", "--tensor_size", help=TP_HELP)]
 Pp = Annotated[int | None, typer.Option("--pp", "--pipeline-size", "--pipeline_size", help=PP_HELP)]
+EP_HELP = ("Expert-parallel size, mixture-of-experts models only (Llama 4; torch_dist: only fills the launch flags "
+           "and the split verify/generate use; torch: mp_rank_*_EEE files).")
+Ep = Annotated[int | None, typer.Option("--ep", "--expert-parallel-size", help=EP_HELP)]
 CkptFormat = Annotated[str, typer.Option("--ckpt-format", "--ckpt_format", help=CKPT_FORMAT_HELP)]
 DivisibleBy = Annotated[int, typer.Option("--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by",
                                           help=DIVISIBLE_HELP)]
@@ -156,6 +159,7 @@ def hf2megatron(
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
     tp: Tp = None,
     pp: Pp = None,
+    ep: Ep = None,
     ckpt_format: CkptFormat = "torch_dist",
     dtype: Dtype = None,
     divisible_by: DivisibleBy = 128,
@@ -168,7 +172,7 @@ def hf2megatron(
 
     Example: megallama convert hf2megatron --input-dir llama-2-7b-hf --output-dir llama-2-7b-mcore
     """
-    _to_megatron(input_dir, output_dir, src_format="hf", title="hf2megatron", tp=tp, pp=pp,
+    _to_megatron(input_dir, output_dir, src_format="hf", title="hf2megatron", tp=tp, pp=pp, ep=ep,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
                  transformer_impl=transformer_impl, revision=revision, checksums=not no_checksums)
 
@@ -181,6 +185,7 @@ def megatron2megatron(
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Megatron folder to write."),
     tp: Tp = None,
     pp: Pp = None,
+    ep: Ep = None,
     ckpt_format: CkptFormat = "torch_dist",
     dtype: Dtype = None,
     divisible_by: DivisibleBy = 128,
@@ -195,7 +200,7 @@ def megatron2megatron(
 
     Example: megallama convert megatron2megatron --input-dir runs/sft --output-dir sft-tp4 --ckpt-format torch --tp 4
     """
-    _to_megatron(input_dir, output_dir, src_format="megatron", title="megatron2megatron", tp=tp, pp=pp,
+    _to_megatron(input_dir, output_dir, src_format="megatron", title="megatron2megatron", tp=tp, pp=pp, ep=ep,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
                  transformer_impl=transformer_impl, layout=layout, model_config=model_config, revision=revision,
                  checksums=not no_checksums)

@@ -1,4 +1,4 @@
-"""`megallama doctor`: environment report and a TP=2 x PP=2 megatron-core smoke test. Docs: docs/operations.md#doctor."""
+"""`megallama doctor`: environment report and a TP=2 x PP=2 megatron-core smoke test. Docs: docs/operations.md."""
 
 from __future__ import annotations
 

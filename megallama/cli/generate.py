@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         tp: int = typer.Option(None, "--tp", help="Run at this TP instead of the checkpoint's own."),
         pp: int = typer.Option(None, "--pp", help="Run at this PP instead of the checkpoint's own."),
         batch_size: int = typer.Option(16, "--batch-size", help="Prompts decoded together (one KV cache)."),
+        ep: int = typer.Option(None, "--ep", help="Expert parallelism (Llama 4): run at this EP instead of the "
+                                                  "checkpoint's own (TP x PP x EP processes)."),
     ) -> None:
         """Complete prompts with the real megatron-core GPTModel under torchrun; stops at EOS.
 
@@ -59,7 +61,7 @@ def register(app: typer.Typer) -> None:
             check_writable_file(json_out)  # before the model runs, not after
         items = [Prompt(prompt)] if prompt is not None else read_prompts(prompts)
         settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                            chat=chat, dtype=dtype, tp=tp, pp=pp, batch_size=batch_size)
+                            chat=chat, dtype=dtype, tp=tp, pp=pp, batch_size=batch_size, ep=ep)
         megatron = resolve_model_path(megatron, revision)
         with step_progress() as on_progress:
             done = run(megatron, items, settings, tokenizer=tokenizer, on_progress=on_progress)

@@ -48,7 +48,7 @@ def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
                          "`megallama convert pth2megatron` (or point load at an sft output)")
     spec = ModelSpec.from_dict(manifest["spec"])
     p = cfg["parallel"]
-    check_parallel(spec, tp=p["tp"], pp=p["pp"])
+    check_parallel(spec, tp=p["tp"], pp=p["pp"], ep=p.get("ep", 1))
     iteration = read_tracker(root)
     it_dir = iteration_dir(root, iteration)
     if not it_dir.is_dir():
@@ -229,8 +229,8 @@ def register(app: typer.Typer) -> None:
 
         Docs: docs/sft.md
         """
-        from megallama.formats.base import read_manifest
         from megallama.engine.launch import run_torchrun, torchrun_command
+        from megallama.formats.base import read_manifest
         from megallama.sft import config as sft_config
         from megallama.sft.checkpoint import check_resume, find_start
         from megallama.sft.train import DATA_CACHE, save_splits, tokenize_splits

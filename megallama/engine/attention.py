@@ -12,6 +12,16 @@ maths with one fused SDPA call per sequence:
 - sliding-window attention (`config.window_size`, per layer through `window_attn_skip_freq`, as megatron-core's
   `is_layer_window_attention`): Mistral's and Qwen2's windows, exact beyond the window (`window_mask`);
 - no parameters or buffers, so checkpoints keep exactly the local spec's keys.
+
+Llama 4 (per layer, through the layer spec's params; transformers' Llama4TextAttention is the reference):
+
+- `chunk_size` (rope layers): chunked local attention, query i sees key j iff j <= i and i // C == j // C
+  (`create_chunked_causal_mask`); plain causal attention for sequences of at most C tokens;
+- `temperature` = (floor_scale, attn_scale) (NoPE layers): q at position p is multiplied by
+  1 + attn_scale * log1p(floor((p + 1) / floor_scale)) before the scores; 1 for p < floor_scale - 1.
+
+Positions count from the start of each sequence (of each packed segment), as in a transformers forward without a
+cache.
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ class SDPAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
+                 cp_comm_type: str | None = None, pg_collection=None, chunk_size: int | None = None,
+                 temperature: tuple[int, float] | None = None):
         super().__init__(config=config)
+        self.chunk_size, self.temperature = chunk_size, temperature
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         unsupported = {"attention dropout": dropout != 0.0, "context parallelism": config.context_parallel_size != 1,
                        f"softmax_type {config.softmax_type!r}": config.softmax_type != "vanilla",
@@ -54,6 +66,7 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
         s, b = query.shape[:2]
+        query = self._tuned(query)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, hn]
         # megatron-core's mask is True where attention is *blocked*; SDPA's boolean mask is True where allowed.
         # Like the local path, a given mask replaces the causal one.
@@ -61,6 +74,7 @@ class SDPAttention(MegatronModule):
         if self.window is not None:
             window = window_mask(q.shape[2], k.shape[2], self.window, device=q.device)  # [sq, sk]
             mask = window if mask is None else mask & window
+        mask = self._chunked(mask, s, query.device)
         out = self._sdpa(q, k, v, mask=mask)  # [b, np, s, hn]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, np * hn]
 
@@ -75,8 +89,12 @@ class SDPAttention(MegatronModule):
         kv_lengths = (params.cu_seqlens_kv[1:] - params.cu_seqlens_kv[:-1]).tolist()
         outputs = []
         for q, k, v in zip(query.split(q_lengths), key.split(kv_lengths), value.split(kv_lengths), strict=True):
+            q = self._tuned(q.unsqueeze(1)).squeeze(1)  # positions restart in each segment
+            mask = self._chunked(None, q.shape[0], q.device)
             q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, n, len, hn]
-            mask = None if self.window is None else window_mask(q.shape[2], k.shape[2], self.window, device=q.device)
+            if self.window is not None:
+                window = window_mask(q.shape[2], k.shape[2], self.window, device=q.device)
+                mask = window if mask is None else mask & window
             outputs.append(self._sdpa(q, k, v, mask=mask)[0].transpose(0, 1))  # [len, np, hn]
         return torch.cat(outputs).flatten(1)  # [t, np * hn]
 
@@ -84,6 +102,24 @@ class SDPAttention(MegatronModule):
         """[b, np, sq, hn] x [b, ng, sk, hn] -> [b, np, sq, hn]; causal unless a mask is given."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=mask is None,
                                               scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
+
+    def _tuned(self, query: torch.Tensor) -> torch.Tensor:
+        """Llama 4 attention temperature: [s, b, np, hn] scaled per position (NoPE layers); else unchanged."""
+        if self.temperature is None:
+            return query
+        floor_scale, attn_scale = self.temperature
+        pos = torch.arange(query.shape[0], device=query.device, dtype=torch.float32)
+        scale = torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0  # [s]
+        return (query * scale.view(-1, 1, 1, 1)).to(query.dtype)
+
+    def _chunked(self, allowed: torch.Tensor | None, s: int, device) -> torch.Tensor | None:
+        """Llama 4 chunked local attention (rope layers): `allowed` ([.., s, s], True = may attend) restricted to
+        keys of the query's own chunk; None (plain causal) when the sequence fits in one chunk."""
+        if self.chunk_size is None or (s <= self.chunk_size and allowed is None):
+            return allowed
+        i = torch.arange(s, device=device)
+        chunk = (i[:, None] >= i[None, :]) & (i[:, None] // self.chunk_size == i[None, :] // self.chunk_size)
+        return chunk if allowed is None else allowed & chunk
 
 
 def window_mask(sq: int, sk: int, window: tuple[int, int], *, device=None) -> torch.Tensor:

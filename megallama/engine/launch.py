@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 def torchrun_command(target: list[str], *, nproc: int, extra: list[str] | None = None) -> list[str]:
-    """`python -m torch.distributed.run ... <target>`; `target` is e.g. ["-m", "megallama.engine.smoke", "--tp", "2"]."""
+    """`python -m torch.distributed.run ... <target>`; `target` is e.g. ["-m", "megallama.engine.smoke"]."""
     nnodes = int(os.environ.get("NNODES", "1"))
     if nnodes > 1 and not os.environ.get("MASTER_ADDR"):
         from megallama.errors import InputError

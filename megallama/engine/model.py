@@ -55,6 +55,9 @@ def transformer_config(spec: ModelSpec, *, dtype: str = "float32", sequence_para
         rotary_interleaved=False,  # checkpoints hold q/k in HF half-split order (formats.md 2.2)
         **family_config(spec),
     )
+    from megallama.engine.llama4 import moe_config
+
+    kwargs.update(moe_config(spec, **overrides.pop("moe", {})))  # Llama 4: experts, router, NoPE pattern
     if recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
@@ -80,8 +83,8 @@ def family_config(spec: ModelSpec) -> dict:
 
 def check_family_supported(spec: ModelSpec) -> None:
     """Refuse by name what the engine cannot build for this spec (the rest is refused by ModelSpec itself)."""
-    if spec.qk_norm not in (None, "rms"):
-        raise InputError(f"qk_norm {spec.qk_norm!r} is not supported by megallama's engine yet")
+    if spec.qk_norm == "l2" and not spec.architecture.startswith("Llama4"):  # built by engine/llama4.py only
+        raise InputError(f"qk_norm {spec.qk_norm!r} is built for Llama 4 only (per rope layer, engine/llama4.py)")
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
@@ -211,17 +214,25 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
     """
     from megatron.core import parallel_state
 
+    from megallama.engine import llama4
     from megallama.engine.runtime import device
 
-    check_rope_supported(spec)
+    if not spec.architecture.startswith("Llama4"):  # Llama 4: the spec's frequencies are set below
+        check_rope_supported(spec)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    faults = config_overrides.pop("llama4_faults", {})  # negative controls only (tests): see llama4.block_spec
     config = transformer_config(spec, dtype=dtype, **config_overrides)
+    if llama4.needs_layer_specs(spec):  # layers differ (MoE / dense, rope / NoPE): one spec per layer
+        norm = SequenceParallelRMSNorm if config.sequence_parallel else None
+        layer_spec = llama4.block_spec(config, spec, attention, norm=norm, **faults)
+    else:
+        layer_spec = gpt_layer_spec(config, attention)
     model = llama_gpt_model_class()(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(config, attention),
+        transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size,
         max_sequence_length=max_seq_length or spec.max_position_embeddings,
         pre_process=pre_process,
@@ -234,5 +245,7 @@ def build_gpt_model(spec: ModelSpec, *, padded_vocab_size: int, dtype: str = "fl
         rope_scaling=spec.rope_scaling is not None,
         rope_scaling_factor=float(spec.rope_scaling["factor"]) if spec.rope_scaling else 8.0,
     )
+    if spec.architecture.startswith("Llama4"):
+        llama4.set_rope_frequencies(model, spec)
     model.true_vocab_size = spec.vocab_size
     return model.to(device())

@@ -29,6 +29,15 @@ GPTModel, pipeline schedules, DDP and optimizer on CPU with the gloo backend, `a
    process, so a plain in-process queue stands in. Its `torch.cuda.synchronize` and
    `device=torch.cuda.current_device()` calls are already covered by 3 and 1.
 
+8. Mixture of experts (Llama 4; `_bridge_moe`). Of the four CUDA assumptions in megatron-core 0.16.1's MoE, two are
+   covered above: the router moving its weight to `torch.cuda.current_device()` (1) and the alltoall dispatcher's
+   `torch.cuda.Stream()` (3). The other two: `moe_utils.te_general_gemm` is never defined without Transformer
+   Engine (an import-guard slip: the router's gating raises NameError; upstream HEAD sets it to None), so it is set
+   to None; and `maybe_move_tensor_to_cpu` converts only CUDA tensors to numpy, so at EP > 1 the alltoall
+   dispatcher's split sizes stay tensors, which gloo's `all_to_all_single` rejects: the bridge returns the numpy
+   array for CPU tensors too. Experts are the local spec's `SequentialMLP` (grouped GEMM needs TE or CUDA).
+   Upstream: Megatron-LM PR #6270 (open).
+
 Outside megatron-core only code that itself names CUDA (`torch.cuda.*`, `.cuda()`) sees a difference.
 
 Each CPU rank gets cores / local ranks intra-op threads (one each when ranks outnumber cores),
@@ -210,6 +219,25 @@ def apply_cpu_compat() -> None:
     torch.Tensor.type = _cuda_named_type(torch.Tensor.type)
     # (7) torch_dist checkpoint saving
     _bridge_dist_checkpoint_save()
+    # (8) mixture of experts
+    _bridge_moe()
+
+
+def _bridge_moe() -> None:
+    """(8): `te_general_gemm` defined (None) and split sizes as numpy for CPU tensors (EP > 1 over gloo)."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
 def _bridge_dist_checkpoint_save() -> None:
@@ -233,7 +261,7 @@ def _cuda_named_type(original):
     return tensor_type
 
 
-def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> None:
+def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, ep: int = 1) -> None:
     """Start torch.distributed from torchrun's environment and megatron-core's model-parallel groups.
 
     Works as a single process without torchrun too (world size 1). On CPU: gloo, one thread per rank,
@@ -260,12 +288,28 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: i
     if not dist.is_initialized():
         dist.init_process_group(backend=backend(), timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
-    if world % (tp * pp):
+    if world % (tp * pp) or (world // pp) % (tp * ep):
         from megallama.errors import InputError
 
-        raise InputError(f"world size {world} is not a multiple of TP x PP = {tp * pp}")
+        raise InputError(f"world size {world} is not a multiple of TP x PP = {tp * pp} with TP x EP = {tp * ep} "
+                         "dividing the ranks of a stage (experts split over data-parallel ranks)")
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def reinit_model_parallel(*, tp: int, pp: int, ep: int = 1, seed: int = 1234) -> None:
+    """Re-split the running world into another TP x PP (x EP), keeping the process group: one launch can run
+    several checkpoints of different splits (verify's jobs; smaller splits run as data-parallel replicas)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             expert_model_parallel_size=ep)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

@@ -200,7 +200,12 @@ def open_hf(path: Path) -> HFReader:
     """Open an HF LlamaForCausalLM folder lazily (safetensors mmap or torch.load(mmap=True))."""
     path = Path(path)
     cfg = read_json(path / "config.json", "expected an HF LlamaForCausalLM folder (config.json + weights)")
-    return HFReader(path, ModelSpec.from_hf_config(cfg), weight_files(path))
+    spec = ModelSpec.from_hf_config(cfg)
+    if spec.architecture.startswith("Llama4"):
+        from megallama.formats.hf_llama4 import Llama4HFReader
+
+        return Llama4HFReader(path, spec, weight_files(path))
+    return HFReader(path, spec, weight_files(path))
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -294,6 +299,10 @@ def write_hf(reader, out_dir: Path, *, dtype: str | None = None, on_tensor: OnTe
 
     Files are filled in canonical order and written one at a time, so peak memory is about one output file.
     """
+    if reader.spec.architecture.startswith("Llama4"):
+        from megallama.formats.hf_llama4 import write_hf_llama4
+
+        return write_hf_llama4(reader, out_dir, dtype=dtype, on_tensor=on_tensor, max_shard_bytes=max_shard_bytes)
     out_dir = Path(out_dir)
     spec = reader.spec.replace(dtype=dtype or reader.spec.dtype)
     groups = plan_files(spec, max_shard_bytes or MAX_SHARD_BYTES)

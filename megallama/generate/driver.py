@@ -142,6 +142,7 @@ class Settings:
     tp: int | None = None  # default: the checkpoint's own split
     pp: int | None = None
     batch_size: int = 16  # prompts decoded together (left-padded, one KV cache)
+    ep: int | None = None  # expert parallelism (Llama 4): tp * pp * ep processes
 
 
 def check_settings(s: Settings) -> None:
@@ -176,8 +177,9 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     with open_reader(megatron, "megatron") as reader:
         spec = reader.spec
         tp, pp = getattr(reader, "saved_tp", reader.tp), getattr(reader, "saved_pp", reader.pp)  # torch_dist
-    tp, pp = s.tp or tp, s.pp or pp
-    check_launchable(spec, tp=tp, pp=pp)  # TP, PP divide the model; on GPU, TP x PP fits this host's GPUs
+        ep = getattr(reader, "saved_ep", reader.ep)
+    tp, pp, ep = s.tp or tp, s.pp or pp, s.ep or ep
+    check_launchable(spec, tp=tp, pp=pp, ep=ep)  # TP, PP (EP) divide the model; on GPU, the ranks fit the GPUs
     tok = load_tokenizer(tokenizer or megatron)
     ids = [prompt_ids(p, tok, chat=s.chat) for p in prompts]
     for p, row in zip(prompts, ids, strict=True):
@@ -190,7 +192,7 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
             raise InputError(f"prompt {p.text[:40]!r}: {len(row)} tokens + --max-new-tokens {s.max_new_tokens} "
                              f"exceed the model's {spec.max_position_embeddings} positions")
     dtype = normalize_dtype(s.dtype) or spec.dtype
-    job = {"megatron": str(megatron.resolve()), "tp": tp, "pp": pp, "dtype": dtype,
+    job = {"megatron": str(megatron.resolve()), "tp": tp, "pp": pp, "ep": ep, "dtype": dtype,
            "padded_vocab_size": padded_vocab_size(spec.vocab_size, tp), "prompts": ids,
            "eos_id": tok.eos_id, "settings": asdict(s)}
     outputs, timing = run_workers(job, on_progress=on_progress)
@@ -217,9 +219,10 @@ def run_workers(job: dict, *, on_progress: OnProgress | None = None) -> tuple[li
     with tempfile.TemporaryDirectory(prefix="megallama-generate-") as tmp:
         job_file, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps({**job, "out": tmp}))
-        report("workers", 0, job["tp"] * job["pp"])
+        world = job["tp"] * job["pp"] * job.get("ep", 1)
+        report("workers", 0, world)
         returncode, tail = stream_torchrun(["-m", "megallama.generate.worker", str(job_file)],
-                                           nproc=job["tp"] * job["pp"], on_line=on_line)
+                                           nproc=world, on_line=on_line)
         error = Path(tmp) / "error.json"
         if error.is_file():
             e = json.loads(error.read_text())

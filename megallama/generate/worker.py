@@ -43,15 +43,16 @@ def load_model(job: dict):
     from megatron.core import parallel_state as ps
 
     from megallama.convert import open_reader
-    from megallama.formats.megatron.torch_format import rank_state_dict
     from megallama.engine.model import build_gpt_model
+    from megallama.formats.megatron.torch_format import rank_state_dict
 
     tp, pp = job["tp"], job["pp"]
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     with open_reader(Path(job["megatron"]), "megatron") as reader:
         spec = reader.spec
         state = rank_state_dict(reader, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                                padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"])
+                                padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"],
+                                ep_rank=ps.get_expert_model_parallel_rank(), ep=job.get("ep", 1))
     model = build_gpt_model(spec, padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"]).eval()
     model.load_state_dict(state, strict=True)
     return model, spec
@@ -173,8 +174,8 @@ def run(job: dict) -> tuple[list[dict], dict]:
         for at in range(0, len(prompts), batch):
             rows = prompts[at:at + batch]
             done, first = decode_batch(model, spec, rows, s, eos_id=job["eos_id"], generator=generator,
-                                       on_step=lambda step: progress("tokens", at * limit + step * len(rows),
-                                                                     len(prompts) * limit))
+                                       on_step=lambda step, at=at, n=len(rows): progress("tokens", at * limit + step * n,
+                                                                                       len(prompts) * limit))
             firsts.append(first)
             results += done
             progress("tokens", (at + len(rows)) * limit, len(prompts) * limit)
@@ -200,7 +201,7 @@ def main(argv: list[str]) -> int:
 
     job = json.loads(Path(argv[0]).read_text())
     out = Path(job["out"])
-    init_distributed(tp=job["tp"], pp=job["pp"], seed=int(job["settings"]["seed"]))
+    init_distributed(tp=job["tp"], pp=job["pp"], seed=int(job["settings"]["seed"]), ep=job.get("ep", 1))
     try:
         results, timing = run(job)
         if dist.get_rank() == 0:

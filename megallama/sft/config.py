@@ -38,6 +38,8 @@ DEFAULTS: dict = {
         "dp": None,  # null: world size / (tp * pp)
         "sequence_parallel": False,
         "distributed_optimizer": False,
+        "ep": 1,  # expert parallelism (Llama 4): the experts split over EP of the DP ranks; torch_dist checkpoints
+        "moe_dispatcher": "alltoall",  # alltoall | allgather: megatron-core's MoE token dispatcher
     },
     "train": {
         "micro_batch_size": 2,
@@ -59,6 +61,8 @@ DEFAULTS: dict = {
         "recompute": "none",  # none | selective | full
         "attention": "sdpa",  # sdpa | local | te: the core attention (megallama.engine.model.ATTENTIONS)
         "seed": 1234,
+        "moe_aux_loss_coeff": 0.0,  # Llama 4: router load-balancing loss (HF trains without it; Megatron 1e-2)
+        "moe_z_loss_coeff": None,  # Llama 4: router z-loss (off)
         "log_interval": 1,
         "eval_interval": 1000,
         "eval_steps": 20,
@@ -77,7 +81,8 @@ DEFAULTS: dict = {
 }
 TYPES = {"load": str, "tokenizer": str, "data.train": str, "data.eval": str, "parallel.dp": int,
          "train.epochs": float, "train.loss_scale": float, "output": str, "logging.wandb_project": str,
-         "logging.wandb_run_name": str}
+         "logging.wandb_run_name": str, "train.moe_z_loss_coeff": float,
+         "train.moe_aux_loss_coeff": float}
 CHOICES = {
     "data.format": ("alpaca", "messages", "pretokenized", "text", "megatron"),
     "train.decay_style": ("cosine", "linear", "constant"),
@@ -85,9 +90,11 @@ CHOICES = {
     "train.recompute": ("none", "selective", "full"),
     "train.attention": ("sdpa", "local", "te"),
     "checkpoint.format": ("torch_dist", "torch"),
+    "parallel.moe_dispatcher": ("alltoall", "allgather"),
 }
-POSITIVE = ("data.seq_length", "parallel.tp", "parallel.pp", "train.micro_batch_size", "train.global_batch_size",
-            "train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval")
+POSITIVE = ("data.seq_length", "parallel.tp", "parallel.pp", "parallel.ep", "train.micro_batch_size",
+            "train.global_batch_size", "train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps",
+            "train.save_interval")
 PATH_KEYS = ("load", "tokenizer", "data.train", "data.eval", "output")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -360,6 +367,13 @@ def resolve_plan(cfg: dict, *, num_layers: int, padded_vocab_size: int, num_samp
     if devices is not None and nproc > devices:
         raise InputError(f"{nproc} processes per node need {nproc} GPUs but this node has {devices}: "
                          "lower --dp/--tp/--pp or run on more nodes (NNODES, NODE_RANK, MASTER_ADDR)")
+    ep = p.get("ep", 1)
+    if dp % ep:
+        raise InputError(f"parallel.ep {ep} must divide the data-parallel size {dp} (the experts are split over "
+                         f"EP of the DP ranks): run TP x PP x DP with DP a multiple of {ep}")
+    if ep > 1 and cfg["checkpoint"]["format"] != "torch_dist":
+        raise InputError(f"parallel.ep {ep} saves checkpoints as torch_dist only (checkpoint.format torch has no "
+                         "expert-rank files in sft yet): set checkpoint.format torch_dist")
     micro, global_batch = t["micro_batch_size"], t["global_batch_size"]
     if global_batch % (micro * dp):
         raise InputError(f"train.global_batch_size {global_batch} is not divisible by micro_batch_size x DP = "

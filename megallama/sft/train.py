@@ -208,9 +208,9 @@ def train(cfg: dict) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megallama.formats.base import read_manifest
     from megallama.engine.model import build_gpt_model
     from megallama.engine.runtime import init_distributed
+    from megallama.formats.base import read_manifest
     from megallama.sft import checkpoint as ckpt
     from megallama.sft.data import global_batches
     from megallama.sft.packing import sample_lengths
@@ -221,7 +221,7 @@ def train(cfg: dict) -> None:
     output = Path(cfg["output"])
 
     # ---------------------------------------------------------------- 1. distributed setup
-    init_distributed(tp=p["tp"], pp=p["pp"], seed=t["seed"])
+    init_distributed(tp=p["tp"], pp=p["pp"], seed=t["seed"], ep=p.get("ep", 1))
     world = dist.get_world_size()
     if world != p["tp"] * p["pp"] * p["dp"]:
         raise InputError(f"world size {world} is not TP x PP x DP = {p['tp']}x{p['pp']}x{p['dp']}")
@@ -235,7 +235,10 @@ def train(cfg: dict) -> None:
     spec = ModelSpec.from_dict(manifest["spec"])
     gpt = build_gpt_model(spec, padded_vocab_size=manifest["padded_vocab_size"], dtype=normalize_dtype(t["precision"]),
                           attention=t["attention"], sequence_parallel=p["sequence_parallel"],
-                          recompute=t["recompute"], calculate_per_token_loss=True)
+                          recompute=t["recompute"], calculate_per_token_loss=True,
+                          moe={"dispatcher": p.get("moe_dispatcher", "alltoall"),
+                               "aux_loss_coeff": t.get("moe_aux_loss_coeff", 0.0),
+                               "z_loss_coeff": t.get("moe_z_loss_coeff")})
     state = ckpt.load_rank_state(start) if start.fmt == "torch" else None
     if state is not None:
         ckpt.load_model(gpt, state)  # before wrapping: DDP moves the parameters into its buffers

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from megallama.errors import InputError
 from megallama.engine.model import TORCH_DTYPES
+from megallama.errors import InputError
 from megallama.spec import ModelSpec, check_parallel
 
 SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
@@ -71,6 +71,8 @@ class Job:
     token_source: str
     notes: list[str] = field(default_factory=list)
     layout: str = "mcore-local"  # other layouts are converted to local-spec rank dicts by the workers
+    ep: int = 1  # expert parallelism (MoE): tp * pp * ep processes, the experts split over ep data-parallel ranks
+    engine_overrides: dict = field(default_factory=dict)  # build_gpt_model keywords (tests' negative controls)
 
 
 def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64,
@@ -114,7 +116,8 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
         notes.append(f"checkpoint does not record its true vocab: comparing the reference's {spec.vocab_size} "
                      f"of {padded} logit columns")
     check_same_shapes(ref_spec, spec)
-    check_launchable(spec, tp=tp, pp=pp)
+    ep = int(manifest.get("ep") or 1)
+    check_launchable(spec, tp=tp, pp=pp, ep=ep)
     if seq_len > spec.max_position_embeddings:
         raise InputError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
                          f"{spec.max_position_embeddings}: pass --seq-len {spec.max_position_embeddings} or less")
@@ -125,7 +128,7 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
         notes.append(f"{layout} layout: the Megatron side loads it converted to the megatron-core local spec")
         interleaved = False  # the canonical tensors are in HF order
     return Job(reference, fmt, megatron, spec, tp, pp, int(padded), interleaved, files, tokens, source, notes,
-               layout)
+               layout, ep)
 
 
 def _reference_spec(path: Path, fmt: str) -> ModelSpec:
@@ -155,10 +158,10 @@ def spec_differences(ref: ModelSpec, meg: ModelSpec) -> list[str]:
             for k in NUMERIC_FIELDS if getattr(ref, k) != getattr(meg, k)]
 
 
-def check_launchable(spec: ModelSpec, *, tp: int, pp: int) -> None:
-    """Refuse a TP x PP world this host cannot run (one process per rank, one GPU per process on GPU)."""
-    check_parallel(spec, tp=tp, pp=pp)
-    world = tp * pp
+def check_launchable(spec: ModelSpec, *, tp: int, pp: int, ep: int = 1) -> None:
+    """Refuse a TP x PP (x EP) world this host cannot run (one process per rank, one GPU per process on GPU)."""
+    check_parallel(spec, tp=tp, pp=pp, ep=ep)
+    world = tp * pp * ep
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         if world > gpus:
@@ -231,9 +234,11 @@ def reference_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _keep(captures: dict, name: str):
+def _keep(captures: dict, name: str, tokens_shape: tuple | None = None):
     def hook(module, args, output):
         out = output[0] if isinstance(output, tuple) else output
+        if tokens_shape is not None:
+            out = out.reshape(*tokens_shape, -1)  # [b * s, h] -> [b, s, h]
         captures[name] = out.detach().to("cpu")
 
     return hook
@@ -246,14 +251,18 @@ def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str) -> dict[str, to
     from transformers.utils import logging as hf_logging
 
     from megallama.formats.hf import read_json
+    from megallama.llama4 import hf_reference_class
 
-    spec = ModelSpec.from_hf_config(read_json(Path(path) / "config.json", "expected an HF folder"))
-    model_class = getattr(transformers, spec.architecture)
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the CLI owns the terminal
     try:
+        model_class, text_only = hf_reference_class(path) or (None, None)  # Llama 4: its own class
+        if model_class is None:
+            spec = ModelSpec.from_hf_config(read_json(Path(path) / "config.json", "expected an HF folder"))
+            model_class = getattr(transformers, spec.architecture)
         model = model_class.from_pretrained(path, dtype=TORCH_DTYPES[dtype], attn_implementation="eager")
+        model = text_only(model) if text_only else model
     finally:
         if bar:
             hf_logging.enable_progress_bar()
@@ -263,8 +272,9 @@ def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str) -> dict[str, to
     hooks = [inner.embed_tokens.register_forward_hook(_keep(captures, "embedding")),
              inner.norm.register_forward_hook(_keep(captures, "final_norm"))]
     for i, layer in enumerate(inner.layers):
+        mlp = getattr(layer, "mlp", None) or layer.feed_forward  # Llama 4: feed_forward (MoE returns [b*s, h])
         hooks += [layer.self_attn.register_forward_hook(_keep(captures, f"layers.{i}.attention")),
-                  layer.mlp.register_forward_hook(_keep(captures, f"layers.{i}.mlp")),
+                  mlp.register_forward_hook(_keep(captures, f"layers.{i}.mlp", tokens.shape)),
                   layer.register_forward_hook(_keep(captures, f"layers.{i}"))]
     with torch.no_grad():
         out = model(input_ids=tokens.to(reference_device()), use_cache=False)

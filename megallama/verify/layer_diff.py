@@ -225,34 +225,42 @@ def compare(ref: dict[str, torch.Tensor], meg: dict[str, torch.Tensor], *, num_l
 # ---------------------------------------------------------------- the two sides
 def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
                  on_progress: OnProgress | None = None) -> list[dict[str, torch.Tensor]]:
-    """Captures of every job's Megatron forward. Jobs with the same TP x PP share one torchrun launch."""
+    """Captures of every job's Megatron forward, in as few torchrun launches as possible: when every job's
+    TP x PP x EP divides the largest, all run in one launch of that size (the worker re-splits the world between
+    jobs; smaller splits run as identical data-parallel replicas), else one launch per world size."""
     from megallama.engine.launch import stream_torchrun
     from megallama.verify.worker import parse_progress
 
-    groups: dict[tuple[int, int], list[int]] = {}
-    for n, job in enumerate(jobs):
-        groups.setdefault((job.tp, job.pp), []).append(n)
+    worlds = [job.tp * job.pp * job.ep for job in jobs]
+    largest = max(worlds)
+    groups: dict[int, list[int]] = {}
+    for n, world in enumerate(worlds):
+        groups.setdefault(largest if largest % world == 0 else world, []).append(n)
     results: list[dict] = [{} for _ in jobs]
-    for (tp, pp), members in groups.items():
+    for world, members in groups.items():
         specs = []
         for n in members:
             job, out = jobs[n], workdir / f"job{n}"
+            tp, pp, ep = job.tp, job.pp, job.ep
             out.mkdir(parents=True)
             torch.save(jobs[n].tokens, out / "tokens.pt")
             specs.append({"spec": job.spec.to_dict(), "tp": tp, "pp": pp, "padded_vocab_size": job.padded_vocab_size,
                           "rotary_interleaved": job.rotary_interleaved, "rank_files": job.rank_files,
-                          "layout": job.layout, "megatron": str(job.megatron),
+                          "layout": job.layout, "megatron": str(job.megatron), "ep": ep,
+                          "engine_overrides": job.engine_overrides,
                           "tokens": str(out / "tokens.pt"), "out": str(out)})
-        job_file = workdir / f"jobs-tp{tp}-pp{pp}.json"
+        job_file = workdir / f"jobs-world{world}.json"
         job_file.write_text(json.dumps({"dtype": dtype, "jobs": specs}))
         if on_progress is not None:
-            on_progress("workers", 0, tp * pp)
-        returncode, tail = stream_torchrun(["-m", "megallama.verify.worker", str(job_file)], nproc=tp * pp,
+            on_progress("workers", 0, world)
+        returncode, tail = stream_torchrun(["-m", "megallama.verify.worker", str(job_file)], nproc=world,
                                            on_line=lambda line: parse_progress(line, on_progress))
         for n in members:
             _raise_worker_error(workdir / f"job{n}")
         if returncode != 0:
-            raise MegallamaError(f"Megatron workers (TP={tp}, PP={pp}) exited with {returncode}: "
+            splits = {(jobs[n].tp, jobs[n].pp) for n in members}
+            label = "TP={}, PP={}".format(*splits.pop()) if len(splits) == 1 else f"{world} processes"
+            raise MegallamaError(f"Megatron workers ({label}) exited with {returncode}: "
                                  + " | ".join(tail[-3:]))
         for n in members:
             for f in sorted((workdir / f"job{n}").glob("capture-*.pt")):
@@ -289,12 +297,18 @@ def layer_diff(reference: Path, megatron: Path, *, data: Path | None = None, seq
 
 def layer_diff_many(pairs: Sequence[tuple[Path, Path]], *, data: Path | None = None, seq_len: int = 64,
                     batch: int = 2, dtype: str = "float32", on_stage: OnStage | None = None,
-                    on_progress: OnProgress | None = None) -> list[LayerDiffReport]:
-    """`layer_diff` for several pairs; pairs with the same TP x PP share one torchrun launch (tests, sweeps)."""
+                    on_progress: OnProgress | None = None,
+                    engine_overrides: Sequence[dict | None] | None = None) -> list[LayerDiffReport]:
+    """`layer_diff` for several pairs; pairs with the same TP x PP share one torchrun launch (tests, sweeps).
+
+    `engine_overrides` (one per pair, tests only) are passed to the workers' `build_gpt_model`: the negative
+    controls break the Megatron model on purpose and expect FAIL at the right layer."""
     dtype = normalize_dtype(dtype)
     stage = on_stage or (lambda message: None)
     start = time.perf_counter()
     jobs = [prepare(r, m, data=data, seq_len=seq_len, batch=batch) for r, m in pairs]
+    for job, overrides in zip(jobs, engine_overrides or [None] * len(jobs), strict=True):
+        job.engine_overrides = overrides or {}
     for job in jobs:
         stage(f"Megatron: TP={job.tp} x PP={job.pp} on {job.tp * job.pp} processes, {dtype}, "
               f"tokens [{job.tokens.shape[0]}, {job.tokens.shape[1]}] from {job.token_source}")

@@ -71,10 +71,13 @@ def rank_state(job: dict, spec, *, tp_rank: int, pp_rank: int) -> tuple[dict, Pa
     from megallama.formats.megatron.torch_format import load_rank_file, open_megatron, rank_state_dict
 
     path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
-    if job.get("layout", LOCAL.name) != LOCAL.name:
-        with open_megatron(Path(job["megatron"]), layout=job["layout"]) as reader:
+    if job.get("layout", LOCAL.name) != LOCAL.name or job.get("ep", 1) > 1:  # EP: this expert rank's experts
+        from megatron.core import parallel_state as ps
+
+        with open_megatron(Path(job["megatron"]), layout=job.get("layout")) as reader:
             return rank_state_dict(reader, spec, tp_rank=tp_rank, tp=job["tp"], pp_rank=pp_rank, pp=job["pp"],
-                                   padded_vocab_size=job["padded_vocab_size"]), path
+                                   padded_vocab_size=job["padded_vocab_size"], ep=job.get("ep", 1),
+                                   ep_rank=ps.get_expert_model_parallel_rank()), path
     state = load_rank_file(path).get("model")
     if not isinstance(state, dict):
         raise InputError(f"{path} has no 'model' state dict")
@@ -90,13 +93,16 @@ def load_model(job: dict, dtype: str):
 
     spec = ModelSpec.from_dict(job["spec"])
     model = build_gpt_model(spec, padded_vocab_size=job["padded_vocab_size"], dtype=dtype,
-                            rotary_interleaved=job["rotary_interleaved"]).eval()
+                            rotary_interleaved=job["rotary_interleaved"],
+                            **job.get("engine_overrides", {})).eval()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     path = Path(job["rank_files"][pp_rank * job["tp"] + tp_rank])
     if path.is_dir():  # a torch_dist iteration folder: megatron-core reads this rank's slices, as Megatron-LM does
         from megatron.core import dist_checkpointing
+        from megatron.core.safe_globals import SAFE_GLOBALS
 
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"]
+        with torch.serialization.safe_globals(SAFE_GLOBALS):  # common.pt's args (weights_only, data classes only)
+            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"]
     else:
         state, path = rank_state(job, spec, tp_rank=tp_rank, pp_rank=pp_rank)
     try:
@@ -173,15 +179,19 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megallama.engine.runtime import destroy_distributed, init_distributed
+    from megallama.engine.runtime import destroy_distributed, init_distributed, reinit_model_parallel
 
     plan = json.loads(Path(argv[0]).read_text())
     jobs, dtype = plan["jobs"], plan["dtype"]
-    init_distributed(tp=jobs[0]["tp"], pp=jobs[0]["pp"], seed=1234)
+    split = (jobs[0]["tp"], jobs[0]["pp"], jobs[0].get("ep", 1))
+    init_distributed(tp=split[0], pp=split[1], seed=1234, ep=split[2])
     progress("workers", dist.get_world_size(), dist.get_world_size())  # every rank has joined the group
     status = 0
     for number, job in enumerate(jobs, 1):
         out = Path(job["out"])
+        if (job["tp"], job["pp"], job.get("ep", 1)) != split:  # another split in the same launch
+            split = (job["tp"], job["pp"], job.get("ep", 1))
+            reinit_model_parallel(tp=split[0], pp=split[1], ep=split[2], seed=1234)
         try:
             captures = run_job(job, dtype)
         except Exception as e:  # one clear line for the parent; the traceback stays on this rank's stderr
@@ -189,7 +199,7 @@ def main(argv: list[str]) -> int:
             write_error(out, e)
             status = 1
             break
-        if ps.get_tensor_model_parallel_rank() == 0:
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:  # EP: DP ranks agree
             torch.save(captures, out / f"capture-{ps.get_pipeline_model_parallel_rank():03d}.pt")
         dist.barrier()
         progress("forward", number, len(jobs))

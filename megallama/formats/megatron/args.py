@@ -153,6 +153,9 @@ def launch_flags(args: argparse.Namespace, *, load_dir: Path | None = None) -> l
             flags.append("--tiktoken-pattern v2")
     if a.tokenizer_model:
         flags.append(f"--tokenizer-model {shlex.quote(str(a.tokenizer_model))}")
+    from megallama.formats.megatron.moe import moe_flags
+
+    flags += moe_flags(a)  # Llama 4: experts, router, MoE / NoPE layer patterns (none for a dense model)
     flags += ["--attention-dropout 0.0", "--hidden-dropout 0.0"]
     if a.bf16:
         flags.append("--bf16")

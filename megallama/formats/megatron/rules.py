@@ -91,19 +91,30 @@ class Layout:
         return None
 
 
-def stage_rules(layout: Layout, spec: ModelSpec, *, pp_rank: int, pp: int) -> list[tuple[Rule, int | None]]:
+def stage_rules(layout: Layout, spec: ModelSpec, *, pp_rank: int, pp: int, ep_rank: int = 0,
+                ep: int = 1) -> list[tuple[Rule, int | None]]:
     """The bound rules of one pipeline stage, in state-dict order, each with its global layer (None outside layers).
 
     Tied embeddings (formats.md P9): on a single stage the output layer reuses the embedding and has no weight
-    key; with PP > 1 the last stage holds its own copy, which must equal the embedding.
+    key; with PP > 1 the last stage holds its own copy, which must equal the embedding. A mixture-of-experts
+    layer (Llama 4) keeps the attention half of `layout.layer_rules` and holds EP rank `ep_rank`'s experts
+    (`moe.py`).
     """
     layers = T.stage_layers(spec.num_layers, pp)[pp_rank]
     rules: list[tuple[Rule, int | None]] = []
     if pp_rank == 0:
         rules.append((layout.embedding, None))
     present = extra_state_last([r for r in layout.layer_rules if has_feature(spec, r.when)])
+    moe_rules: tuple[Rule, ...] = ()
+    if spec.is_moe:
+        from megallama.formats.megatron.moe import check_moe_layout, moe_mlp_rules
+
+        check_moe_layout(layout.name, spec)
+        attention = tuple(r for r in present if ".mlp." not in r.target)
+        moe_rules = attention + moe_mlp_rules(spec, ep_rank=ep_rank, ep=ep)
     for j, i in enumerate(layers):
-        rules += [(r.bind(i=i, j=j), i) for r in present]
+        table = moe_rules if spec.is_moe_layer(i) else present
+        rules += [(r.bind(i=i, j=j), i) for r in table]
     if pp_rank == pp - 1:
         rules.append((layout.final_norm, None))
         out = layout.output
@@ -193,9 +204,9 @@ def rank_shape(kind: Kind, spec: ModelSpec, source_shape: tuple[int, ...], *, tp
         return (source_shape[0], source_shape[1] // tp)
     if kind is Kind.VOCAB:
         return (padded_vocab_size // tp, spec.hidden_size)
-    # weights [rows, h]; their biases [rows] (source_shape[1:] is then empty)
+    # weights [rows, h], biases [rows]; GATE_UP's source is the gate (a dense MLP's, an expert's or the shared one's)
     if kind is Kind.GATE_UP:
-        return (2 * spec.ffn_hidden_size // tp, *source_shape[1:])
+        return (2 * source_shape[0] // tp, *source_shape[1:])
     if kind in (Kind.QKV, Kind.QKV_BLOCKS):
         return ((spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim // tp, *source_shape[1:])
     raise AssertionError(kind)

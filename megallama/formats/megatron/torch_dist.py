@@ -76,6 +76,7 @@ from megallama.formats.megatron.local import (
     stage_rules,
     to_rank,
 )
+from megallama.formats.megatron.moe import moe_args
 from megallama.formats.megatron.torch_format import (
     ARGS_FILE,
     CHECKPOINT_VERSION,
@@ -176,8 +177,8 @@ def write_items(get: Callable[[str], torch.Tensor], spec: ModelSpec, *, padded: 
     items: list[_Item] = []
     for rule, layer in model_rules(spec):
         local = rank_shape(rule.kind, spec, shapes[rule.sources[0]], tp=1, padded_vocab_size=padded)
-        lead, one = ((layer,), (1,)) if layer is not None else ((), ())  # the stacked layer axis
-        fqn, global_shape = dist_key(rule.target, layer), ((spec.num_layers,) if layer is not None else ()) + local
+        fqn, lead, one, outer = placement(rule, layer, spec)  # the stacked layer (or expert) axis, if any
+        global_shape = outer + local
         if rule.kind in SOURCE_CHUNKS:
             row = 0
             for name in rule.sources:
@@ -201,8 +202,38 @@ def write_items(get: Callable[[str], torch.Tensor], spec: ModelSpec, *, padded: 
 
             items.append(_tensor_item(fqn, lead + (0,) * len(local), one + local, global_shape, dtype, make))
         if layer is not None and rule.extra_state:
-            items.append(_bytes_item(extra_state_key(rule, layer, spec.num_layers)))
+            items.append(_bytes_item(layer_extra_state_key(rule, layer, spec)))
     return items
+
+
+def placement(rule: Rule, layer: int | None, spec: ModelSpec) -> tuple[str, tuple, tuple, tuple]:
+    """(torch_dist key, leading offsets, leading chunk sizes, leading global shape) of a bound rule's tensor.
+
+    A dense LLaMA stacks its layers (a leading layer axis). A mixture-of-experts model (Llama 4; megatron-core
+    with a `moe_layer_freq` list) keeps each layer's number in the key, and its experts share one tensor per layer
+    and projection with a leading expert axis (`moe.py`)."""
+    if layer is None:
+        return dist_key(rule.target, None), (), (), ()
+    if not spec.is_moe:
+        return dist_key(rule.target, layer), (layer,), (1,), (spec.num_layers,)
+    from megallama.formats.megatron.moe import dist_expert_key, expert_of
+
+    e = expert_of(rule.target)
+    if e is not None:
+        return dist_expert_key(rule.target, layer), (e,), (1,), (spec.num_experts,)
+    return dist_key(rule.target, layer, stacked=False), (), (), ()
+
+
+def layer_extra_state_key(rule: Rule, layer: int, spec: ModelSpec) -> str:
+    """The ShardedObject key of a layer module's `_extra_state` (`<key>/shard_<offset>_<global shape>`)."""
+    if not spec.is_moe:
+        return extra_state_key(rule, layer, spec.num_layers)
+    from megallama.formats.megatron.moe import dist_expert_key, expert_of
+
+    e = expert_of(rule.target)
+    if e is not None:
+        return dist_expert_key(rule.extra_state_key, layer) + f"/shard_{e}_{spec.num_experts}"
+    return dist_key(rule.extra_state_key, layer, stacked=False) + "/shard_0_1"
 
 
 def split_into_files(files: int, items: list[WriteItem]) -> list[list[WriteItem]]:
@@ -291,7 +322,7 @@ def save_dcp(out_dir: Path, items: list[_Item], *, on_tensor: OnTensor | None = 
 def write_torch_dist(reader: Reader, out_dir: Path, *, tp: int | None = None, pp: int | None = None,
                      dtype: str | None = None,
                      divisible_by: int = 128, on_tensor: OnTensor | None = None, iteration: int | None = None,
-                     args_overrides: dict | None = None, final_dir: Path | None = None) -> WriteReport:
+                     args_overrides: dict | None = None, final_dir: Path | None = None, ep: int = 1) -> WriteReport:
     """Write `reader`'s model as a Megatron torch_dist checkpoint into the empty `out_dir`.
 
     The checkpoint loads at any TP x PP; `tp`/`pp`, when given, only set the vocab padding (as a Megatron-LM
@@ -301,7 +332,7 @@ def write_torch_dist(reader: Reader, out_dir: Path, *, tp: int | None = None, pp
         >>> with open_hf(Path("llama-2-7b-hf")) as r:
         ...     write_torch_dist(r, Path("out"), tp=2, pp=2)
     """
-    check_parallel(reader.spec, tp=tp or 1, pp=pp or 1)
+    check_parallel(reader.spec, tp=tp or 1, pp=pp or 1, ep=ep)
     out_dir = Path(out_dir)
     final_dir = Path(final_dir or _staged_target(out_dir)).resolve()
     spec = reader.spec.replace(dtype=normalize_dtype(dtype) or reader.spec.dtype)
@@ -310,7 +341,7 @@ def write_torch_dist(reader: Reader, out_dir: Path, *, tp: int | None = None, pp
     tokenizer_type, tokenizer_model = detect_tokenizer(reader.tokenizer_files, final_dir)
     args = megatron_args(spec, tp=tp or 1, pp=pp or 1, padded_vocab_size=padded, divisible_by=divisible_by,
                          iteration=iteration or 0, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
-                         **{"ckpt_format": "torch_dist", **(args_overrides or {})})
+                         **{"ckpt_format": "torch_dist", **moe_args(spec, ep=ep), **(args_overrides or {})})
     it_dir = iteration_dir(out_dir, iteration)
     save_dcp(it_dir, write_items(reader.get, spec, padded=padded), on_tensor=on_tensor)
     torch.save(common_state(args, iteration), it_dir / COMMON_FILE)
@@ -318,7 +349,7 @@ def write_torch_dist(reader: Reader, out_dir: Path, *, tp: int | None = None, pp
     report.files += [str((it_dir / n).relative_to(out_dir)) for n in sorted(p.name for p in it_dir.iterdir())]
     report.files += copy_tokenizer(reader.tokenizer_files, out_dir)
     write_manifest(out_dir, spec=spec, fmt="megatron", sources=reader.source_files, tp=tp or 1, pp=pp or 1,
-                   ckpt_format="torch_dist", vocab_size=spec.vocab_size, padded_vocab_size=padded,
+                   ep=ep, ckpt_format="torch_dist", vocab_size=spec.vocab_size, padded_vocab_size=padded,
                    divisible_by=divisible_by, rotary_interleaved=False, transformer_impl=args.transformer_impl,
                    layout="mcore-local", iteration="release" if iteration is None else iteration)
     (out_dir / ARGS_FILE).write_text("\n".join(dist_launch_flags(args, final_dir, tp=tp, pp=pp)) + "\n")
@@ -513,6 +544,7 @@ def open_torch_dist(path: Path) -> MegatronReader:
     # torch_dist loads at any TP x PP; commands that run the model default to the split it was saved for
     reader.saved_tp = int(manifest.get("tp") or getattr(args, "tensor_model_parallel_size", 1) or 1)
     reader.saved_pp = int(manifest.get("pp") or getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    reader.saved_ep = int(manifest.get("ep") or getattr(args, "expert_model_parallel_size", 1) or 1)
     return reader
 
 
@@ -525,7 +557,10 @@ def _targets(ckpt: DistCheckpoint, spec: ModelSpec, *, padded: int) -> dict[str,
     for rule, layer in model_rules(spec):
         local = rank_shape(rule.kind, spec, shapes[rule.sources[0]], tp=1, padded_vocab_size=padded)
         fqn, want, index = dist_key(rule.target, layer), local, None
-        if layer is not None:
+        if layer is not None and spec.is_moe:
+            fqn, lead, _, outer = placement(rule, layer, spec)
+            want, index = outer + local, (lead[0] if lead else None)
+        elif layer is not None:
             want, index = (spec.num_layers,) + local, layer
             unstacked = dist_key(rule.target, layer, stacked=False)
             if fqn not in tensors and unstacked in tensors:  # the key keeps the layer number, no layer axis

@@ -51,6 +51,7 @@ from megallama.formats.megatron.args import (
 )
 from megallama.formats.megatron.detect import WRITABLE, detect_layout, layout_named
 from megallama.formats.megatron.local import LOCAL
+from megallama.formats.megatron.moe import moe_args
 from megallama.formats.megatron.rules import Kind, Layout, Rule, from_ranks, rank_shape, stage_rules, to_rank
 from megallama.formats.streaming import StreamedFiles
 from megallama.names import canonical_names, expected_shapes
@@ -65,7 +66,7 @@ CHECKPOINT_VERSION = 3.0  # < 2.0 makes Megatron silently re-order linear_qkv ro
 # `_extra_state` (FP8 metadata, never unpickled) and rotary inverse frequencies some forks save as buffers
 # (formats.md P14): derived from the config, nothing to convert.
 IGNORED_SUFFIXES = ("_extra_state", "rotary_emb.inv_freq")
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")  # TT[_PPP if PP > 1][_EEE if EP > 1]
 # `args`, plus what the RNG state of an sft / Megatron-LM checkpoint holds (numpy's MT19937 state array), plus
 # BytesIO (older Transformer Engine `_extra_state`, never unpickled further); everything else in these files is
 # tensors, numbers, strings and torch.dtype.
@@ -80,10 +81,12 @@ def iteration_dir(root: Path, iteration: int | None) -> Path:
     return Path(root) / ("release" if iteration is None else f"iter_{iteration:07d}")
 
 
-def checkpoint_dir(root: Path, iteration: int | None, tp_rank: int, pp_rank: int, pp: int) -> Path:
-    """The folder of one rank: `mp_rank_TT` when PP=1, else `mp_rank_TT_PPP` (Megatron's get_checkpoint_name)."""
+def checkpoint_dir(root: Path, iteration: int | None, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0,
+                   ep: int = 1) -> Path:
+    """The folder of one rank: `mp_rank_TT` when PP=1, else `mp_rank_TT_PPP`, plus `_EEE` with expert parallelism
+    (Megatron-LM's get_checkpoint_name appends the expert rank when EP > 1)."""
     name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return iteration_dir(root, iteration) / name
+    return iteration_dir(root, iteration) / (name + (f"_{ep_rank:03d}" if ep > 1 else ""))
 
 
 def write_tracker(root: Path, iteration: int | None) -> None:
@@ -109,7 +112,7 @@ def detect_tokenizer(files: list[Path], final_dir: Path) -> tuple[str | None, st
 # ---------------------------------------------------------------- writer
 def rank_tensors(source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec, *, tp_rank: int, tp: int,
                  pp_rank: int, pp: int, padded_vocab_size: int, dtype: str | None = None,
-                 layout: Layout = LOCAL) -> Iterator[tuple[str, torch.Tensor | None]]:
+                 layout: Layout = LOCAL, ep_rank: int = 0, ep: int = 1) -> Iterator[tuple[str, torch.Tensor | None]]:
     """One rank's `(key, tensor)` pairs, keyed and ordered exactly like megatron-core's `GPTModel.state_dict()`.
 
     `source` is a Reader or any `name -> canonical tensor` function. Each tensor is fresh and rank-sized (never a
@@ -117,7 +120,7 @@ def rank_tensors(source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec
     of `layout` saves (`Layout.extra_state_value`).
     """
     get = source.get if hasattr(source, "get") else source
-    for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
+    for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp, ep_rank=ep_rank, ep=ep):
         if rule.sources:
             tensors = [get(name) for name in rule.sources]
             piece = to_rank(rule.kind, tensors, spec, tp_rank=tp_rank, tp=tp, padded_vocab_size=padded_vocab_size)
@@ -129,18 +132,18 @@ def rank_tensors(source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec
 
 def rank_state_dict(source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec, *, tp_rank: int, tp: int,
                     pp_rank: int, pp: int, padded_vocab_size: int, dtype: str | None = None,
-                    layout: Layout = LOCAL) -> dict:
+                    layout: Layout = LOCAL, ep_rank: int = 0, ep: int = 1) -> dict:
     """The `model` dict of one rank, in memory (for `sft`, verify and tests; the writer streams instead)."""
     return dict(rank_tensors(source, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
-                             padded_vocab_size=padded_vocab_size, dtype=dtype, layout=layout))
+                             padded_vocab_size=padded_vocab_size, dtype=dtype, layout=layout, ep_rank=ep_rank, ep=ep))
 
 
 def rank_placeholders(spec: ModelSpec, *, tp: int, pp_rank: int, pp: int, padded_vocab_size: int,
-                      layout: Layout = LOCAL) -> dict:
+                      layout: Layout = LOCAL, ep_rank: int = 0, ep: int = 1) -> dict:
     """One rank's keys with untouched `torch.empty` tensors of their final shape and dtype (never resident)."""
     shapes, dtype = expected_shapes(spec), TORCH_DTYPES[spec.dtype]
     out: dict = {}
-    for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
+    for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp, ep_rank=ep_rank, ep=ep):
         if rule.sources:
             shape = rank_shape(rule.kind, spec, shapes[rule.sources[0]], tp=tp, padded_vocab_size=padded_vocab_size)
             out[rule.target] = torch.empty(shape, dtype=dtype)
@@ -165,8 +168,8 @@ def save_rank_file(path: Path, source: Reader | Callable[[str], torch.Tensor], s
 def save_stage_files(paths: dict[int, Path], source: Reader | Callable[[str], torch.Tensor], spec: ModelSpec,
                      args: argparse.Namespace, *, tp: int, pp_rank: int, pp: int, padded_vocab_size: int,
                      iteration: int | None = None, on_tensor: OnTensor | None = None,
-                     layout: Layout = LOCAL) -> None:
-    """Write the rank files `paths` ({tp_rank: path}) of one pipeline stage side by side.
+                     layout: Layout = LOCAL, ep_rank: int = 0, ep: int = 1) -> None:
+    """Write the rank files `paths` ({tp_rank: path}) of one pipeline stage (and expert rank) side by side.
 
     Each canonical tensor is read once and split for every rank in `paths`; the pieces are written by
     `StreamedFiles`' threads while the next tensor is read, so memory holds about one tensor and its pieces.
@@ -174,10 +177,11 @@ def save_stage_files(paths: dict[int, Path], source: Reader | Callable[[str], to
     get = source.get if hasattr(source, "get") else source
     with StreamedFiles(on_tensor=on_tensor) as files:
         skeletons = {t: checkpoint_dict(rank_placeholders(spec, tp=tp, pp_rank=pp_rank, pp=pp,
-                                                          padded_vocab_size=padded_vocab_size, layout=layout),
+                                                          padded_vocab_size=padded_vocab_size, layout=layout,
+                                                          ep_rank=ep_rank, ep=ep),
                                         args, iteration) for t in paths}
         targets = {t: files.add(paths[t], skeletons.pop(t), flat=lambda ckpt: ckpt["model"]) for t in paths}
-        for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
+        for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp, ep_rank=ep_rank, ep=ep):
             if rule.sources:
                 tensors = [get(name) for name in rule.sources]
                 for tp_rank, target in targets.items():
@@ -194,7 +198,7 @@ def save_stage_files(paths: dict[int, Path], source: Reader | Callable[[str], to
 def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: str | None = None,
                    divisible_by: int = 128, on_tensor: OnTensor | None = None, iteration: int | None = None,
                    args_overrides: dict | None = None, final_dir: Path | None = None,
-                   transformer_impl: str = "local") -> WriteReport:
+                   transformer_impl: str = "local", ep: int = 1) -> WriteReport:
     """Write `reader`'s model as a megatron-core torch checkpoint split for TP x PP into the empty `out_dir`.
 
     `transformer_impl` is Megatron-LM's `--transformer-impl` the checkpoint is for: "local" (local spec keys) or
@@ -208,7 +212,7 @@ def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: st
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise InputError(f"--transformer-impl {transformer_impl!r}: expected one of {', '.join(TRANSFORMER_IMPLS)}")
     layout = WRITABLE[transformer_impl]
-    check_parallel(reader.spec, tp=tp, pp=pp)
+    check_parallel(reader.spec, tp=tp, pp=pp, ep=ep)
     out_dir = Path(out_dir)
     final_dir = Path(final_dir or _staged_target(out_dir)).resolve()
     spec = reader.spec.replace(dtype=normalize_dtype(dtype) or reader.spec.dtype)
@@ -218,14 +222,17 @@ def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: st
     args = megatron_args(spec, tp=tp, pp=pp, padded_vocab_size=padded, divisible_by=divisible_by,
                          iteration=iteration or 0, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                          transformer_impl=transformer_impl,
-                         **{"no_save_optim": True, "no_save_rng": True, **(args_overrides or {})})
+                         **{"no_save_optim": True, "no_save_rng": True, **moe_args(spec, ep=ep),
+                            **(args_overrides or {})})
     for pp_rank in range(pp):
-        paths = {t: checkpoint_dir(out_dir, iteration, t, pp_rank, pp) / MODEL_FILE for t in range(tp)}
-        save_stage_files(paths, reader, spec, args, tp=tp, pp_rank=pp_rank, pp=pp, padded_vocab_size=padded,
-                         iteration=iteration, on_tensor=on_tensor, layout=layout)
-        report.files += [str(p.relative_to(out_dir)) for p in paths.values()]
+        for ep_rank in range(ep):  # each expert rank's files hold the shared tensors and its own experts
+            paths = {t: checkpoint_dir(out_dir, iteration, t, pp_rank, pp, ep_rank, ep) / MODEL_FILE
+                     for t in range(tp)}
+            save_stage_files(paths, reader, spec, args, tp=tp, pp_rank=pp_rank, pp=pp, padded_vocab_size=padded,
+                             iteration=iteration, on_tensor=on_tensor, layout=layout, ep_rank=ep_rank, ep=ep)
+            report.files += [str(p.relative_to(out_dir)) for p in paths.values()]
     report.files += copy_tokenizer(reader.tokenizer_files, out_dir)
-    write_manifest(out_dir, spec=spec, fmt="megatron", sources=reader.source_files, tp=tp, pp=pp,
+    write_manifest(out_dir, spec=spec, fmt="megatron", sources=reader.source_files, tp=tp, pp=pp, ep=ep,
                    vocab_size=spec.vocab_size, padded_vocab_size=padded, divisible_by=divisible_by,
                    rotary_interleaved=False, transformer_impl=transformer_impl, layout=layout.name,
                    iteration="release" if iteration is None else iteration)
@@ -264,19 +271,20 @@ class MegatronReader(ContextReader):
     """
 
     def __init__(self, spec: ModelSpec, *, tp: int, pp: int, load_state: Callable[[int, int], dict],
-                 rotary_interleaved: bool | None = None, layout: Layout = LOCAL):
-        self.spec, self.tp, self.pp, self.layout = spec, tp, pp, layout
+                 rotary_interleaved: bool | None = None, layout: Layout = LOCAL, ep: int = 1):
+        self.spec, self.tp, self.pp, self.layout, self.ep = spec, tp, pp, layout, ep
         self.tokenizer_files: list[Path] = []
         self.source_files: list[Path] = []
         self.notes: list[str] = []
         self.padded_vocab_size: int | None = None
         self.rotary_interleaved = layout.rotary_interleaved if rotary_interleaved is None else rotary_interleaved
         self._load_state = load_state
-        self._index: dict[str, tuple[Rule, int, int | None]] = {}
+        self._index: dict[str, tuple[Rule, int, int | None, int]] = {}
         for pp_rank in range(pp):
-            for rule, layer in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
-                for name in rule.sources:  # tied, PP>1: the embedding comes from stage 0, not the output copy
-                    self._index.setdefault(name, (rule, pp_rank, layer))
+            for ep_rank in range(ep):  # EP > 1: an expert is read from its own rank's files, the rest from rank 0's
+                for rule, layer in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp, ep_rank=ep_rank, ep=ep):
+                    for name in rule.sources:  # tied, PP>1: the embedding comes from stage 0, not the output copy
+                        self._index.setdefault(name, (rule, pp_rank, layer, ep_rank))
         self._loaded: dict[int, dict] = {}
         self._loaded_key: tuple | None = None
         self._pending: dict[str, torch.Tensor] = {}  # siblings of the last merged rule (k, v after q)
@@ -289,8 +297,8 @@ class MegatronReader(ContextReader):
             return self._pending.pop(name)
         if name not in self._index:
             raise KeyError(name)
-        rule, pp_rank, layer = self._index[name]
-        parts = [self._state(t, pp_rank, layer)[rule.target] for t in range(self.tp)]
+        rule, pp_rank, layer, ep_rank = self._index[name]
+        parts = [self._state(t, pp_rank, layer, ep_rank)[rule.target] for t in range(self.tp)]
         tensors = dict(zip(rule.sources, from_ranks(rule.kind, parts, self.spec, vocab_size=self.spec.vocab_size),
                            strict=True))
         del parts
@@ -301,13 +309,14 @@ class MegatronReader(ContextReader):
         self._pending = {k: v for k, v in tensors.items() if k != name}
         return tensors[name]
 
-    def _state(self, tp_rank: int, pp_rank: int, layer: int | None) -> dict:
+    def _state(self, tp_rank: int, pp_rank: int, layer: int | None, ep_rank: int = 0) -> dict:
         key = (pp_rank, layer)
         if key != self._loaded_key:
             self._loaded, self._loaded_key = {}, key
-        if tp_rank not in self._loaded:
-            self._loaded[tp_rank] = self._load_state(tp_rank, pp_rank)
-        return self._loaded[tp_rank]
+        if (tp_rank, ep_rank) not in self._loaded:
+            self._loaded[tp_rank, ep_rank] = (self._load_state(tp_rank, pp_rank) if ep_rank == 0
+                                              else self._load_state(tp_rank, pp_rank, ep_rank))
+        return self._loaded[tp_rank, ep_rank]
 
     def close(self) -> None:
         self._loaded, self._pending = {}, {}
@@ -421,7 +430,8 @@ def open_megatron(path: Path, *, layout: str | None = None, model_config: Path |
         raise InputError(f"input folder {root} does not exist")
     it_dir = _iteration_dir(root)
     root = it_dir.parent  # the checkpoint root, also when `path` named an iteration folder
-    files, tp, pp = _rank_files(it_dir)
+    all_files, tp, pp, ep = _rank_files(it_dir, ep=int(_manifest(root).get("ep") or 1))
+    files = {(t, p): f for (t, p, e), f in all_files.items() if e == 0}
     first = load_rank_file(files[0, 0])
     args = first.get("args") if isinstance(first, dict) else None
     _check_saved_grid(it_dir, files, args, tp=tp, pp=pp)
@@ -438,16 +448,16 @@ def open_megatron(path: Path, *, layout: str | None = None, model_config: Path |
     spec, notes = _spec(root, args, padded=padded, dtype=dtype, model_config=model_config)
     if padded < spec.vocab_size:
         raise InputError(f"embedding has {padded} rows but the vocab is {spec.vocab_size}")
-    check_parallel(spec, tp=tp, pp=pp)
-    _validate(files, spec, tp=tp, pp=pp, padded=padded, layout=chosen)
+    check_parallel(spec, tp=tp, pp=pp, ep=ep)
+    _validate(all_files, spec, tp=tp, pp=pp, padded=padded, layout=chosen, ep=ep)
     manifest = _manifest(root)
     interleaved = bool(manifest.get("rotary_interleaved", getattr(args, "rotary_interleaved", False))
                        or chosen.rotary_interleaved)
-    reader = MegatronReader(spec, tp=tp, pp=pp, rotary_interleaved=interleaved, layout=chosen,
-                            load_state=lambda t, p: chosen.rename(flatten(_model(load_rank_file(files[t, p]),
-                                                                                 files[t, p]))))
+    reader = MegatronReader(spec, tp=tp, pp=pp, rotary_interleaved=interleaved, layout=chosen, ep=ep,
+                            load_state=lambda t, p, e=0: chosen.rename(flatten(_model(load_rank_file(
+                                all_files[t, p, e]), all_files[t, p, e]))))
     reader.tokenizer_files = [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
-    reader.source_files = [files[t, p] for p in range(pp) for t in range(tp)]
+    reader.source_files = [all_files[t, p, e] for p in range(pp) for e in range(ep) for t in range(tp)]
     reader.notes = notes
     reader.padded_vocab_size = padded
     return reader
@@ -503,8 +513,11 @@ def model_file(rank_dir: Path) -> Path:
     return fork if fork.is_file() and not (rank_dir / MODEL_FILE).is_file() else rank_dir / MODEL_FILE
 
 
-def _rank_files(it_dir: Path) -> tuple[dict[tuple[int, int], Path], int, int]:
-    """{(tp_rank, pp_rank): model file}, TP, PP; every rank of the grid must be present."""
+def _rank_files(it_dir: Path, *, ep: int = 1) -> tuple[dict[tuple[int, int, int], Path], int, int, int]:
+    """{(tp_rank, pp_rank, ep_rank): model file}, TP, PP, EP; every rank of the grid must be present.
+
+    With expert parallelism the expert rank is the last `_EEE` (`mp_rank_TT_EEE` at PP=1 reads like a PP rank,
+    so `ep` from megallama.json decides; two groups, `mp_rank_TT_PPP_EEE`, always mean EP)."""
     found = {}
     for p in it_dir.iterdir():
         m = _RANK_DIR.match(p.name)
@@ -512,17 +525,25 @@ def _rank_files(it_dir: Path) -> tuple[dict[tuple[int, int], Path], int, int]:
             continue
         if (p / "optim.pt").is_file() and not model_file(p).is_file():
             continue  # a fork's per-DP optimizer shard folder (mp_rank_TT[_PPP]_DDD), no model in it
-        found[int(m.group(1)), int(m.group(2) or 0)] = (model_file(p), m.group(2) is None)
+        groups = [g for g in m.groups()[1:] if g is not None]
+        if len(groups) == 2:
+            ep = max(ep, 2)
+        pp_rank, ep_rank = (int(groups[0]) if groups else 0), 0
+        if ep > 1 and groups:
+            pp_rank, ep_rank = (int(groups[0]), int(groups[1])) if len(groups) == 2 else (0, int(groups[0]))
+        found[int(m.group(1)), pp_rank, ep_rank] = (model_file(p), len(groups) == (1 if ep > 1 else 0))
     if not found:
         raise InputError(f"{it_dir} has no mp_rank_* folders")
     if len({plain for _, plain in found.values()}) > 1:
         raise InputError(f"{it_dir} mixes mp_rank_TT and mp_rank_TT_PPP folders")
-    tp, pp = max(t for t, _ in found) + 1, max(p for _, p in found) + 1
-    missing = [checkpoint_dir(it_dir.parent, 0, t, p, pp).name for p in range(pp) for t in range(tp)
-               if (t, p) not in found or not found[t, p][0].is_file()]
+    tp, pp = max(t for t, _, _ in found) + 1, max(p for _, p, _ in found) + 1
+    ep = max(e for _, _, e in found) + 1
+    missing = [checkpoint_dir(it_dir.parent, 0, t, p, pp, e, ep).name for p in range(pp) for e in range(ep)
+               for t in range(tp) if (t, p, e) not in found or not found[t, p, e][0].is_file()]
     if missing:
-        raise InputError(f"{it_dir} is missing {MODEL_FILE} for {', '.join(missing[:4])} (TP={tp}, PP={pp} grid)")
-    return {k: f for k, (f, _) in found.items()}, tp, pp
+        raise InputError(f"{it_dir} is missing {MODEL_FILE} for {', '.join(missing[:4])} (TP={tp}, PP={pp}"
+                         f"{f', EP={ep}' if ep > 1 else ''} grid)")
+    return {k: f for k, (f, _) in found.items()}, tp, pp, ep
 
 
 def _check_saved_grid(it_dir: Path, files: dict, args, *, tp: int, pp: int) -> None:
@@ -547,15 +568,15 @@ def _model(ckpt: dict, path: Path) -> dict:
     return ckpt["model"]
 
 
-def _validate(files: dict, spec: ModelSpec, *, tp: int, pp: int, padded: int, layout: Layout) -> None:
+def _validate(files: dict, spec: ModelSpec, *, tp: int, pp: int, padded: int, layout: Layout, ep: int = 1) -> None:
     """Every rank holds exactly the keys and shapes its stage needs; collect all problems, raise once.
     Keys no rule places are refused (named), except those with nothing to convert (`IGNORED_SUFFIXES`)."""
     shapes = expected_shapes(spec)
     problems: list[str] = []
-    for (_, pp_rank), path in sorted(files.items(), key=lambda kv: kv[0][::-1]):
+    for (_, pp_rank, ep_rank), path in sorted(files.items(), key=lambda kv: kv[0][::-1]):
         model = layout.rename(flatten(_model(load_rank_file(path), path)))
         want = {}
-        for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp):
+        for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp, ep_rank=ep_rank, ep=ep):
             if rule.sources:
                 want[rule.target] = rank_shape(rule.kind, spec, shapes.get(rule.sources[0], ()), tp=tp,
                                                padded_vocab_size=padded)
