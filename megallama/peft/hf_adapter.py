@@ -168,6 +168,7 @@ def read_peft_adapter(path: Path, spec: ModelSpec, *, rank: int | None = None):
     alpha = scale * rank, so each fused delta is exactly the sum of its projections' deltas (fp32 round-off in
     the scale aside; B is rescaled only where a projection's own scale differs, alpha_pattern / rank_pattern).
     """
+    from megallama.peft.config import TARGETS as MODEL_ORDER
     from megallama.peft.store import AdapterSet, PeftRecord
 
     folder = read_peft_folder(path, spec)
@@ -177,8 +178,8 @@ def read_peft_adapter(path: Path, spec: ModelSpec, *, rank: int | None = None):
                          f"got {rank}")
     rank = rank or need
     tensors, scale = projections_to_fused(folder.adapters, spec, rank=rank)
-    targets = tuple(t.name for t in TARGETS.values()
-                    if any(k.endswith(f".{t.module}.adapter.linear_in.weight") for k in tensors))
+    targets = tuple(t for t in MODEL_ORDER  # peft.json order
+                    if any(k.endswith(f".{TARGETS[t].module}.adapter.linear_in.weight") for k in tensors))
     record = PeftRecord(method=folder.method, rank=rank, alpha=scale * rank,
                         dropout=float(folder.config.get("lora_dropout") or 0.0), targets=targets,
                         base_path=str(folder.config.get("base_model_name_or_path") or ""), base_fingerprint="")

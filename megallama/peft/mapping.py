@@ -172,7 +172,7 @@ def projections_to_fused(projs: dict[str, ProjAdapter], spec: ModelSpec, *, rank
                                  f"{', '.join(target.projections)}; {', '.join(missing)} has none")
             a_blocks, b_blocks, m_parts, col = [], [], [], 0
             in_features = next(pa.a.shape[1] for _, pa in present if pa is not None)
-            out_rows = [t.shape[0] for t in split_rows(target.kind, torch.empty(_out_features(target, spec), 0),
+            out_rows = [t.shape[0] for t in split_rows(target.kind, torch.empty(_out_features(target, spec)),
                                                         spec)]
             for (_, pa), rows in zip(present, out_rows, strict=True):
                 b = torch.zeros(rows, rank, dtype=dtype)  # [out_p, R]
@@ -205,7 +205,7 @@ def _out_features(target: Target, spec: ModelSpec) -> int:
 
 def projection_shape(target: Target, spec: ModelSpec, projection: str) -> tuple[int, int]:
     """(out, in) of one HF projection's weight, for checking that an adapter fits the base."""
-    rows = split_rows(target.kind, torch.empty(_out_features(target, spec), 0), spec)
+    rows = split_rows(target.kind, torch.empty(_out_features(target, spec)), spec)
     out = rows[target.projections.index(projection)].shape[0]
     in_features = spec.ffn_hidden_size if target.name == "linear_fc2" else spec.hidden_size
     return out, in_features
