@@ -145,8 +145,8 @@ def test_split_b_like_the_weight_and_block_diagonal_fuse_are_exact(hf_dir):
         layer, projection = int(module.split(".")[2]), module.split(".", 3)[3]
         target = mapping.PROJECTION_TARGET[projection.rsplit(".", 1)[1]]
         prefix = f"decoder.layers.{layer}.{target.module}.adapter."
-        parts = mapping.split_rows(target.kind, fused[prefix + "linear_out.weight"] @ fused[prefix + "linear_in.weight"],
-                                   spec)
+        fused_delta = fused[prefix + "linear_out.weight"] @ fused[prefix + "linear_in.weight"]
+        parts = mapping.split_rows(target.kind, fused_delta, spec)
         torch.testing.assert_close(parts[target.projections.index(projection)], pa.b @ pa.a)
 
 
