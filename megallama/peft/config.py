@@ -107,3 +107,21 @@ def peft_config(block: dict | None) -> PeftConfig:
     return PeftConfig(method=block["method"], rank=int(block["rank"]), alpha=float(block["alpha"]),
                       dropout=float(block["dropout"]), targets=resolve_targets(block["targets"]),
                       init_from=block.get("init_from"))
+
+
+def adapter_shapes(spec, target: str) -> tuple[int, int]:
+    """(in_features, out_features) of the whole (TP1) linear `target` of one layer of `spec`."""
+    q_out = spec.num_heads * spec.head_dim
+    return {"linear_qkv": (spec.hidden_size, q_out + 2 * spec.num_kv_heads * spec.head_dim),
+            "linear_proj": (q_out, spec.hidden_size),
+            "linear_fc1": (spec.hidden_size, 2 * spec.ffn_hidden_size),
+            "linear_fc2": (spec.ffn_hidden_size, spec.hidden_size)}[target]
+
+
+def trainable_parameters(spec, peft: PeftConfig) -> int:
+    """Adapter parameters of the whole model: rank x (in + out) per targeted linear, plus out for DoRA."""
+    per_layer = 0
+    for target in peft.targets:
+        fan_in, fan_out = adapter_shapes(spec, target)
+        per_layer += peft.rank * (fan_in + fan_out) + (fan_out if peft.dora else 0)
+    return per_layer * spec.num_layers

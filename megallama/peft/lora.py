@@ -203,6 +203,18 @@ def apply_adapters(model, peft: PeftConfig, *, seed: int) -> None:
                         swiglu=gated and target == "linear_fc1")
     for name, param in model.named_parameters():
         param.requires_grad = ".adapter." in name
+    if getattr(model, "pre_process", False):
+        # With a frozen embedding the decoder's input needs no grad, and megatron-core's full recompute
+        # (a reentrant checkpoint) then returns outputs without grad: the adapters inside would get none
+        # (Megatron-Bridge #1750). Marking the input as requiring grad keeps the graph (HF's
+        # enable_input_require_grads does the same).
+        model.embedding.register_forward_hook(_require_grad)
+
+
+def _require_grad(module, inputs, output):
+    if isinstance(output, torch.Tensor) and not output.requires_grad:
+        output.requires_grad_(True)
+    return output
 
 
 def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
