@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,3 +322,41 @@ def test_bad_adapters_and_runs_exit_2_with_one_line_and_write_nothing(hf_dirs, t
         assert result.exit_code == 2, (message, result.output)
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
         assert not out.exists()
+
+
+# ---------------------------------------------------------------- end to end: a real LoRA run at TP2 x PP2
+@pytest.mark.slow
+def test_dora_run_at_tp2_pp2_exports_an_adapter_peft_agrees_with(tmp_path):
+    """sft trains DoRA at TP2 x PP2 (4 gloo ranks); `--peft` gives a folder whose peft logits equal the merged
+    export's; megatron2megatron's merged checkpoint reads back to the same tensors as megatron2hf's."""
+    from megallama.convert import convert
+    from megallama.sft.data import learnable_lines, make_learnable_dataset
+    from megallama.tiny import make_hf_checkpoint, train_tokenizer
+
+    hf = make_hf_checkpoint(tmp_path / "hf", "llama2")
+    train_tokenizer(hf, vocab_size=320, extra_lines=learnable_lines())  # short prompts -> short sequences
+    convert(hf, tmp_path / "base", src_format="hf", dst_format="megatron", tp=2, pp=2)
+    train = make_learnable_dataset(tmp_path / "train.jsonl", n=64, seed=0)
+    config = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["sft", "--config", str(config), f"load={tmp_path / 'base'}", f"data.train={train}",
+                                 f"output={run}", "train.steps=3", "train.warmup_steps=1", "train.save_interval=3",
+                                 "train.eval_interval=100", "peft.method=dora", f"peft.rank={RANK}",
+                                 f"peft.alpha={ALPHA}", "parallel.tp=2", "parallel.pp=2"])
+    assert result.exit_code == 0, result.output
+
+    assert cli("megatron2hf", "--input-dir", run, "--output-dir", tmp_path / "adapter", "--peft").exit_code == 0
+    assert cli("megatron2hf", "--input-dir", run, "--output-dir", tmp_path / "merged").exit_code == 0
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = merged(tokens(hf)).logits
+        base = base_model(hf)(tokens(hf)).logits
+    assert not torch.allclose(reference, base, **TOL)  # the run trained something
+    torch.testing.assert_close(peft_logits(hf, tmp_path / "adapter"), reference, **TOL)
+
+    result = cli("megatron2megatron", "--input-dir", run, "--output-dir", tmp_path / "meg", "--ckpt-format", "torch",
+                 "--tp", "2")
+    assert result.exit_code == 0, result.output
+    assert cli("megatron2hf", "--input-dir", tmp_path / "meg", "--output-dir", tmp_path / "meg-hf").exit_code == 0
+    a, b = load_file(tmp_path / "meg-hf" / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
