@@ -34,6 +34,7 @@ class Inspection:
     tokenizer_type: str | None = None  # as Megatron-LM's --tokenizer-type would name it
     optimizer_state: bool = False
     notes: list[str] = field(default_factory=list)
+    peft: dict | None = None  # a LoRA/DoRA run: method, rank, alpha, dropout, targets, base, adapter_parameters
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -48,7 +49,7 @@ def inspect_checkpoint(path: Path, *, layout: str | None = None) -> Inspection:
     # Megatron first: the forks' folders also hold the config.json / params.json their args lack
     dist = _torch_dist_dir(path)
     if dist is not None:
-        return _torch_dist(path, dist)
+        return _with_peft(_torch_dist(path, dist), dist)
     if (path / "latest_checkpointed_iteration.txt").is_file() or any(d.name.startswith("mp_rank_")
                                                                       for d in _subdirs(path)):
         return _megatron(path, layout)
@@ -165,3 +166,24 @@ def _dcp_tensors(it_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise InputError(f"{it_dir / '.metadata'} is not readable DCP metadata: {type(e).__name__}: {e}") from None
     return {k: (tuple(m.size), normalize_dtype(str(m.properties.dtype)))
             for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def _with_peft(report: Inspection, it_dir: Path) -> Inspection:
+    """A LoRA/DoRA run (peft.json): its record, and the adapters' parameter count from the DCP metadata."""
+    from megallama.peft.store import is_peft_run, read_record, run_root
+
+    if not is_peft_run(it_dir):
+        return report
+    record = read_record(it_dir if (it_dir / "peft.json").is_file() else run_root(it_dir))
+    sizes = [shape for key, (shape, _) in _dcp_tensors(it_dir).items()
+             if key.startswith("decoder.layers.") and ".adapter." in key]
+    count = 0
+    for shape in sizes:
+        n = 1
+        for d in shape:
+            n *= d
+        count += n
+    report.peft = {**record.to_json(), "adapter_parameters": count}
+    report.notes.append(f"{record.method} run: the checkpoint holds only adapters (rank {record.rank}, "
+                        f"{count:,} parameters) and their optimizer state; the base is {record.base_path}")
+    return report

@@ -49,6 +49,11 @@ def load_model(job: dict):
                                 padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"])
     model = build_gpt_model(spec, padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"]).eval()
     model.load_state_dict(state, strict=True)
+    if job.get("adapters"):  # a LoRA/DoRA run: its adapters on the base, unmerged
+        from megallama.peft.lora import attach_adapters
+        from megallama.peft.store import read_adapters
+
+        attach_adapters(model, read_adapters(Path(job["adapters"])))
     return model, spec
 
 

@@ -223,3 +223,43 @@ def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 def is_adapter_key(key: str) -> bool:
     return ".adapter." in key and not key.endswith("_extra_state")
+
+
+def load_full_adapters(model, tensors: dict) -> None:
+    """Copy full (TP-gathered, global-layer) adapter tensors, the store's exchange format, into this rank's
+    adapter slices (each sliced as `wrap_linear` split it)."""
+    for layer in model.decoder.layers:
+        for path, linear in layer.named_modules():
+            if not isinstance(linear, _LoraLinear):
+                continue
+            tp, rank = linear.tp_group.size(), linear.tp_group.rank()
+            prefix = f"decoder.layers.{layer.layer_number - 1}.{path}.adapter."
+            for name, param in linear.adapter.named_parameters():
+                if prefix + name not in tensors:
+                    raise InputError(f"the adapter has no {prefix + name}: it does not fit this model's targets")
+                full = tensors[prefix + name]
+                dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+                part = full if dim is None else _tp_slice(full, dim, rank, tp, swiglu=linear.lora_swiglu and dim == 0)
+                if tuple(part.shape) != tuple(param.shape):
+                    raise InputError(f"adapter {prefix + name} has shape {tuple(full.shape)}, which does not fit "
+                                     f"this model (this rank's slice is {tuple(param.shape)})")
+                with torch.no_grad():
+                    param.copy_(part)
+
+
+def _tp_slice(full: torch.Tensor, dim: int, rank: int, tp: int, *, swiglu: bool) -> torch.Tensor:
+    if swiglu:  # [gate; up] -> [gate_t; up_t]
+        return torch.cat([_tp_slice(half, dim, rank, tp, swiglu=False) for half in full.chunk(2, dim=dim)], dim=dim)
+    size = full.shape[dim] // tp
+    return full.narrow(dim, rank * size, size)
+
+
+def attach_adapters(model, adapters) -> None:
+    """A trained run's adapters (a store.AdapterSet) on a GPTModel that holds its base: for generate / verify,
+    applied without merging."""
+    from megallama.peft.config import PeftConfig
+
+    r = adapters.record
+    apply_adapters(model, PeftConfig(method=r.method, rank=r.rank, alpha=r.alpha, dropout=0.0,
+                                     targets=tuple(r.targets)), seed=0)
+    load_full_adapters(model, adapters.tensors)

@@ -185,3 +185,15 @@ def check_base(record: PeftRecord, path: Path, *, fingerprint: str | None = None
         raise InputError(f"{path} is not the base this adapter was trained on: its fingerprint {found[:19]}... "
                          f"differs from the recorded {record.base_fingerprint[:19]}... (base {record.base_path}); "
                          "pass the original base model")
+
+
+def checked_base(run: Path, base: Path | None = None) -> tuple[Path, PeftRecord]:
+    """(the base folder of LoRA run `run`, its record): `base`, else the recorded path; InputError when it is
+    missing or has another fingerprint (for tools that load a run: generate, verify)."""
+    from megallama.peft.merge import resolve_base
+
+    root = run_root(Path(run))
+    record = read_record(root)
+    path = resolve_base(root, record.base_path, base)
+    check_base(record, path)
+    return path, record

@@ -54,6 +54,11 @@ def prepare_run(cfg: dict) -> tuple[Path, PeftRecord]:
     if is_peft_run(base):
         raise InputError(f"load {base} is a LoRA/DoRA run, not a base model: set load to its base "
                          f"({read_record(base).base_path}) and pass --resume with output={base} to continue it")
+    if peft.init_from:  # refused here, before launch, when it does not fit
+        from megallama.peft.store import open_any
+
+        with open_any(base) as reader:
+            init_from_adapter(Path(peft.init_from), reader.spec, peft)
     record = PeftRecord(method=peft.method, rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
                         targets=tuple(peft.targets), base_path=str(base), base_fingerprint=base_fingerprint(base))
     return base, record
@@ -92,9 +97,9 @@ def _gib(n: float) -> str:
 
 
 # ---------------------------------------------------------------- in the workers (collective)
-def build_adapted(gpt, cfg: dict, peft: PeftConfig) -> PeftRecord:
+def build_adapted(gpt, cfg: dict, peft: PeftConfig, spec) -> PeftRecord:
     """Base weights into this rank's bare GPTModel, then adapters on it (base frozen); returns the record."""
-    from megallama.peft.lora import apply_adapters
+    from megallama.peft.lora import apply_adapters, load_full_adapters
     from megallama.sft import checkpoint as ckpt
     from megallama.sft import dist_checkpoint
 
@@ -108,48 +113,23 @@ def build_adapted(gpt, cfg: dict, peft: PeftConfig) -> PeftRecord:
         ckpt.load_model(gpt, dist_checkpoint.load(start.it_dir, model=gpt))
     apply_adapters(gpt, peft, seed=cfg["train"]["seed"])
     if peft.init_from:
-        load_full_adapters(gpt, _init_from(Path(peft.init_from), gpt))
+        load_full_adapters(gpt, init_from_adapter(Path(peft.init_from), spec, peft))
     return record
 
 
-def _init_from(folder: Path, gpt) -> dict:
-    """Full adapter tensors from an HF PEFT folder (megallama.peft.hf_adapter, peftio's reader)."""
-    try:
-        from megallama.peft import hf_adapter
-    except ImportError:
-        raise InputError("peft.init_from needs megallama.peft.hf_adapter, which this build lacks") from None
-    return hf_adapter.read_hf_adapter_full(folder, spec=gpt.config)
+def init_from_adapter(folder: Path, spec, peft: PeftConfig) -> dict:
+    """The full fused adapter tensors of the HF PEFT folder `folder` (peft.init_from) for this run's adapter
+    shape: padded to peft.rank, B rescaled so that alpha / rank gives the adapter's own deltas; InputError when
+    its method or targets differ from the peft: block."""
+    from megallama.peft.hf_adapter import read_peft_adapter
 
-
-def load_full_adapters(gpt, tensors: dict) -> None:
-    """Copy full (TP-gathered, global-layer) adapter tensors into this rank's adapter slices."""
-    import torch
-    from megatron.core import parallel_state as ps
-
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    for layer in gpt.decoder.layers:
-        for path, linear in layer.named_modules():
-            if not hasattr(linear, "adapter"):
-                continue
-            prefix = f"decoder.layers.{layer.layer_number - 1}.{path}.adapter."
-            for name, param in linear.adapter.named_parameters():
-                full = tensors[prefix + name]
-                dim = None if not getattr(param, "tensor_model_parallel", False) else param.partition_dim
-                part = full if dim is None else _slice(full, dim, rank, tp, swiglu=linear.lora_swiglu and dim == 0)
-                if tuple(part.shape) != tuple(param.shape):
-                    raise InputError(f"adapter {prefix + name} has shape {tuple(full.shape)}, which does not fit "
-                                     f"this model (rank slice {tuple(param.shape)})")
-                with torch.no_grad():
-                    param.copy_(part)
-
-
-def _slice(full, dim: int, rank: int, tp: int, *, swiglu: bool):
-    if swiglu:  # [gate; up] -> [gate_t; up_t]
-        import torch
-
-        return torch.cat([_slice(half, dim, rank, tp, swiglu=False) for half in full.chunk(2, dim=dim)], dim=dim)
-    size = full.shape[dim] // tp
-    return full.narrow(dim, rank * size, size)
+    adapters = read_peft_adapter(folder, spec, rank=peft.rank)
+    record = adapters.record
+    if record.method != peft.method or tuple(record.targets) != tuple(peft.targets):
+        raise InputError(f"peft.init_from {folder} is a {record.method} adapter on {', '.join(record.targets)}; "
+                         f"set peft.method={record.method} and peft.targets={','.join(record.targets)}")
+    ratio = record.scale / peft.scale
+    return {k: v * ratio if k.endswith("linear_out.weight") else v for k, v in adapters.tensors.items()}
 
 
 def restore(start, *, model, optimizer, scheduler) -> list[str]:

@@ -239,7 +239,7 @@ def train(cfg: dict) -> None:
     gpt = build_gpt_model(spec, padded_vocab_size=manifest["padded_vocab_size"], dtype=normalize_dtype(t["precision"]),
                           attention=t["attention"], sequence_parallel=p["sequence_parallel"],
                           recompute=t["recompute"], calculate_per_token_loss=True)
-    peft_record = peft_training.build_adapted(gpt, cfg, peft) if peft.enabled else None  # base frozen, adapters
+    peft_record = peft_training.build_adapted(gpt, cfg, peft, spec) if peft.enabled else None  # base frozen, adapters
     state = ckpt.load_rank_state(start) if start.fmt == "torch" and not peft.enabled else None
     if state is not None:
         ckpt.load_model(gpt, state)  # before wrapping: DDP moves the parameters into its buffers

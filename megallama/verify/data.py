@@ -69,6 +69,8 @@ class Job:
     token_source: str
     notes: list[str] = field(default_factory=list)
     layout: str = "mcore-local"  # other layouts are converted to local-spec rank dicts by the workers
+    adapters: str | None = None  # a LoRA/DoRA run: the Megatron side applies its adapters to `megatron` (its base)
+    reference_adapter: str | None = None  # an HF PEFT adapter folder peft applies to the HF reference
 
 
 def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64,
@@ -237,8 +239,9 @@ def _keep(captures: dict, name: str):
     return hook
 
 
-def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str) -> dict[str, torch.Tensor]:
-    """transformers' LlamaForCausalLM with forward hooks on every compared module."""
+def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str, adapter: Path | None = None) -> dict[str, torch.Tensor]:
+    """transformers' LlamaForCausalLM with forward hooks on every compared module; with `adapter`, HF peft's
+    LoRA/DoRA layers from that adapter folder injected (unmerged)."""
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -249,6 +252,10 @@ def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str) -> dict[str, to
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).base_model.model  # the LlamaForCausalLM, adapted
     model = model.to(reference_device()).eval()
     captures: dict[str, torch.Tensor] = {}
     inner = model.model
