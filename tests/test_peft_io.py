@@ -254,10 +254,16 @@ def make_peft_adapter(hf_dir, folder, *, dora: bool, patterns: bool = False, see
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "patterns"])
 def test_hf2megatron_adapter_then_megatron2hf_equals_merge_and_unload(hf_dir, tmp_path, variant):
+    """hf2megatron (pth2megatron for plain LoRA) --adapter, then megatron2hf: peft's merge_and_unload() bit for bit."""
     model = make_peft_adapter(hf_dir, tmp_path / "adapter", dora=variant == "dora", patterns=variant == "patterns")
     want = model.merge_and_unload().state_dict()
-    result = cli("hf2megatron", "--input-dir", hf_dir, "--output-dir", tmp_path / "meg", "--adapter",
-                 tmp_path / "adapter")
+    if variant == "lora":  # the Meta pth route: pth2megatron --adapter
+        assert cli("hf2pth", "--input-dir", hf_dir, "--output-dir", tmp_path / "pth").exit_code == 0
+        result = cli("pth2megatron", "--input-dir", tmp_path / "pth", "--output-dir", tmp_path / "meg", "--adapter",
+                     tmp_path / "adapter")
+    else:
+        result = cli("hf2megatron", "--input-dir", hf_dir, "--output-dir", tmp_path / "meg", "--adapter",
+                     tmp_path / "adapter")
     assert result.exit_code == 0, result.output
     assert cli("megatron2hf", "--input-dir", tmp_path / "meg", "--output-dir", tmp_path / "hf").exit_code == 0
     got = load_file(tmp_path / "hf" / "model.safetensors")
