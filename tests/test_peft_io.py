@@ -306,6 +306,10 @@ def test_bad_adapters_and_runs_exit_2_with_one_line_and_write_nothing(hf_dirs, t
     embed = _adapter_with(tmp_path, hf_dir, "embed", lambda c: c.update(target_modules=["q_proj", "embed_tokens"]))
     to_save = _adapter_with(tmp_path, hf_dir, "save", lambda c: c.update(modules_to_save=["lm_head"]))
     unknown = _adapter_with(tmp_path, hf_dir, "unknown", lambda c: c.update(target_modules=["q_proj", "qkv_proj"]))
+    ia3 = _adapter_with(tmp_path, hf_dir, "ia3", lambda c: c.update(peft_type="IA3"))
+    head = _adapter_with(tmp_path, hf_dir, "head", change_weights=lambda w: w.update({
+        "base_model.model.lm_head.lora_A.weight": torch.zeros(RANK, 64)}))
+    no_mag = _adapter_with(tmp_path, hf_dir, "no_mag", lambda c: c.update(use_dora=True))
     other = tmp_path / "other"  # an MHA model's adapter: k/v shapes do not fit the GQA base
     make_peft_adapter(hf_dirs["llama1"], other, dora=False)
     meg = tmp_path / "meg"
@@ -317,6 +321,9 @@ def test_bad_adapters_and_runs_exit_2_with_one_line_and_write_nothing(hf_dirs, t
         "modules_to_save": ["hf2megatron", "--input-dir", hf_dir, "--adapter", to_save],
         "unknown target module": ["hf2megatron", "--input-dir", hf_dir, "--adapter", unknown],
         "does not fit the base": ["hf2megatron", "--input-dir", hf_dir, "--adapter", other],
+        "only LORA": ["hf2megatron", "--input-dir", hf_dir, "--adapter", ia3],
+        "adapts lm_head": ["hf2megatron", "--input-dir", hf_dir, "--adapter", head],
+        "has no lora_magnitude_vector": ["hf2megatron", "--input-dir", hf_dir, "--adapter", no_mag],
         "not a LoRA/DoRA run": ["megatron2hf", "--input-dir", meg, "--peft"],
         "is not the base": ["megatron2hf", "--input-dir", run, "--base", hf_dirs["tied"]],
         "--base is for a LoRA/DoRA run": ["megatron2pth", "--input-dir", meg, "--base", hf_dir],
