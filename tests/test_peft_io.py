@@ -234,13 +234,16 @@ def test_dora_exports_the_trained_magnitude_and_dropping_it_fails(hf_dir, tmp_pa
 
 
 # ---------------------------------------------------------------- import: merge_and_unload is the judge
-def make_peft_adapter(hf_dir, folder, *, dora: bool, patterns: bool = False, seed: int = 0):
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(hf_dir, folder, *, dora: bool, patterns: bool = False, seed: int = 0,
+                      targets: list[str] = ALL_PROJECTIONS):
     """An adapter trained 'elsewhere': made by peft, with random non-zero B (and magnitude)."""
     torch.manual_seed(seed)
     extra = dict(rank_pattern={"k_proj": 2}, alpha_pattern={"down_proj": 3.0}, use_rslora=True) if patterns else {}
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, use_dora=dora, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"], **extra)
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, use_dora=dora, task_type="CAUSAL_LM", target_modules=targets,
+                          **extra)
     model = peft.get_peft_model(base_model(hf_dir), cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -272,18 +275,21 @@ def test_hf2megatron_adapter_then_megatron2hf_equals_merge_and_unload(hf_dir, tm
         assert torch.equal(tensor, want[name]), name
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_read_peft_adapter_fuses_into_one_adapter_with_the_same_logits(hf_dir, tmp_path, dora):
+@pytest.mark.parametrize("variant", ["lora", "dora", "partial"])
+def test_read_peft_adapter_fuses_into_one_adapter_with_the_same_logits(hf_dir, tmp_path, variant):
     """peft.init_from: q/k/v -> one rank-3r linear_qkv adapter with block-diagonal B (gate/up: 2r), padded to one
-    rank; merged into the fused weights it gives peft's own logits."""
-    model = make_peft_adapter(hf_dir, tmp_path / "adapter", dora=dora, seed=5)
+    rank; merged into the fused weights it gives peft's own logits. `partial`: q/v and gate only, k/up get zero
+    blocks, o/down no adapter (and rank/alpha patterns, rsLoRA)."""
+    dora, partial = variant == "dora", variant == "partial"
+    model = make_peft_adapter(hf_dir, tmp_path / "adapter", dora=dora, seed=5, patterns=partial,
+                              targets=["q_proj", "v_proj", "gate_proj"] if partial else ALL_PROJECTIONS)
     with torch.no_grad():
         want = model(tokens(hf_dir)).logits
     adapter_set = read_peft_adapter(tmp_path / "adapter", spec_of(hf_dir))
     record = adapter_set.record
-    assert (record.rank, record.method, record.targets) == (3 * RANK, "dora" if dora else "lora", TARGETS)
-    qkv_b = adapter_set.tensors["decoder.layers.0.self_attention.linear_qkv.adapter.linear_out.weight"]
-    assert qkv_b.shape[1] == 3 * RANK
+    targets = ("linear_qkv", "linear_fc1") if partial else TARGETS
+    assert (record.rank, record.method, record.targets) == ((2 if partial else 3) * RANK, "dora" if dora else "lora",
+                                                            targets)
     got = logits_of_state(hf_dir, reference_state(hf_dir, adapter_set.tensors, record.alpha / record.rank))
     torch.testing.assert_close(got, want, **TOL)
 
