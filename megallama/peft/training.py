@@ -112,7 +112,7 @@ def build_adapted(gpt, cfg: dict, peft: PeftConfig, spec) -> PeftRecord:
     else:
         ckpt.load_model(gpt, dist_checkpoint.load(start.it_dir, model=gpt))
     apply_adapters(gpt, peft, seed=cfg["train"]["seed"])
-    if peft.init_from:
+    if peft.init_from and not cfg["resume"]:  # a resumed run's adapters come from its own checkpoint
         load_full_adapters(gpt, init_from_adapter(Path(peft.init_from), spec, peft))
     return record
 

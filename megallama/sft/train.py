@@ -207,10 +207,10 @@ def train(cfg: dict) -> None:
     from megatron.core import parallel_state as ps
 
     from megallama.engine.model import build_gpt_model
+    from megallama.engine.runtime import init_distributed
     from megallama.formats.base import read_manifest
     from megallama.peft import training as peft_training
     from megallama.peft.config import peft_config
-    from megallama.engine.runtime import init_distributed
     from megallama.sft import checkpoint as ckpt
     from megallama.sft.data import global_batches
     from megallama.sft.packing import sample_lengths

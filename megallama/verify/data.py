@@ -239,7 +239,8 @@ def _keep(captures: dict, name: str):
     return hook
 
 
-def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str, adapter: Path | None = None) -> dict[str, torch.Tensor]:
+def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str,
+                adapter: Path | None = None) -> dict[str, torch.Tensor]:
     """transformers' LlamaForCausalLM with forward hooks on every compared module; with `adapter`, HF peft's
     LoRA/DoRA layers from that adapter folder injected (unmerged)."""
     from transformers import LlamaForCausalLM
