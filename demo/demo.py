@@ -3,7 +3,8 @@
 build a small LLaMA + tokenizer -> convert hf2pth -> pth2megatron (TP 2 x PP 2) -> verify layer-diff ->
 sft (TP 2 x PP 2, 4 processes) on a task the model visibly learns -> megatron2pth -> pth2hf -> `megallama
 generate` on the fine-tuned Megatron checkpoint (TP 2 x PP 2), cross-checked against transformers' greedy
-generation from the exported HF model; then a LoRA run on the base and `generate` on it (base + adapters).
+generation from the exported HF model; then a LoRA run on the base and `generate` on it (base + adapters), its
+adapter exported with `convert megatron2hf --peft`, and transformers + peft's answers compared with megallama's.
 Ends with a summary table, the model's answers and the path of loss.png.
 """
 
@@ -60,8 +61,9 @@ def build_inputs() -> tuple[Path, Path, Path]:
     return hf, train, evaluation
 
 
-def hf_generate(hf_dir: Path, records: list[dict]) -> list[str]:
-    """Greedy generation with transformers from the exported HF model, prompted with the SFT template."""
+def hf_generate(hf_dir: Path, records: list[dict], adapter: Path | None = None) -> list[str]:
+    """Greedy generation with transformers from the exported HF model (with `adapter`: an HF PEFT adapter folder
+    applied by peft), prompted with the SFT template."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -70,6 +72,10 @@ def hf_generate(hf_dir: Path, records: list[dict]) -> list[str]:
 
     tok = load_tokenizer(hf_dir)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
     rows = []
     for rec in records:
         prompt = alpaca_pieces({**rec, "output": ""}, bos_id=tok.bos_id, eos_id=None, where="demo")
@@ -119,6 +125,21 @@ def lora_leg(base: Path, train: Path, prompts: Path) -> Path:
     return run
 
 
+def peft_leg(run: Path, base_hf: Path, records: list[dict]) -> None:
+    """The LoRA run's adapter exported as an HF PEFT folder (docs/peft-io.md); transformers + peft on the HF base
+    must answer exactly as `generate` on the run did."""
+    adapter = OUT / "lora-adapter"
+    step("convert megatron2hf --peft (the adapter as an HF PEFT folder)",
+         megallama("convert", "megatron2hf", "--input-dir", str(run), "--output-dir", str(adapter), "--peft",
+                   "--base", str(base_hf)))
+    start = time.perf_counter()
+    answers = json.loads((OUT / "lora-answers.json").read_text())
+    same = sum(a["completion"] == h for a, h in zip(answers, hf_generate(base_hf, records, adapter=adapter),
+                                                     strict=True))
+    summary.append(("same answers from transformers + peft (exported adapter)", time.perf_counter() - start,
+                    f"{same}/{len(records)} identical"))
+
+
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
@@ -159,7 +180,8 @@ def main() -> None:
     same = sum(a["completion"] == h for a, h in zip(answers, hf_generate(OUT / "sft-hf", records), strict=True))
     summary.append(("same answers from transformers (exported HF)", time.perf_counter() - start,
                     f"{same}/{len(records)} identical"))
-    lora_leg(meg, train, prompts)
+    lora_run = lora_leg(meg, train, prompts)
+    peft_leg(lora_run, hf, records)
     metrics = [json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines()]
     train_losses = [m["loss"] for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import peft  # the judge (a dev dependency, pyproject [dev])
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
 from megallama.cli import app
@@ -24,9 +27,6 @@ from megallama.formats.megatron.torch_format import canonical_from_ranks, rank_s
 from megallama.peft import mapping
 from megallama.peft.hf_adapter import read_peft_adapter, write_peft_adapter
 from megallama.peft.store import PeftRecord, base_fingerprint, write_record
-
-peft = pytest.importorskip("peft")  # a dev dependency (pyproject [dev]): the judge
-from transformers import LlamaForCausalLM  # noqa: E402
 
 runner = CliRunner()
 RANK, ALPHA = 4, 8.0
@@ -234,13 +234,16 @@ def test_dora_exports_the_trained_magnitude_and_dropping_it_fails(hf_dir, tmp_pa
 
 
 # ---------------------------------------------------------------- import: merge_and_unload is the judge
-def make_peft_adapter(hf_dir, folder, *, dora: bool, patterns: bool = False, seed: int = 0):
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(hf_dir, folder, *, dora: bool, patterns: bool = False, seed: int = 0,
+                      targets: list[str] = ALL_PROJECTIONS):
     """An adapter trained 'elsewhere': made by peft, with random non-zero B (and magnitude)."""
     torch.manual_seed(seed)
     extra = dict(rank_pattern={"k_proj": 2}, alpha_pattern={"down_proj": 3.0}, use_rslora=True) if patterns else {}
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, use_dora=dora, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"], **extra)
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, use_dora=dora, task_type="CAUSAL_LM", target_modules=targets,
+                          **extra)
     model = peft.get_peft_model(base_model(hf_dir), cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -254,10 +257,16 @@ def make_peft_adapter(hf_dir, folder, *, dora: bool, patterns: bool = False, see
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "patterns"])
 def test_hf2megatron_adapter_then_megatron2hf_equals_merge_and_unload(hf_dir, tmp_path, variant):
+    """hf2megatron (pth2megatron for plain LoRA) --adapter, then megatron2hf: peft's merge_and_unload() bit for bit."""
     model = make_peft_adapter(hf_dir, tmp_path / "adapter", dora=variant == "dora", patterns=variant == "patterns")
     want = model.merge_and_unload().state_dict()
-    result = cli("hf2megatron", "--input-dir", hf_dir, "--output-dir", tmp_path / "meg", "--adapter",
-                 tmp_path / "adapter")
+    if variant == "lora":  # the Meta pth route: pth2megatron --adapter
+        assert cli("hf2pth", "--input-dir", hf_dir, "--output-dir", tmp_path / "pth").exit_code == 0
+        result = cli("pth2megatron", "--input-dir", tmp_path / "pth", "--output-dir", tmp_path / "meg", "--adapter",
+                     tmp_path / "adapter")
+    else:
+        result = cli("hf2megatron", "--input-dir", hf_dir, "--output-dir", tmp_path / "meg", "--adapter",
+                     tmp_path / "adapter")
     assert result.exit_code == 0, result.output
     assert cli("megatron2hf", "--input-dir", tmp_path / "meg", "--output-dir", tmp_path / "hf").exit_code == 0
     got = load_file(tmp_path / "hf" / "model.safetensors")
@@ -266,18 +275,21 @@ def test_hf2megatron_adapter_then_megatron2hf_equals_merge_and_unload(hf_dir, tm
         assert torch.equal(tensor, want[name]), name
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_read_peft_adapter_fuses_into_one_adapter_with_the_same_logits(hf_dir, tmp_path, dora):
+@pytest.mark.parametrize("variant", ["lora", "dora", "partial"])
+def test_read_peft_adapter_fuses_into_one_adapter_with_the_same_logits(hf_dir, tmp_path, variant):
     """peft.init_from: q/k/v -> one rank-3r linear_qkv adapter with block-diagonal B (gate/up: 2r), padded to one
-    rank; merged into the fused weights it gives peft's own logits."""
-    model = make_peft_adapter(hf_dir, tmp_path / "adapter", dora=dora, seed=5)
+    rank; merged into the fused weights it gives peft's own logits. `partial`: q/v and gate only, k/up get zero
+    blocks, o/down no adapter (and rank/alpha patterns, rsLoRA)."""
+    dora, partial = variant == "dora", variant == "partial"
+    model = make_peft_adapter(hf_dir, tmp_path / "adapter", dora=dora, seed=5, patterns=partial,
+                              targets=["q_proj", "v_proj", "gate_proj"] if partial else ALL_PROJECTIONS)
     with torch.no_grad():
         want = model(tokens(hf_dir)).logits
     adapter_set = read_peft_adapter(tmp_path / "adapter", spec_of(hf_dir))
     record = adapter_set.record
-    assert (record.rank, record.method, record.targets) == (3 * RANK, "dora" if dora else "lora", TARGETS)
-    qkv_b = adapter_set.tensors["decoder.layers.0.self_attention.linear_qkv.adapter.linear_out.weight"]
-    assert qkv_b.shape[1] == 3 * RANK
+    targets = ("linear_qkv", "linear_fc1") if partial else TARGETS
+    assert (record.rank, record.method, record.targets) == ((2 if partial else 3) * RANK, "dora" if dora else "lora",
+                                                            targets)
     got = logits_of_state(hf_dir, reference_state(hf_dir, adapter_set.tensors, record.alpha / record.rank))
     torch.testing.assert_close(got, want, **TOL)
 
@@ -300,6 +312,10 @@ def test_bad_adapters_and_runs_exit_2_with_one_line_and_write_nothing(hf_dirs, t
     embed = _adapter_with(tmp_path, hf_dir, "embed", lambda c: c.update(target_modules=["q_proj", "embed_tokens"]))
     to_save = _adapter_with(tmp_path, hf_dir, "save", lambda c: c.update(modules_to_save=["lm_head"]))
     unknown = _adapter_with(tmp_path, hf_dir, "unknown", lambda c: c.update(target_modules=["q_proj", "qkv_proj"]))
+    ia3 = _adapter_with(tmp_path, hf_dir, "ia3", lambda c: c.update(peft_type="IA3"))
+    head = _adapter_with(tmp_path, hf_dir, "head", change_weights=lambda w: w.update({
+        "base_model.model.lm_head.lora_A.weight": torch.zeros(RANK, 64)}))
+    no_mag = _adapter_with(tmp_path, hf_dir, "no_mag", lambda c: c.update(use_dora=True))
     other = tmp_path / "other"  # an MHA model's adapter: k/v shapes do not fit the GQA base
     make_peft_adapter(hf_dirs["llama1"], other, dora=False)
     meg = tmp_path / "meg"
@@ -311,6 +327,9 @@ def test_bad_adapters_and_runs_exit_2_with_one_line_and_write_nothing(hf_dirs, t
         "modules_to_save": ["hf2megatron", "--input-dir", hf_dir, "--adapter", to_save],
         "unknown target module": ["hf2megatron", "--input-dir", hf_dir, "--adapter", unknown],
         "does not fit the base": ["hf2megatron", "--input-dir", hf_dir, "--adapter", other],
+        "only LORA": ["hf2megatron", "--input-dir", hf_dir, "--adapter", ia3],
+        "adapts lm_head": ["hf2megatron", "--input-dir", hf_dir, "--adapter", head],
+        "has no lora_magnitude_vector": ["hf2megatron", "--input-dir", hf_dir, "--adapter", no_mag],
         "not a LoRA/DoRA run": ["megatron2hf", "--input-dir", meg, "--peft"],
         "is not the base": ["megatron2hf", "--input-dir", run, "--base", hf_dirs["tied"]],
         "--base is for a LoRA/DoRA run": ["megatron2pth", "--input-dir", meg, "--base", hf_dir],
@@ -321,3 +340,49 @@ def test_bad_adapters_and_runs_exit_2_with_one_line_and_write_nothing(hf_dirs, t
         assert result.exit_code == 2, (message, result.output)
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
         assert not out.exists()
+
+
+# ---------------------------------------------------------------- end to end: a real LoRA run at TP2 x PP2
+@pytest.mark.slow
+def test_dora_run_at_tp2_pp2_exports_an_adapter_peft_agrees_with(tmp_path):
+    """sft trains DoRA at TP2 x PP2 (4 gloo ranks); `--peft` gives a folder whose peft logits equal the merged
+    export's and megallama's Megatron forward of the run (verify layer-diff, 4 ranks); megatron2megatron's merged
+    checkpoint reads back to the same tensors as megatron2hf's."""
+    from megallama.convert import convert
+    from megallama.sft.data import learnable_lines, make_learnable_dataset
+    from megallama.tiny import make_hf_checkpoint, train_tokenizer
+
+    hf = make_hf_checkpoint(tmp_path / "hf", "llama2")
+    train_tokenizer(hf, vocab_size=320, extra_lines=learnable_lines())  # short prompts -> short sequences
+    convert(hf, tmp_path / "base", src_format="hf", dst_format="megatron", tp=2, pp=2)
+    train = make_learnable_dataset(tmp_path / "train.jsonl", n=64, seed=0)
+    config = Path(__file__).parents[1] / "configs" / "sft" / "tiny-cpu.yaml"
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["sft", "--config", str(config), f"load={tmp_path / 'base'}", f"data.train={train}",
+                                 f"output={run}", "train.steps=3", "train.warmup_steps=1", "train.save_interval=3",
+                                 "train.eval_interval=100", "peft.method=dora", f"peft.rank={RANK}",
+                                 f"peft.alpha={ALPHA}", "parallel.tp=2", "parallel.pp=2"])
+    assert result.exit_code == 0, result.output
+
+    assert cli("megatron2hf", "--input-dir", run, "--output-dir", tmp_path / "adapter", "--peft").exit_code == 0
+    assert cli("megatron2hf", "--input-dir", run, "--output-dir", tmp_path / "merged").exit_code == 0
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = merged(tokens(hf)).logits
+        base = base_model(hf)(tokens(hf)).logits
+    assert not torch.allclose(reference, base, **TOL)  # the run trained something
+    torch.testing.assert_close(peft_logits(hf, tmp_path / "adapter"), reference, **TOL)
+    # megallama's Megatron forward (base + adapters unmerged, TP2 x PP2) against peft on the exported adapter
+    result = runner.invoke(app, ["verify", "layer-diff", "--megatron", str(run), "--reference", str(hf), "--json",
+                                 str(tmp_path / "verify.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "verify.json").read_text())
+    assert (report["tp"], report["pp"], report["verdict"]) == (2, 2, "PASS")
+    assert report["max_abs_logits_diff"] <= 1e-5, report["max_abs_logits_diff"]
+
+    result = cli("megatron2megatron", "--input-dir", run, "--output-dir", tmp_path / "meg", "--ckpt-format", "torch",
+                 "--tp", "2")
+    assert result.exit_code == 0, result.output
+    assert cli("megatron2hf", "--input-dir", tmp_path / "meg", "--output-dir", tmp_path / "meg-hf").exit_code == 0
+    a, b = load_file(tmp_path / "meg-hf" / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -158,40 +158,42 @@ def projections_to_fused(projs: dict[str, ProjAdapter], spec: ModelSpec, *, rank
     if not projs:
         raise InputError("the adapter has no LoRA weights for q/k/v/o/gate/up/down projections")
     scale = next(iter(projs.values())).scale
-    dtype = torch.float32
     out: dict[str, torch.Tensor] = {}
     for layer in range(spec.num_layers):
         for target in TARGETS.values():
-            present = [(p, projs.get(hf_module(layer, p))) for p in target.projections]
-            if all(pa is None for _, pa in present):
-                continue
-            dora = [pa.magnitude is not None for _, pa in present if pa is not None]
-            if any(dora) and not all(dora) or any(dora) and any(pa is None for _, pa in present):
-                missing = [p for p, pa in present if pa is None or pa.magnitude is None]
-                raise InputError(f"layer {layer}: a DoRA adapter on {target.name} needs all of "
-                                 f"{', '.join(target.projections)}; {', '.join(missing)} has none")
-            a_blocks, b_blocks, m_parts, col = [], [], [], 0
-            in_features = next(pa.a.shape[1] for _, pa in present if pa is not None)
-            out_rows = [t.shape[0] for t in split_rows(target.kind, torch.empty(_out_features(target, spec)),
-                                                        spec)]
-            for (_, pa), rows in zip(present, out_rows, strict=True):
-                b = torch.zeros(rows, rank, dtype=dtype)  # [out_p, R]
-                if pa is not None:
-                    b[:, col:col + pa.rank] = pa.b.to(dtype) * (pa.scale / scale) if pa.scale != scale \
-                        else pa.b.to(dtype)
-                    a_blocks.append(pa.a.to(dtype))
-                    m_parts.append(pa.magnitude)
-                    col += pa.rank
-                b_blocks.append(b)
-            a = torch.zeros(rank, in_features, dtype=dtype)  # [R, in]
-            a[:col] = torch.cat(a_blocks)
-            out[fused_key(layer, target, A_SUFFIX)] = a
-            out[fused_key(layer, target, B_SUFFIX)] = fuse_rows(target.kind, tuple(b_blocks), spec,
-                                                                rotary_interleaved=rotary_interleaved)
-            if any(dora):
-                out[fused_key(layer, target, M_SUFFIX)] = fuse_rows(
-                    target.kind, tuple(m.to(dtype) for m in m_parts), spec, rotary_interleaved=rotary_interleaved)
+            group = [projs.get(hf_module(layer, p)) for p in target.projections]
+            if any(pa is not None for pa in group):
+                out.update(_fuse_group(layer, target, group, spec, rank=rank, scale=scale,
+                                       rotary_interleaved=rotary_interleaved))
     return out, scale
+
+
+def _fuse_group(layer: int, target: Target, group: list[ProjAdapter | None], spec: ModelSpec, *, rank: int,
+                scale: float, rotary_interleaved: bool) -> dict[str, torch.Tensor]:
+    """One fused linear's adapter from its projections' (None: not adapted), as drawn in the module docstring."""
+    dora = any(pa is not None and pa.magnitude is not None for pa in group)
+    if dora and any(pa is None or pa.magnitude is None for pa in group):
+        missing = [p for p, pa in zip(target.projections, group, strict=True) if pa is None or pa.magnitude is None]
+        raise InputError(f"layer {layer}: a DoRA adapter on {target.name} needs all of "
+                         f"{', '.join(target.projections)}; {', '.join(missing)} has none")
+    present = [pa for pa in group if pa is not None]
+    a = torch.zeros(rank, present[0].a.shape[1])  # [R, in]: [A_1; A_2; ...; 0]
+    a[:sum(pa.rank for pa in present)] = torch.cat([pa.a.float() for pa in present])
+    rows = [t.shape[0] for t in split_rows(target.kind, torch.empty(_out_features(target, spec)), spec)]
+    blocks, col = [], 0
+    for pa, n in zip(group, rows, strict=True):
+        b = torch.zeros(n, rank)  # [out_p, R]: this projection's B in its own columns, zero elsewhere
+        if pa is not None:
+            b[:, col:col + pa.rank] = pa.b.float() if pa.scale == scale else pa.b.float() * (pa.scale / scale)
+            col += pa.rank
+        blocks.append(b)
+    fuse = dict(spec=spec, rotary_interleaved=rotary_interleaved)
+    out = {fused_key(layer, target, A_SUFFIX): a,
+           fused_key(layer, target, B_SUFFIX): fuse_rows(target.kind, tuple(blocks), **fuse)}
+    if dora:
+        out[fused_key(layer, target, M_SUFFIX)] = fuse_rows(target.kind, tuple(pa.magnitude.float() for pa in group),
+                                                            **fuse)
+    return out
 
 
 def _out_features(target: Target, spec: ModelSpec) -> int:

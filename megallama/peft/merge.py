@@ -79,10 +79,19 @@ def open_merged_run(run: Path, *, base: Path | None = None, dtype: str | None = 
     try:
         projs = fused_to_projections(adapters.tensors, reader.spec, scale=record.scale)
         check_fits(projs, reader.spec, str(run))
-        return MergedReader(reader, projs, dtype=dtype)
+        return MergedReader(reader, projs, dtype=dtype, adapter_files=_run_files(Path(run), adapters.iteration))
     except BaseException:
         reader.close()
         raise
+
+
+def _run_files(run: Path, iteration: int | None) -> list[Path]:
+    """The adapter checkpoint's files, for the output manifest's checksums."""
+    from megallama.formats.megatron.torch_format import iteration_dir
+    from megallama.peft.store import RECORD, run_root
+
+    it_dir = run if run.name.startswith("iter_") else iteration_dir(run_root(run), iteration)
+    return [run_root(run) / RECORD, *sorted(p for p in it_dir.glob("*") if p.is_file())]
 
 
 def resolve_base(run: Path, recorded: str, given: Path | None) -> Path:
