@@ -15,6 +15,8 @@ Parts (`python bench/bench.py --only convert,verify` runs a slice and merges it 
   generate The whole `megallama generate` command (8 prompts x 192 new tokens, small model, TP1 and TP2 x PP2)
            against a plain transformers script doing the same work (load + batched greedy generate, KV cache).
   data     `data prepare` records/s and tokens/s at 1 and N workers against a plain encode loop; peak RSS.
+  lora     LoRA rank 16 (all four linears) against full SFT on the sft anchor shape: trainable parameters,
+           optimizer-state bytes, tokens/s, peak RSS, checkpoint bytes against the base.
 
 Prints one table of every figure in results.json. Work files go to bench/work/ (about 13 GB at peak, removed
 after unless --keep-work; a kept 1B model is reused by the next run).
@@ -370,6 +372,63 @@ def bench_sft_throughput() -> dict:
             "ratio": statistics.median(ours) / statistics.median(plain)}
 
 
+def _dcp_bytes(it_dir: Path) -> dict[str, int]:
+    """{"model": numel of the model tensors, "optimizer": bytes of the optimizer tensors} of a torch_dist folder."""
+    from megallama.formats.megatron.torch_dist import DistCheckpoint
+
+    out = {"model": 0, "optimizer": 0}
+    for key, md in DistCheckpoint(it_dir).tensors.items():
+        numel = 1
+        for d in md.size:
+            numel *= d
+        if key.startswith("optimizer."):
+            out["optimizer"] += numel * md.properties.dtype.itemsize
+        else:
+            out["model"] += numel
+    return out
+
+
+def bench_lora() -> dict:
+    """LoRA rank 16 on all four linears against full SFT: same model, data, batch, threads (CPU, fp32). The
+    anchor shape of `sft` (hidden 256, 4 layers), not the 1B shape: on a shared 2-core CPU 1B SFT steps take minutes."""
+    from megallama.spec import ModelSpec
+    from megallama.tiny import make_hf_checkpoint
+
+    spec = ModelSpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=688,
+                     vocab_size=8000, max_position_embeddings=1024)
+    hf = make_hf_checkpoint(WORK / "lora-hf", spec, tokenizer=False)
+    data = WORK / "lora-data.jsonl"
+    gen = torch.Generator().manual_seed(0)
+    seq, micro, steps = 256, 8, 10
+    with open(data, "w") as f:
+        for _ in range(micro * steps):
+            ids = torch.randint(3, spec.vocab_size, (seq + 1,), generator=gen).tolist()
+            f.write(json.dumps({"input_ids": ids, "labels": ids}) + "\n")
+    meg = WORK / "lora-meg"
+    measure(megallama("convert", "hf2megatron", "--input-dir", str(hf), "--output-dir", str(meg), "--force"))
+    runs = {}
+    for name, extra in (("full", []), ("lora", ["peft.method=lora", "peft.rank=16", "peft.alpha=32"])):
+        out = WORK / f"lora-out-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        m = measure(megallama("sft", "--config", str(ROOT.parent / "configs/sft/tiny-cpu.yaml"), f"load={meg}",
+                              f"data.train={data}", "data.eval=null", "data.format=pretokenized",
+                              f"data.seq_length={seq}", f"train.micro_batch_size={micro}",
+                              f"train.global_batch_size={micro}", f"train.steps={steps}", "train.precision=fp32",
+                              f"train.save_interval={steps}", "train.eval_interval=1000", f"output={out}",
+                              "--tp", "1", "--pp", "1", *extra))
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        it_dir = out / f"iter_{steps:07d}"
+        dcp = _dcp_bytes(it_dir)
+        runs[name] = {"tokens_per_s": statistics.median([r["tokens_per_s"] for r in records
+                                                         if "tokens_per_s" in r][2:]),
+                      "peak_rss": m["peak_rss"], "trainable_parameters": dcp["model"],
+                      "optimizer_state_bytes": dcp["optimizer"], "checkpoint_bytes": folder_bytes(it_dir)}
+    base_bytes = folder_bytes(meg)
+    return {"model": "hidden 256, 4 layers, 8/4 heads, vocab 8000, fp32", "seq_length": seq, "global_batch": micro,
+            "threads": os.cpu_count(), "lora": "rank 16, alpha 32, linear_qkv/proj/fc1/fc2", "base_bytes": base_bytes,
+            **{f"{name}_{k}": v for name, run in runs.items() for k, v in run.items()}}
+
+
 def long_tail_lengths(n: int, *, seed: int = 0) -> list[int]:
     """SFT-like sample lengths: 20 to 1000 tokens, log-normal (median about 120, most under 200), deterministic."""
     gen = torch.Generator().manual_seed(seed)
@@ -559,6 +618,24 @@ def sft_rows(sft: dict) -> list[tuple[str, str, str, str]]:
              f"transformers+AdamW {sft['plain_tokens_per_s']:.0f}", f"{sft['ratio']:.2f}x")]
 
 
+def lora_rows(r: dict) -> list[tuple[str, str, str, str]]:
+    gib = 2**30
+    return [
+        ("LoRA r16 trainable parameters", f"{r['lora_trainable_parameters']:,}",
+         f"full SFT {r['full_trainable_parameters']:,}",
+         f"{r['lora_trainable_parameters'] / r['full_trainable_parameters']:.2%}"),
+        ("LoRA r16 optimizer-state bytes", f"{r['lora_optimizer_state_bytes'] / 2**20:.2f} MiB",
+         f"full SFT {r['full_optimizer_state_bytes'] / 2**20:.2f} MiB",
+         f"{r['lora_optimizer_state_bytes'] / r['full_optimizer_state_bytes']:.2%}"),
+        ("LoRA r16 SFT tokens/s (CPU, TP1xPP1)", f"{r['lora_tokens_per_s']:.0f}",
+         f"full SFT {r['full_tokens_per_s']:.0f}", f"{r['lora_tokens_per_s'] / r['full_tokens_per_s']:.2f}x"),
+        ("LoRA r16 SFT peak RSS", f"{r['lora_peak_rss'] / gib:.2f} GiB", f"full SFT {r['full_peak_rss'] / gib:.2f} GiB",
+         f"{r['lora_peak_rss'] / r['full_peak_rss']:.2f}x"),
+        ("LoRA r16 checkpoint bytes", f"{r['lora_checkpoint_bytes'] / 2**20:.2f} MiB",
+         f"base {r['base_bytes'] / 2**20:.2f} MiB", f"{r['lora_checkpoint_bytes'] / r['base_bytes']:.2%}"),
+    ]
+
+
 def packing_rows(pack: dict) -> list[tuple[str, str, str, str]]:
     packed, unpacked = pack["packed"], pack["unpacked"]
     return [("SFT trained tokens/s, data.pack (long-tail lengths)",
@@ -722,6 +799,7 @@ PARTS = {
     "torch_dist": (bench_torch_dist, torch_dist_rows),
     "generate": (bench_generate, generate_rows),
     "data": (bench_data_prepare, data_rows),
+    "lora": (bench_lora, lora_rows),
 }
 ALIASES = {"convert": "conversion"}
 

@@ -3,7 +3,9 @@
 build a small LLaMA + tokenizer -> convert hf2pth -> pth2megatron (TP 2 x PP 2) -> verify layer-diff ->
 sft (TP 2 x PP 2, 4 processes) on a task the model visibly learns -> megatron2pth -> pth2hf -> `megallama
 generate` on the fine-tuned Megatron checkpoint (TP 2 x PP 2), cross-checked against transformers' greedy
-generation from the exported HF model. Ends with a summary table, the model's answers and the path of loss.png.
+generation from the exported HF model; then a LoRA run on the base and `generate` on it (base + adapters), its
+adapter exported with `convert megatron2hf --peft`, and transformers + peft's answers compared with megallama's.
+Ends with a summary table, the model's answers and the path of loss.png.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ def build_inputs() -> tuple[Path, Path, Path]:
     return hf, train, evaluation
 
 
-def hf_generate(hf_dir: Path, records: list[dict]) -> list[str]:
-    """Greedy generation with transformers from the exported HF model, prompted with the SFT template."""
+def hf_generate(hf_dir: Path, records: list[dict], adapter: Path | None = None) -> list[str]:
+    """Greedy generation with transformers from the exported HF model (with `adapter`: an HF PEFT adapter folder
+    applied by peft), prompted with the SFT template."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -69,6 +72,10 @@ def hf_generate(hf_dir: Path, records: list[dict]) -> list[str]:
 
     tok = load_tokenizer(hf_dir)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
     rows = []
     for rec in records:
         prompt = alpaca_pieces({**rec, "output": ""}, bos_id=tok.bos_id, eos_id=None, where="demo")
@@ -96,6 +103,41 @@ def print_summary(generations: list[tuple[str, str, str]] | None = None) -> None
         for row in generations:
             gen.add_row(*row)
         Console().print(gen)
+
+
+LORA_STEPS = int(os.environ.get("DEMO_LORA_STEPS", "40"))
+
+
+def lora_leg(base: Path, train: Path, prompts: Path) -> Path:
+    """LoRA (rank 8, all four linears) on the base at TP2 x PP1, then `generate` on the run: base + adapters,
+    unmerged (docs/lora.md). Returns the run folder; its answers are in OUT/lora-answers.json."""
+    run = OUT / "lora"
+    step(f"sft LoRA r8 TP2, 2 CPU processes, {LORA_STEPS} steps (base frozen)",
+         megallama("sft", "--config", str(ROOT / "configs/sft/tiny-cpu.yaml"), "--tp", "2", "--pp", "1",
+                   f"load={base}", f"data.train={train}", "data.seq_length=96", f"train.steps={LORA_STEPS}",
+                   "train.micro_batch_size=4", "train.global_batch_size=16", "train.lr=3e-3", "train.min_lr=3e-4",
+                   f"train.warmup_steps={max(1, LORA_STEPS // 10)}", "train.log_interval=10",
+                   f"train.save_interval={LORA_STEPS}", "peft.method=lora", "peft.rank=8", "peft.alpha=16",
+                   f"output={run}"))
+    step("generate on the LoRA run (base + adapters, unmerged)",
+         megallama("generate", "--megatron", str(run), "--prompts", str(prompts), "--max-new-tokens", "12",
+                   "--json", str(OUT / "lora-answers.json")))
+    return run
+
+
+def peft_leg(run: Path, base_hf: Path, records: list[dict]) -> None:
+    """The LoRA run's adapter exported as an HF PEFT folder (docs/peft-io.md); transformers + peft on the HF base
+    must answer exactly as `generate` on the run did."""
+    adapter = OUT / "lora-adapter"
+    step("convert megatron2hf --peft (the adapter as an HF PEFT folder)",
+         megallama("convert", "megatron2hf", "--input-dir", str(run), "--output-dir", str(adapter), "--peft",
+                   "--base", str(base_hf)))
+    start = time.perf_counter()
+    answers = json.loads((OUT / "lora-answers.json").read_text())
+    same = sum(a["completion"] == h for a, h in zip(answers, hf_generate(base_hf, records, adapter=adapter),
+                                                     strict=True))
+    summary.append(("same answers from transformers + peft (exported adapter)", time.perf_counter() - start,
+                    f"{same}/{len(records)} identical"))
 
 
 def main() -> None:
@@ -138,6 +180,8 @@ def main() -> None:
     same = sum(a["completion"] == h for a, h in zip(answers, hf_generate(OUT / "sft-hf", records), strict=True))
     summary.append(("same answers from transformers (exported HF)", time.perf_counter() - start,
                     f"{same}/{len(records)} identical"))
+    lora_run = lora_leg(meg, train, prompts)
+    peft_leg(lora_run, hf, records)
     metrics = [json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines()]
     train_losses = [m["loss"] for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]

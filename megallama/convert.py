@@ -51,12 +51,37 @@ def open_reader(path: Path, fmt: str, *, layout: str | None = None, model_config
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
+def open_source(src: Path, fmt: str, *, layout: str | None = None, adapter: Path | None = None,
+                base: Path | None = None, dtype: str | None = None, model_config: Path | None = None):
+    """The Reader a conversion reads: `src`; a LoRA/DoRA run's base with its adapters merged; and with the HF PEFT
+    adapter folder `adapter` merged in (megallama/peft/merge.py)."""
+    from megallama.peft.store import is_peft_run
+
+    if fmt == "megatron" and is_peft_run(src):
+        from megallama.peft.merge import open_merged_run
+        if adapter is not None:
+            raise InputError(f"{src} is a LoRA/DoRA run: merge its own adapters (no --adapter) or convert its base")
+        return open_merged_run(src, base=base, dtype=dtype)
+    if base is not None:
+        raise InputError(f"--base is for a LoRA/DoRA run, and {src} is not one (no peft.json): drop --base")
+    reader = open_reader(src, fmt, layout=layout, model_config=model_config)
+    if adapter is None:
+        return reader
+    from megallama.peft.merge import with_peft_adapter
+    try:
+        return with_peft_adapter(reader, adapter, dtype=dtype)
+    except BaseException:
+        reader.close()
+        raise
+
+
 def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int | None = None, pp: int | None = None,
             shards: int = 1, dtype: str | None = None, divisible_by: int = 128, force: bool = False,
             ckpt_format: str = "torch_dist", transformer_impl: str = "local", on_tensor: OnTensor | None = None,
             on_start: Callable[[int], None] | None = None, layout: str | None = None,
             model_config: Path | None = None, checksums: bool = True,
-            ep: int | None = None) -> WriteReport:
+            ep: int | None = None, adapter: Path | None = None,
+            base: Path | None = None) -> WriteReport:
     """Convert the checkpoint folder `src` into `dst`. Nothing is left at `dst` if anything fails.
 
     Megatron output is `ckpt_format` "torch_dist" (loads at any TP x PP; `tp`/`pp` only pad the vocab and fill
@@ -64,6 +89,9 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
 
     `on_start(nbytes)` hears the tensor bytes about to be written, once the input is open (for a progress bar).
     `checksums=False` leaves the sources' sha256 out of the manifest (one read pass of the input less).
+
+    A LoRA/DoRA run as `src` is written merged into its base (`base` overrides the one its record names);
+    `adapter`, an HF PEFT adapter folder, is merged into `src` (docs/peft-io.md).
     """
     dtype = normalize_dtype(dtype)
     dst = Path(dst)
@@ -84,7 +112,8 @@ def convert(src: Path, dst: Path, *, src_format: str, dst_format: str, tp: int |
     # The output is checked and its staging folder made first: an unwritable target fails before any reading.
     with Timer() as timer, staged_output(dst, force=force, notes=notes) as tmp, \
             torch_threads(1), no_checksums(not checksums):  # copies are memory-bound: spare cores write and hash
-        reader = open_reader(src, src_format, layout=layout, model_config=model_config)
+        reader = open_source(src, src_format, layout=layout, adapter=adapter, base=base, dtype=dtype,
+                             model_config=model_config)
         try:
             check_complete(reader)
             if dst_format == "megatron" or ep:

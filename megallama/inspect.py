@@ -39,6 +39,7 @@ class Inspection:
     experts: str | None = None  # Llama 4: "16 routed (top-1, FFN 8192) + shared (FFN 8192)"
     moe_layers: str | None = None  # one letter per layer: E = experts, D = dense MLP
     rope_layers: str | None = None  # one letter per layer: R = rotary (chunked attention), N = NoPE
+    peft: dict | None = None  # a LoRA/DoRA run: method, rank, alpha, dropout, targets, base, adapter_parameters
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -53,7 +54,7 @@ def inspect_checkpoint(path: Path, *, layout: str | None = None) -> Inspection:
     # Megatron first: the forks' folders also hold the config.json / params.json their args lack
     dist = _torch_dist_dir(path)
     if dist is not None:
-        return _torch_dist(path, dist)
+        return _with_peft(_torch_dist(path, dist), dist)
     if (path / "latest_checkpointed_iteration.txt").is_file() or any(d.name.startswith("mp_rank_")
                                                                       for d in _subdirs(path)):
         return _megatron(path, layout)
@@ -185,3 +186,24 @@ def _dcp_tensors(it_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     metadata = read_dcp_metadata(it_dir / ".metadata")  # restricted unpickler: nothing in it runs
     return {k: (tuple(m.size), normalize_dtype(str(m.properties.dtype)))
             for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def _with_peft(report: Inspection, it_dir: Path) -> Inspection:
+    """A LoRA/DoRA run (peft.json): its record, and the adapters' parameter count from the DCP metadata."""
+    from megallama.peft.store import is_peft_run, read_record, run_root
+
+    if not is_peft_run(it_dir):
+        return report
+    record = read_record(it_dir if (it_dir / "peft.json").is_file() else run_root(it_dir))
+    sizes = [shape for key, (shape, _) in _dcp_tensors(it_dir).items()
+             if key.startswith("decoder.layers.") and ".adapter." in key]
+    count = 0
+    for shape in sizes:
+        n = 1
+        for d in shape:
+            n *= d
+        count += n
+    report.peft = {**record.to_json(), "adapter_parameters": count}
+    report.notes.append(f"{record.method} run: the checkpoint holds only adapters (rank {record.rank}, "
+                        f"{count:,} parameters) and their optimizer state; the base is {record.base_path}")
+    return report

@@ -44,6 +44,20 @@ ModelConfig = Annotated[Path | None, typer.Option(
                            "torch-format checkpoint whose args lack it (the Megatron-LLaMA fork, alibaba).")]
 NoChecksums = Annotated[bool, typer.Option("--no-checksums", help="Skip the sources' sha256 in megallama.json "
                                            "(one read pass of the input less).")]
+BASE_HELP = ("LoRA/DoRA run only: the base model (HF, Meta or Megatron folder, or Hub id) to merge the adapters into "
+             "(default: the base recorded in the run's peft.json; its fingerprint must match).")
+ADAPTER_HELP = ("HF PEFT LoRA/DoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge into the "
+                "weights written, as peft's merge_and_unload() does. Docs: docs/peft-io.md")
+Base = Annotated[str | None, typer.Option("--base", help=BASE_HELP)]
+Adapter = Annotated[Path | None, typer.Option("--adapter", help=ADAPTER_HELP)]
+
+
+def _base_path(base: str | None) -> Path | None:
+    """--base as a folder (a Hub id becomes its snapshot)."""
+    if base is None:
+        return None
+    from megallama.hub import resolve_model_path
+    return resolve_model_path(Path(base), None)
 
 
 def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
@@ -140,15 +154,19 @@ def pth2megatron(
     force: Force = False,
     revision: Revision = None,
     no_checksums: NoChecksums = False,
+    adapter: Adapter = None,
 ) -> None:
     """Meta pth -> Megatron checkpoint (megatron-core GPTModel): torch_dist by default, or torch format split for
     TP x PP.
 
-    Example: megallama convert pth2megatron --input-dir llama-2-7b --output-dir llama-2-7b-mcore --tp 2 --pp 2
+    \b
+    Examples:
+      megallama convert pth2megatron --input-dir llama-2-7b --output-dir llama-2-7b-mcore --tp 2 --pp 2
+      megallama convert pth2megatron --input-dir llama-2-7b --output-dir merged-mcore --adapter my-peft-adapter
     """
     _to_megatron(input_dir, output_dir, model_size=model_size, src_format="meta", title="pth2megatron",
                  tp=tp, pp=pp, ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl, revision=revision, checksums=not no_checksums)
+                 transformer_impl=transformer_impl, revision=revision, checksums=not no_checksums, adapter=adapter)
 
 
 @app.command("hf2megatron")
@@ -167,14 +185,18 @@ def hf2megatron(
     force: Force = False,
     revision: Revision = None,
     no_checksums: NoChecksums = False,
+    adapter: Adapter = None,
 ) -> None:
     """HuggingFace LLaMA -> Megatron checkpoint (torch_dist by default), without a pth step in between.
 
-    Example: megallama convert hf2megatron --input-dir llama-2-7b-hf --output-dir llama-2-7b-mcore
+    \b
+    Examples:
+      megallama convert hf2megatron --input-dir llama-2-7b-hf --output-dir llama-2-7b-mcore
+      megallama convert hf2megatron --input-dir llama-2-7b-hf --output-dir merged-mcore --adapter my-peft-adapter
     """
     _to_megatron(input_dir, output_dir, src_format="hf", title="hf2megatron", tp=tp, pp=pp, ep=ep,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
-                 transformer_impl=transformer_impl, revision=revision, checksums=not no_checksums)
+                 transformer_impl=transformer_impl, revision=revision, checksums=not no_checksums, adapter=adapter)
 
 
 @app.command("megatron2megatron")
@@ -195,15 +217,17 @@ def megatron2megatron(
     force: Force = False,
     revision: Revision = None,
     no_checksums: NoChecksums = False,
+    base: Base = None,
 ) -> None:
-    """Megatron -> Megatron: re-shard to another TP x PP and/or change the ckpt format (weights only).
+    """Megatron -> Megatron: re-shard to another TP x PP and/or change the ckpt format (weights only). A LoRA/DoRA
+    run is written merged into its base.
 
     Example: megallama convert megatron2megatron --input-dir runs/sft --output-dir sft-tp4 --ckpt-format torch --tp 4
     """
     _to_megatron(input_dir, output_dir, src_format="megatron", title="megatron2megatron", tp=tp, pp=pp, ep=ep,
                  ckpt_format=ckpt_format, dtype=dtype, divisible_by=divisible_by, force=force,
                  transformer_impl=transformer_impl, layout=layout, model_config=model_config, revision=revision,
-                 checksums=not no_checksums)
+                 checksums=not no_checksums, base=_base_path(base))
 
 
 @app.command("megatron2pth")
@@ -219,14 +243,16 @@ def megatron2pth(
     force: Force = False,
     revision: Revision = None,
     no_checksums: NoChecksums = False,
+    base: Base = None,
 ) -> None:
-    """Megatron checkpoint (any TP x PP) -> Meta pth: merge TP, join PP, drop padding, undo fusion.
+    """Megatron checkpoint (any TP x PP) -> Meta pth: merge TP, join PP, drop padding, undo fusion. A LoRA/DoRA
+    run is written merged into its base.
 
     Example: megallama convert megatron2pth --input-dir runs/sft --output-dir llama-2-7b-sft
     """
     _run(input_dir, output_dir, src_format="megatron", dst_format="meta", title="megatron2pth", shards=shards,
          dtype=dtype, force=force, layout=layout, model_config=model_config, revision=revision,
-         checksums=not no_checksums)
+         checksums=not no_checksums, base=_base_path(base))
 
 
 @app.command("megatron2hf")
@@ -241,11 +267,23 @@ def megatron2hf(
     force: Force = False,
     revision: Revision = None,
     no_checksums: NoChecksums = False,
+    base: Base = None,
+    peft: bool = typer.Option(False, "--peft", help="LoRA/DoRA run only: write an HF PEFT adapter folder "
+                              "(adapter_config.json + adapter_model.safetensors) instead of merged weights."),
 ) -> None:
-    """Megatron checkpoint (torch_dist or torch, any TP x PP) -> HuggingFace safetensors + config.json.
+    """Megatron checkpoint (torch_dist or torch, any TP x PP) -> HuggingFace safetensors + config.json. A LoRA/DoRA
+    run is written merged into its base, or with --peft as an HF PEFT adapter folder.
 
-    Example: megallama convert megatron2hf --input-dir runs/sft --output-dir llama-2-7b-sft-hf
+    \b
+    Examples:
+      megallama convert megatron2hf --input-dir runs/sft --output-dir llama-2-7b-sft-hf
+      megallama convert megatron2hf --input-dir runs/lora --output-dir lora-adapter --peft   (docs/peft-io.md)
     """
+    if peft:
+        from megallama.peft.hf_adapter import export_run
+        report = export_run(input_dir, output_dir, base=_base_path(base), base_name=base, dtype=dtype, force=force)
+        print_write_report("megatron2hf --peft", report)
+        return
     _run(input_dir, output_dir, src_format="megatron", dst_format="hf", title="megatron2hf", dtype=dtype,
          force=force, layout=layout, model_config=model_config, revision=revision,
-         checksums=not no_checksums)
+         checksums=not no_checksums, base=_base_path(base))

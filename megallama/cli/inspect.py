@@ -43,6 +43,8 @@ def register(app: typer.Typer) -> None:
                 continue
             if key == "num_parameters":
                 value = f"{value:,}"
+            if isinstance(value, dict):  # peft: its record on one line
+                value = ", ".join(f"{k}={', '.join(v) if isinstance(v, list) else v}" for k, v in value.items())
             table.add_row(key, Text(", ".join(value) if isinstance(value, list) else str(value)))
         table.add_row("model", Text(", ".join(f"{k}={v}" for k, v in spec.items()
                                               if k not in ("dtype", "vocab_size") and v is not None)))

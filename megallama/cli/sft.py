@@ -261,6 +261,16 @@ def register(app: typer.Typer) -> None:
         check_resume(start, tp=cfg["parallel"]["tp"], pp=cfg["parallel"]["pp"],
                      distributed_optimizer=cfg["parallel"]["distributed_optimizer"],
                      precision=cfg["train"]["precision"])
+        peft_record = None
+        if cfg["peft"]["method"] != "none":  # LoRA / DoRA: the base checkpoint, its fingerprint, the record
+            import dataclasses
+
+            from megallama.peft.training import prepare_run
+
+            base, peft_record = prepare_run(cfg)
+            check_checkpoint(cfg, read_manifest(base), base)
+            if not cfg["resume"]:
+                start = dataclasses.replace(start, continues=False, resumes=False)
         spec = ModelSpec.from_dict(manifest["spec"])
         splits = tokenize_splits(cfg, vocab_size=spec.vocab_size)  # bad data exits 2 before any process starts
         pack_note = pack_pretraining(cfg)
@@ -277,13 +287,22 @@ def register(app: typer.Typer) -> None:
         command = torchrun_command(target, nproc=plan.nproc_per_node, extra=extra)
         for warning in warnings:
             err.print(f"[yellow]warning:[/] {warning}", highlight=False)
-        out.print(plan_table(final, plan, splits, start, command))
+        table = plan_table(final, plan, splits, start, command)
+        from megallama.peft.training import plan_rows
+
+        for key, value in plan_rows(final, spec, dp=plan.dp):
+            table.add_row(key, value)
+        out.print(table)
         if dry_run:
             out.print("dry run: plan is valid, nothing started")
             return
         output.mkdir(parents=True, exist_ok=True)
         sft_config.dump_config(final, output / "config.yaml")
         save_splits(final, splits, output / DATA_CACHE)
+        if peft_record is not None and not final["resume"]:
+            from megallama.peft.store import write_record
+
+            write_record(output, peft_record)
         if slurm is not None:
             from megallama.sft.slurm import write_sbatch
 

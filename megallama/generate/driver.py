@@ -174,6 +174,11 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     megatron = Path(megatron)
     if not megatron.is_dir():
         raise InputError(f"Megatron folder {megatron} does not exist")
+    from megallama.peft.store import checked_base, is_peft_run
+
+    run = megatron if is_peft_run(megatron) else None  # LoRA/DoRA: its base, with the adapters applied unmerged
+    if run is not None:
+        megatron, _ = checked_base(run)
     with open_reader(megatron, "megatron") as reader:
         spec = reader.spec
         tp, pp = getattr(reader, "saved_tp", reader.tp), getattr(reader, "saved_pp", reader.pp)  # torch_dist
@@ -194,7 +199,7 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     dtype = normalize_dtype(s.dtype) or spec.dtype
     job = {"megatron": str(megatron.resolve()), "tp": tp, "pp": pp, "ep": ep, "dtype": dtype,
            "padded_vocab_size": padded_vocab_size(spec.vocab_size, tp), "prompts": ids,
-           "eos_id": tok.eos_id, "settings": asdict(s)}
+           "eos_id": tok.eos_id, "settings": asdict(s), "adapters": None if run is None else str(run.resolve())}
     outputs, timing = run_workers(job, on_progress=on_progress)
     done = []
     for p, row, (new, stop) in zip(prompts, ids, outputs, strict=True):

@@ -55,6 +55,11 @@ def load_model(job: dict):
                                 ep_rank=ps.get_expert_model_parallel_rank(), ep=job.get("ep", 1))
     model = build_gpt_model(spec, padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"]).eval()
     model.load_state_dict(state, strict=True)
+    if job.get("adapters"):  # a LoRA/DoRA run: its adapters on the base, unmerged
+        from megallama.peft.lora import attach_adapters
+        from megallama.peft.store import read_adapters
+
+        attach_adapters(model, read_adapters(Path(job["adapters"])))
     return model, spec
 
 
@@ -173,9 +178,11 @@ def run(job: dict) -> tuple[list[dict], dict]:
     with torch.no_grad():
         for at in range(0, len(prompts), batch):
             rows = prompts[at:at + batch]
+            def on_step(step: int, at: int = at, n: int = len(rows)) -> None:
+                progress("tokens", at * limit + step * n, len(prompts) * limit)
+
             done, first = decode_batch(model, spec, rows, s, eos_id=job["eos_id"], generator=generator,
-                                       on_step=lambda step, at=at, n=len(rows): progress("tokens", at * limit + step * n,
-                                                                                       len(prompts) * limit))
+                                       on_step=on_step)
             firsts.append(first)
             results += done
             progress("tokens", (at + len(rows)) * limit, len(prompts) * limit)

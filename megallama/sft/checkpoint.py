@@ -179,11 +179,13 @@ def _gather_rng_states() -> list[dict]:
 # ---------------------------------------------------------------- save
 def save_checkpoint(root: Path, step: int, *, fmt: str, model, optimizer, scheduler, spec: ModelSpec,
                     base_manifest: dict, tokenizer_dir: Path | None, seq_length: int, consumed_samples: int,
-                    distributed_optimizer: bool, optim_fully_reshardable: bool, train_args: dict) -> list[Path]:
+                    distributed_optimizer: bool, optim_fully_reshardable: bool, train_args: dict,
+                    peft_record=None) -> list[Path]:
     """Write `iter_{step:07d}` in `fmt`; the tracker moves to it only after every rank is done.
 
     `model` is the bare GPTModel (no DDP / Float16Module wrapper), so keys match pth2megatron's. Returns the
-    half-written iteration folders of an earlier, killed save that were removed first.
+    half-written iteration folders of an earlier, killed save that were removed first. With `peft_record` (a
+    LoRA/DoRA run) only the adapters and their optimizer state are saved, with peft.json (megallama.peft.store).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -207,7 +209,8 @@ def save_checkpoint(root: Path, step: int, *, fmt: str, model, optimizer, schedu
         dist_checkpoint.save(iteration_dir(root, step), model=model, optimizer=optimizer, scheduler=scheduler,
                              args=args, iteration=step, rng_states=rng_states,
                              distributed_optimizer=distributed_optimizer, fully_reshardable=optim_fully_reshardable,
-                             before_commit=partial(_kill_hook, step))
+                             before_commit=partial(_kill_hook, step),
+                             model_keys=None if peft_record is None else _is_adapter_key)
     else:
         _save_torch(root, step, model=model, optimizer=optimizer, scheduler=scheduler, args=args,
                     rng_states=rng_states, consumed_samples=consumed_samples,
@@ -216,10 +219,21 @@ def save_checkpoint(root: Path, step: int, *, fmt: str, model, optimizer, schedu
         _kill_hook(step)
     dist.barrier()
     if rank0:
+        if peft_record is not None:
+            from megallama.peft.store import write_record
+
+            write_record(iteration_dir(root, step), peft_record)
+            base_manifest = {**base_manifest, "peft": peft_record.to_json()}
         _write_folder_files(root, step, saved_spec, base_manifest, tokenizer_dir, args, fmt=fmt, tp=tp, pp=pp)
         _commit(root, step)
     dist.barrier()
     return removed
+
+
+def _is_adapter_key(key: str) -> bool:
+    from megallama.peft.lora import is_adapter_key
+
+    return is_adapter_key(key)
 
 
 def _save_torch(root: Path, step: int, *, model, optimizer, scheduler, args, rng_states: list,

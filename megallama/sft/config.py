@@ -78,11 +78,19 @@ DEFAULTS: dict = {
         "wandb_project": None,  # a W&B run in this project (needs wandb installed)
         "wandb_run_name": None,
     },
+    "peft": {  # LoRA / DoRA (megallama/peft/config.py); method none: full fine-tuning
+        "method": "none",  # none | lora | dora
+        "rank": 16,
+        "alpha": 32.0,  # scale = alpha / rank
+        "dropout": 0.0,
+        "targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],  # or q_proj, ..., down_proj
+        "init_from": None,  # an HF PEFT adapter folder to continue training
+    },
 }
 TYPES = {"load": str, "tokenizer": str, "data.train": str, "data.eval": str, "parallel.dp": int,
          "train.epochs": float, "train.loss_scale": float, "output": str, "logging.wandb_project": str,
          "logging.wandb_run_name": str, "train.moe_z_loss_coeff": float,
-         "train.moe_aux_loss_coeff": float}
+         "train.moe_aux_loss_coeff": float, "peft.init_from": str}
 CHOICES = {
     "data.format": ("alpaca", "messages", "pretokenized", "text", "megatron"),
     "train.decay_style": ("cosine", "linear", "constant"),
@@ -95,7 +103,7 @@ CHOICES = {
 POSITIVE = ("data.seq_length", "parallel.tp", "parallel.pp", "parallel.ep", "train.micro_batch_size",
             "train.global_batch_size", "train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps",
             "train.save_interval")
-PATH_KEYS = ("load", "tokenizer", "data.train", "data.eval", "output")
+PATH_KEYS = ("load", "tokenizer", "data.train", "data.eval", "output", "peft.init_from")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -140,6 +148,9 @@ def coerce(key: str, value):
 
         return join_source(value)
     kind = TYPES.get(key) or type(KEYS[key])
+    if kind is list:  # a YAML list, or "a,b" / "[a, b]" from the command line
+        items = value if isinstance(value, list) else str(value).strip().strip("[]").split(",")
+        return [str(item).strip() for item in items if str(item).strip()]
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -280,6 +291,11 @@ def validate(cfg: dict) -> list[str]:
     from megallama.sft.loggers import logging_problems
 
     problems += logging_problems(cfg)
+    from megallama.peft.config import peft_problems
+
+    problems += peft_problems(cfg["peft"])
+    if cfg["peft"]["method"] != "none" and cfg["checkpoint"]["format"] != "torch_dist":
+        problems.append("peft: adapter checkpoints are torch_dist only; set checkpoint.format=torch_dist")
     if problems:
         raise InputError("; ".join(problems))
     train, evalf = cfg["data"]["train"], cfg["data"]["eval"]

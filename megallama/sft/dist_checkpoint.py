@@ -89,14 +89,15 @@ def optimizer_reshard_problem(common: dict, *, tp: int, pp: int, distributed_opt
 
 # ---------------------------------------------------------------- save
 def save(it_dir: Path, *, model, optimizer, scheduler, args, iteration: int, rng_states: list,
-         distributed_optimizer: bool, fully_reshardable: bool, before_commit=None) -> None:
+         distributed_optimizer: bool, fully_reshardable: bool, before_commit=None, model_keys=None) -> None:
     """Write `it_dir` as Megatron-LM's save_checkpoint does; `before_commit` runs on every rank once every rank's
-    data files are written and before `.metadata` and `metadata.json` are (the crash test's hook)."""
+    data files are written and before `.metadata` and `metadata.json` are (the crash test's hook).
+    `model_keys(key) -> bool` keeps only some model entries (LoRA: the adapters)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     meta = content_metadata(distributed_optimizer=distributed_optimizer, fully_reshardable=fully_reshardable)
-    model_sd = model.sharded_state_dict(metadata=_with_group(meta))
+    model_sd = _keep(model.sharded_state_dict(metadata=_with_group(meta)), model_keys)
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model_sd,
              "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_with_group(meta)),
              "opt_param_scheduler": scheduler.state_dict(), "rng_state": _rng_object(rng_states),
@@ -112,7 +113,7 @@ def save(it_dir: Path, *, model, optimizer, scheduler, args, iteration: int, rng
 
 
 # ---------------------------------------------------------------- load
-def load(it_dir: Path, *, model, optimizer=None, rng_state: dict | None = None) -> dict:
+def load(it_dir: Path, *, model, optimizer=None, rng_state: dict | None = None, model_keys=None) -> dict:
     """The checkpoint's weights for this rank's `model` (any TP x PP x DP), plus the optimizer state when
     `optimizer` is given and the RNG states when `rng_state` (this rank's, as a template) is; and the common
     part (args, iteration, opt_param_scheduler). Raises InputError when the checkpoint does not fit the model."""
@@ -121,7 +122,7 @@ def load(it_dir: Path, *, model, optimizer=None, rng_state: dict | None = None) 
     from megatron.core.safe_globals import SAFE_GLOBALS
 
     meta = _with_group(dict(read_common(it_dir).get("content_metadata") or {}))
-    request = {"model": model.sharded_state_dict(metadata=meta)}
+    request = {"model": _keep(model.sharded_state_dict(metadata=meta), model_keys)}
     if optimizer is not None:
         _allocate_torch_adam_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(request["model"], is_loading=True, metadata=meta)
@@ -194,6 +195,10 @@ def _allocate_torch_adam_state(optimizer) -> None:
 
 def _torch_optimizers(optimizer) -> list:
     return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _keep(sharded: dict, model_keys) -> dict:
+    return sharded if model_keys is None else {k: v for k, v in sharded.items() if model_keys(k)}
 
 
 def _with_group(meta: dict) -> dict:

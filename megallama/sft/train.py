@@ -211,6 +211,8 @@ def train(cfg: dict) -> None:
     from megallama.engine.model import build_gpt_model
     from megallama.engine.runtime import init_distributed
     from megallama.formats.base import read_manifest
+    from megallama.peft import training as peft_training
+    from megallama.peft.config import peft_config
     from megallama.sft import checkpoint as ckpt
     from megallama.sft.data import global_batches
     from megallama.sft.packing import sample_lengths
@@ -229,6 +231,9 @@ def train(cfg: dict) -> None:
 
     # ---------------------------------------------------------------- 2. the model, from the checkpoint's manifest
     start = ckpt.find_start(Path(cfg["load"]), output, resume=cfg["resume"], weights_only=cfg["resume_weights_only"])
+    peft = peft_config(cfg.get("peft"))
+    if peft.enabled and not cfg["resume"]:  # a new LoRA run starts at step 0 from whatever base `load` holds
+        start = dataclasses.replace(start, continues=False, resumes=False)
     ckpt.check_resume(start, tp=p["tp"], pp=p["pp"], distributed_optimizer=p["distributed_optimizer"],
                       precision=t["precision"])
     manifest = read_manifest(start.root)
@@ -239,16 +244,20 @@ def train(cfg: dict) -> None:
                           moe={"dispatcher": p.get("moe_dispatcher", "alltoall"),
                                "aux_loss_coeff": t.get("moe_aux_loss_coeff", 0.0),
                                "z_loss_coeff": t.get("moe_z_loss_coeff")})
-    state = ckpt.load_rank_state(start) if start.fmt == "torch" else None
+    peft_record = peft_training.build_adapted(gpt, cfg, peft, spec) if peft.enabled else None  # base frozen, adapters
+    state = ckpt.load_rank_state(start) if start.fmt == "torch" and not peft.enabled else None
     if state is not None:
         ckpt.load_model(gpt, state)  # before wrapping: DDP moves the parameters into its buffers
     model = wrap_model(gpt, distributed_optimizer=p["distributed_optimizer"])
 
     # ---------------------------------------------------------------- 3. optimizer and LR schedule
-    optimizer, scheduler = build_optimizer(model, cfg)
+    optimizer, scheduler = build_optimizer(model, cfg)  # LoRA: only the adapters require grad
     # torch_dist weights (any TP x PP x DP), then the optimizer, schedule and RNG when resuming
-    notes = ckpt.restore(start, state, model=gpt, optimizer=optimizer, scheduler=scheduler,
-                         distributed_optimizer=p["distributed_optimizer"])
+    if peft.enabled:
+        notes = peft_training.restore(start, model=gpt, optimizer=optimizer, scheduler=scheduler)
+    else:
+        notes = ckpt.restore(start, state, model=gpt, optimizer=optimizer, scheduler=scheduler,
+                             distributed_optimizer=p["distributed_optimizer"])
     del state
     config = model.config  # how megatron-core's schedule reaches DDP, loss scaling and the grad finaliser
     config.grad_scale_func = optimizer.scale_loss
@@ -274,7 +283,8 @@ def train(cfg: dict) -> None:
     save_kw = dict(fmt=cfg["checkpoint"]["format"], model=gpt, optimizer=optimizer, scheduler=scheduler, spec=spec,
                    base_manifest=manifest, tokenizer_dir=tokenizer_path(cfg), seq_length=d["seq_length"],
                    distributed_optimizer=p["distributed_optimizer"],
-                   optim_fully_reshardable=cfg["checkpoint"]["optim_fully_reshardable"], train_args=_train_args(cfg))
+                   optim_fully_reshardable=cfg["checkpoint"]["optim_fully_reshardable"], train_args=_train_args(cfg),
+                   peft_record=peft_record)
     step, last_eval, last_save = start.step, None, None
     with reporter:
         for step in range(start.step + 1, t["steps"] + 1):

@@ -73,6 +73,8 @@ class Job:
     layout: str = "mcore-local"  # other layouts are converted to local-spec rank dicts by the workers
     ep: int = 1  # expert parallelism (MoE): tp * pp * ep processes, the experts split over ep data-parallel ranks
     engine_overrides: dict = field(default_factory=dict)  # build_gpt_model keywords (tests' negative controls)
+    adapters: str | None = None  # a LoRA/DoRA run: the Megatron side applies its adapters to `megatron` (its base)
+    reference_adapter: str | None = None  # an HF PEFT adapter folder peft applies to the HF reference
 
 
 def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64,
@@ -244,15 +246,16 @@ def _keep(captures: dict, name: str, tokens_shape: tuple | None = None):
     return hook
 
 
-def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str) -> dict[str, torch.Tensor]:
+def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str,
+                adapter: Path | None = None) -> dict[str, torch.Tensor]:
     """transformers' class of the model's family (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-    Qwen3ForCausalLM) with forward hooks on every compared module."""
+    Qwen3ForCausalLM, Llama4ForCausalLM) with forward hooks on every compared module; with `adapter`, HF peft's
+    LoRA/DoRA layers from that adapter folder injected (unmerged)."""
     import transformers
     from transformers.utils import logging as hf_logging
 
     from megallama.formats.hf import read_json
     from megallama.llama4 import hf_reference_class
-
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the CLI owns the terminal
@@ -266,6 +269,10 @@ def hf_captures(path: Path, tokens: torch.Tensor, *, dtype: str) -> dict[str, to
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).base_model.model  # the LlamaForCausalLM, adapted
     model = model.to(reference_device()).eval()
     captures: dict[str, torch.Tensor] = {}
     inner = model.model

@@ -247,7 +247,7 @@ def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
             specs.append({"spec": job.spec.to_dict(), "tp": tp, "pp": pp, "padded_vocab_size": job.padded_vocab_size,
                           "rotary_interleaved": job.rotary_interleaved, "rank_files": job.rank_files,
                           "layout": job.layout, "megatron": str(job.megatron), "ep": ep,
-                          "engine_overrides": job.engine_overrides,
+                          "engine_overrides": job.engine_overrides, "adapters": job.adapters,
                           "tokens": str(out / "tokens.pt"), "out": str(out)})
         job_file = workdir / f"jobs-world{world}.json"
         job_file.write_text(json.dumps({"dtype": dtype, "jobs": specs}))
@@ -282,6 +282,8 @@ def reference_captures(job: Job, *, dtype: str) -> dict[str, torch.Tensor]:
     """Run the reference model on the job's tokens; every point as [b, s, ...] in the requested dtype."""
     from megallama.verify.data import hf_captures, meta_captures
 
+    if job.reference_adapter is not None:
+        return hf_captures(job.reference, job.tokens, dtype=dtype, adapter=Path(job.reference_adapter))
     run = hf_captures if job.reference_format == "hf" else meta_captures
     return run(job.reference, job.tokens, dtype=dtype)
 
@@ -306,9 +308,40 @@ def layer_diff_many(pairs: Sequence[tuple[Path, Path]], *, data: Path | None = N
     dtype = normalize_dtype(dtype)
     stage = on_stage or (lambda message: None)
     start = time.perf_counter()
-    jobs = [prepare(r, m, data=data, seq_len=seq_len, batch=batch) for r, m in pairs]
-    for job, overrides in zip(jobs, engine_overrides or [None] * len(jobs), strict=True):
-        job.engine_overrides = overrides or {}
+    adapter_dir = tempfile.TemporaryDirectory(prefix="megallama-verify-peft-")
+    try:
+        jobs = [prepare_pair(r, m, data=data, seq_len=seq_len, batch=batch, adapter_dir=Path(adapter_dir.name) / str(n))
+                for n, (r, m) in enumerate(pairs)]
+        for job, overrides in zip(jobs, engine_overrides or [None] * len(jobs), strict=True):
+            job.engine_overrides = overrides or {}
+        return _layer_diff_jobs(jobs, dtype=dtype, stage=stage, start=start, on_progress=on_progress)
+    finally:
+        adapter_dir.cleanup()
+
+
+def prepare_pair(reference: Path, megatron: Path, *, data, seq_len: int, batch: int, adapter_dir: Path) -> Job:
+    """`prepare`, and for a LoRA/DoRA run: the Megatron side is its base plus its adapters (applied unmerged),
+    the reference side the HF reference with the run's adapters exported as an HF PEFT folder, applied by peft."""
+    from megallama.peft.store import checked_base, is_peft_run
+
+    if not is_peft_run(megatron):
+        return prepare(reference, megatron, data=data, seq_len=seq_len, batch=batch)
+    from megallama.peft.hf_adapter import export_run
+
+    base, record = checked_base(megatron)
+    job = prepare(reference, base, data=data, seq_len=seq_len, batch=batch)
+    if job.reference_format != "hf":
+        raise InputError(f"{megatron} is a {record.method} run: verify it against an HF reference of its base "
+                         "(peft applies the adapters there), not a Meta folder")
+    export_run(megatron, adapter_dir)
+    job.adapters, job.reference_adapter = str(Path(megatron).resolve()), str(adapter_dir)
+    job.notes.append(f"{record.method} run {megatron}: Megatron = base {base} + adapters (unmerged); reference = "
+                     f"{reference} + the same adapters exported as HF PEFT, applied by peft")
+    return job
+
+
+def _layer_diff_jobs(jobs: list[Job], *, dtype: str, stage, start: float,
+                     on_progress: OnProgress | None) -> list[LayerDiffReport]:
     for job in jobs:
         stage(f"Megatron: TP={job.tp} x PP={job.pp} on {job.tp * job.pp} processes, {dtype}, "
               f"tokens [{job.tokens.shape[0]}, {job.tokens.shape[1]}] from {job.token_source}")

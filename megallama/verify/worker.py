@@ -110,6 +110,11 @@ def load_model(job: dict, dtype: str):
     except RuntimeError as e:
         raise InputError(f"{path} does not fit the model its manifest describes: "
                          f"{str(e).splitlines()[0]} {' '.join(str(e).split())[:300]}") from None
+    if job.get("adapters"):  # a LoRA/DoRA run: its adapters on the base just loaded, unmerged
+        from megallama.peft.lora import attach_adapters
+        from megallama.peft.store import read_adapters
+
+        attach_adapters(model, read_adapters(Path(job["adapters"])))
     return model
 
 
