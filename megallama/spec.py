@@ -144,6 +144,7 @@ class ModelSpec:
         return self.sliding_window is not None and (self.sliding_window_layers is None
                                                     or layer in self.sliding_window_layers)
 
+    @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 

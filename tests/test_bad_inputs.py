@@ -182,6 +182,10 @@ SFT = "sft --config {cfg} load={meg} data.train={data} output={tmp}/run --dry-ru
 
 CASES = [
     # usage errors: one line instead of Click's block
+    Case("data-prepare-unknown-format", "data prepare --input {data} --format bogus --tokenizer {hf} "
+         "--output {tmp}/out/p", "unknown data format 'bogus'"),
+    Case("data-prepare-missing-tokenizer", "data prepare --input {data} --format alpaca --tokenizer {tmp}/nope "
+         "--output {tmp}/out/p", "does not exist"),
     Case("usage-unknown-command", "nope", "No such command 'nope'"),
     Case("usage-missing-option", "convert hf2pth --input-dir {hf}", "Missing option '--output-dir'"),
     Case("usage-unknown-option", HF2PTH + " --bogus 1", "No such option: --bogus"),
