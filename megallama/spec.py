@@ -444,8 +444,9 @@ def check_parallel(spec: ModelSpec, *, tp: int, pp: int, ep: int = 1) -> None:
 def check_rope_for_megatron(spec: ModelSpec) -> None:
     """megatron-core (and Megatron-LM's --use-rope-scaling --rope-scaling-factor) make only the llama3 `factor`
     configurable; the other three are hard-coded. Any other value would rebuild another model: refused, here for
-    the converters to Megatron and for every command that runs megatron-core."""
-    if spec.rope_scaling:
+    the converters to Megatron and for every command that runs megatron-core. Llama 4 is the exception: megallama
+    computes its frequencies itself (engine/llama4.py), and docs/llama4.md says the flags cannot rebuild them."""
+    if spec.rope_scaling and not spec.architecture.startswith("Llama4"):
         fixed = {k: v for k, v in LLAMA3_ROPE_DEFAULTS.items() if k != "factor"}
         wrong = {k: spec.rope_scaling.get(k) for k in fixed
                  if float(spec.rope_scaling.get(k, fixed[k])) != float(fixed[k])}

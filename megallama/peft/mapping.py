@@ -50,7 +50,7 @@ def _targets() -> dict[str, Target]:
     """Read off the mcore-local rule table, so the adapter mapping can never drift from the weight mapping."""
     out = {}
     for rule in LAYER_RULES:
-        if rule.kind in (Kind.QKV, Kind.ROW, Kind.GATE_UP):
+        if rule.kind in (Kind.QKV, Kind.ROW, Kind.GATE_UP) and rule.target.endswith(".weight"):  # not biases
             module = rule.target.removeprefix("decoder.layers.{j}.").removesuffix(".weight")
             hf = tuple(s.removeprefix("model.layers.{i}.").removesuffix(".weight") for s in rule.sources)
             out[module.rsplit(".", 1)[1]] = Target(module.rsplit(".", 1)[1], module, rule.kind, hf)
