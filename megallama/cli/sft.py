@@ -35,7 +35,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return overrides, []
 
 
-def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
+def check_checkpoint(cfg: dict, manifest: dict | None, root: Path, *, read_ranks: bool = True) -> None:
     """The checkpoint must exist, carry megallama's manifest, be complete, and (torch format) be split for the
     requested TP x PP; torch_dist loads at any TP x PP."""
     from megallama.formats.megatron.torch_format import iteration_dir
@@ -78,7 +78,7 @@ def check_checkpoint(cfg: dict, manifest: dict | None, root: Path) -> None:
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         from megallama.formats.megatron.torch_format import load_rank_file
 
-        for t in range(p["tp"]):  # mmap, safe unpickler: a refusal here, in one line, not in the ranks
+        for t in range(p["tp"] if read_ranks else 0):  # mmap, safe unpickler: a refusal here, not in the ranks
             for q in range(p["pp"]):
                 load_rank_file(rank_path(root, iteration, tp_rank=t, pp_rank=q, pp=p["pp"]))
     if cfg["data"]["seq_length"] > spec.max_position_embeddings:
@@ -255,7 +255,7 @@ def register(app: typer.Typer) -> None:
         check_writable_folder(Path(cfg["output"]))  # before tokenizing, and long before training
         root = start_folder(cfg)
         manifest = read_manifest(root)
-        check_checkpoint(cfg, manifest, root)
+        check_checkpoint(cfg, manifest, root, read_ranks=not dry_run)  # a dry run reads no weights
         start = find_start(Path(cfg["load"]), Path(cfg["output"]), resume=cfg["resume"],
                            weights_only=cfg["resume_weights_only"])
         check_resume(start, tp=cfg["parallel"]["tp"], pp=cfg["parallel"]["pp"],
