@@ -48,7 +48,7 @@ def moe_config(spec: ModelSpec, *, dispatcher: str = "alltoall", aux_loss_coeff:
 
 def needs_layer_specs(spec: ModelSpec) -> bool:
     """True when layers differ (MoE, NoPE, chunked attention, temperature, qk norm): a per-layer block spec."""
-    return bool(spec.is_moe or spec.nope_layers or spec.attention_chunk_size or spec.qk_norm
+    return bool(spec.is_moe or spec.nope_layers or spec.attention_chunk_size or spec.qk_norm == "l2"
                 or spec.attn_temperature_tuning)
 
 
