@@ -118,6 +118,13 @@ def share_tokens(tokens: list[int] | None, batch: int) -> list[int]:
     return t.tolist()
 
 
+def full_forward_only(spec) -> bool:
+    """Llama 4's chunked attention and attention temperature count positions from the start of the sequence inside
+    our core attention, which sees only the new token's query when decoding from the KV cache: such models decode
+    one prompt at a time, each token a forward of the whole sequence (exact, slower)."""
+    return bool(spec.attention_chunk_size or spec.attn_temperature_tuning)
+
+
 def decode_batch(model, spec, prompts: list[list[int]], s: dict, *, eos_id: int | None, generator,
                  on_step=lambda step: None) -> tuple[list[dict], float]:
     """Complete `prompts` together: one prefill pass over the left-padded prompts, then one pass of one token per
@@ -135,9 +142,10 @@ def decode_batch(model, spec, prompts: list[list[int]], s: dict, *, eos_id: int 
     new: list[list[int]] = [[] for _ in prompts]
     stop = ["length"] * b
     first = 0.0
+    recompute, history = full_forward_only(spec), tokens
     for step in range(limit):
         logits = last_logits(model, context, tokens, positions, blocked)
-        if step == 0:
+        if step == 0 and not recompute:
             context.enable_decode_mode()
         choices = None
         if logits is not None:
@@ -156,6 +164,12 @@ def decode_batch(model, spec, prompts: list[list[int]], s: dict, *, eos_id: int 
         if all(st == "eos" for st in stop):
             break
         length = longest + step + 1
+        history = torch.cat([history, torch.tensor(chosen)[:, None]], dim=1)  # [b, length]
+        if recompute:  # the whole sequence again, with a fresh cache (see full_forward_only)
+            context = StaticInferenceContext(b, longest + limit)
+            tokens, blocked = history, masks(pads, length, new=length)
+            positions = (torch.arange(length)[None] - pads[:, None]).clamp(min=0)
+            continue
         tokens = torch.tensor(chosen)[:, None]  # [b, 1]; finished rows run on, their tokens ignored
         positions = (length - 1 - pads)[:, None]
         blocked = masks(pads, length, new=1)
@@ -173,7 +187,7 @@ def run(job: dict) -> tuple[list[dict], dict]:
     progress("workers", world, world)
     generator = torch.Generator().manual_seed(int(s["seed"]))  # same seed on every rank: same choices
     results, prompts, limit = [], job["prompts"], s["max_new_tokens"]
-    batch = max(1, int(s.get("batch_size") or len(prompts)))
+    batch = 1 if full_forward_only(spec) else max(1, int(s.get("batch_size") or len(prompts)))
     start, firsts = time.perf_counter(), []
     with torch.no_grad():
         for at in range(0, len(prompts), batch):
