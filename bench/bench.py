@@ -713,6 +713,9 @@ def generate_rows(gen: dict) -> list[tuple[str, str, str, str]]:
                      f"{g['seconds']:.1f} s ({g['tokens_per_s']:.0f} tok/s decoding, first token "
                      f"{g['time_to_first_token_s']:.2f} s)", f"transformers script {gen['transformers_seconds']:.1f} s",
                      f"{g['x_transformers']:.2f}x ({g['same_tokens_as_transformers']}/{gen['prompts']} same tokens)"))
+    return rows
+
+
 PLAIN_ENCODE = r"""
 import json, sys, time
 from pathlib import Path
