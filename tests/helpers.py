@@ -14,6 +14,8 @@ from megallama.spec import ModelSpec
 ROOT = Path(__file__).resolve().parents[1]
 SFT_CONFIG = ROOT / "configs" / "sft" / "tiny-cpu.yaml"
 WORKERS = Path(__file__).resolve().parent / "workers"
+# What real third-party converters wrote for a committed tiny model (its README and make.py tell how).
+THIRD_PARTY = Path(__file__).resolve().parent / "fixtures" / "third_party"
 
 # ---------------------------------------------------------------- tolerances: claimed level, measured value, why
 # One table: a test checks the level the docs claim, never a looser one. `measured` is the worst value seen on

@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 from dialect_fixtures import DIALECTS, build
-from helpers import cli, hf_model
+from helpers import THIRD_PARTY, cli, hf_model
 from safetensors.torch import load_file
 
 from megallama.convert import convert
@@ -171,11 +171,14 @@ def test_te_file_loads_strictly_into_the_te_gpt_model(hf_dirs, tmp_path):
 # ---------------------------------------------------------------- layer-diff after reading each dialect
 @pytest.mark.slow
 def test_layer_diff_passes_for_every_dialect(hf_dirs, tmp_path):
-    """One torchrun launch (all TP1 x PP1) runs every dialect against its HF model through megatron-core."""
+    """One torchrun launch (all TP1 x PP1) runs every dialect against its HF model through megatron-core; the last
+    pair is NVIDIA's real legacy converter output (tests/fixtures/third_party) against the model it was made from."""
     from megallama.verify.layer_diff import layer_diff_many
 
     dialects = ["te", "legacy", "fork", "alibaba"]
     pairs = [(hf_dirs[HF_FOR[d]], build(d, hf_dirs[HF_FOR[d]], tmp_path / d, tp=1, pp=1)) for d in dialects]
+    dialects.append("nvidia legacy converter")
+    pairs.append((THIRD_PARTY / "source" / "hf", THIRD_PARTY / "nvidia" / "tp1"))
     reports = layer_diff_many(pairs, seq_len=16, batch=1)
     for dialect, report in zip(dialects, reports, strict=True):
         assert report.passed, (dialect, report.to_json())
