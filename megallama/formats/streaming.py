@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from megallama.formats.base import OnTensor
-from megallama.formats.rawcopy import RawRange, SourceFiles, copy_range
+from megallama.formats.rawcopy import RawChain, RawRange, SourceFiles, copy_raw
 
 WORKERS = 2  # threads writing slots; the main thread reads and transforms meanwhile
 WINDOW_BYTES = 1 << 26  # tensor bytes handed over but not yet written, at most (one bigger tensor may pass alone)
@@ -54,7 +54,7 @@ def save_streamed(path: Path, skeleton, tensors: Iterable[tuple[str, torch.Tenso
         out = files.add(path, skeleton, flat=flat)
         del skeleton
         for key, t in tensors:
-            if isinstance(t, RawRange):
+            if isinstance(t, (RawRange, RawChain)):
                 files.put_raw(out, key, t)
             elif t is not None:
                 files.put(out, key, t)
@@ -132,21 +132,23 @@ class StreamedFiles:
         if self._on_tensor is not None:
             self._on_tensor(key, slot.nbytes)
 
-    def put_raw(self, layout: _Layout, key: str, raw: RawRange) -> None:
-        """Queue a file-to-file copy of `raw` (the tensor's bytes in an input file) into `key`'s slot; the CRC-32
-        is computed on the same buffers as they pass."""
+    def put_raw(self, layout: _Layout, key: str, raw: RawRange | RawChain) -> None:
+        """Queue a file-to-file copy of `raw` (the tensor's bytes in input files) into `key`'s slot; the CRC-32
+        is computed on the source pages as they pass."""
         slot = layout.slots[key]
         assert raw.shape == slot.shape and raw.nbytes == slot.nbytes and raw.dtype == str(slot.dtype)[6:], (
             key, slot, raw)
         if self._error is not None:
             raise self._error
-        self._futures.append(self._pool.submit(self._copy, layout, slot, self._sources.fd(raw.path), raw.offset))
+        for part in (raw.parts if isinstance(raw, RawChain) else (raw,)):
+            self._sources.fd(part.path)  # opened here: SourceFiles is not shared between threads otherwise
+        self._futures.append(self._pool.submit(self._copy, layout, slot, raw))
         if self._on_tensor is not None:
             self._on_tensor(key, slot.nbytes)
 
-    def _copy(self, layout: _Layout, slot: Slot, src_fd: int, src_offset: int) -> None:
+    def _copy(self, layout: _Layout, slot: Slot, raw: RawRange | RawChain) -> None:
         try:
-            layout.crcs[slot.record] = copy_range(src_fd, src_offset, layout.fd, slot.offset, slot.nbytes, crc=True)
+            layout.crcs[slot.record] = copy_raw(self._sources, raw, layout.fd, slot.offset, crc=True)
         except BaseException as e:
             with self._cond:
                 self._error = self._error or e

@@ -1,0 +1,242 @@
+"""DCP `.distcp` files written as torch writes them, with each tensor's bytes moved file to file where they can be.
+
+A `.distcp` file of DCP's TORCH_SAVE format is its write items one after another, each a complete `torch.save`
+zip of one tensor (or the bytes of a ShardedObject). torch.save's framing of a tensor (zip records, their
+names and 64-byte alignment, the pickle, the serialization id) depends on the tensor's shape and dtype only,
+so it is made by torch itself: `torch.save(placeholder)` under `skip_data()` into a recorder that keeps the
+bytes written and skips the data record (`frame_of`). Then each item is
+
+    [ head: local headers, data.pkl, ... | data: the tensor's bytes | tail: version, serialization_id, central
+      directory ]
+
+at a known offset: the head and tail are written with `pwrite`, the data copied from the source file
+(`rawcopy.copy_raw`, one or several byte ranges; the CRC-32 on the source pages) or written from one
+contiguous tensor, and the data record's CRC-32 is set in the head and tail before they are written. The items
+are byte for byte what `torch.save(tensor, stream)` writes (tests/test_fast_copy.py compares the files with the
+tensor path's, `MEGALLAMA_FAST_COPY=0`), but for the random serialization id torch stamps on every save.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+import zipfile
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from megallama.formats.rawcopy import RawChain, RawRange, SourceFiles, copy_raw
+
+WORKERS = 2  # threads copying and writing; the main thread reads and fuses meanwhile
+WINDOW_BYTES = 1 << 26  # tensor bytes handed over but not yet written, at most (one bigger tensor may pass alone)
+
+
+class _Recorder:
+    """The stream torch.save writes into: keeps what is written, skips what skip_data seeks over."""
+
+    def __init__(self):
+        self.writes: list[tuple[int, bytes]] = []
+        self.pos = 0
+        self.holes: list[tuple[int, int]] = []  # (offset, bytes) skipped
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.writes.append((self.pos, data))
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        assert whence == io.SEEK_CUR, "torch's zip writer only skips forward"
+        self.holes.append((self.pos, offset))
+        self.pos += offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One item's torch.save bytes around its tensor data: `head` (bytes 0..data_offset), `nbytes` of data, `tail`;
+    `crc_at` are the offsets in head + tail of the data record's CRC-32 fields."""
+
+    head: bytes
+    nbytes: int
+    tail: bytes
+    crc_at: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.head) + self.nbytes + len(self.tail)
+
+    def with_crc(self, crc: int) -> tuple[bytes, bytes]:
+        """(head, tail) with the data record's CRC-32 set."""
+        both = bytearray(self.head + self.tail)
+        for at in self.crc_at:
+            both[at:at + 4] = struct.pack("<I", crc)
+        return bytes(both[:len(self.head)]), bytes(both[len(self.head):])
+
+
+def frame_of(shape: tuple[int, ...], dtype: torch.dtype) -> Frame:
+    """The framing `torch.save(tensor, stream)` gives a compact tensor of `shape` and `dtype`."""
+    rec = _Recorder()
+    with torch.serialization.skip_data():
+        torch.save(torch.empty(shape, dtype=dtype), rec)  # untouched: never resident
+    nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+    assert nbytes and rec.holes == [(rec.holes[0][0], nbytes)], rec.holes  # skipped: the one data record
+    data_offset = rec.holes[0][0]
+    head = b"".join(d for at, d in rec.writes if at < data_offset)
+    tail = b"".join(d for at, d in rec.writes if at >= data_offset)
+    assert len(head) == data_offset and len(head) + nbytes + len(tail) == rec.pos
+    return Frame(head, nbytes, tail, _crc_fields(head, nbytes, tail))
+
+
+def _crc_fields(head: bytes, nbytes: int, tail: bytes) -> tuple[int, ...]:
+    """Offsets (in head + tail) of the data record's CRC-32 fields: the data descriptor's if it has one (torch's
+    writer leaves the local header's 0 then), else the local header's; and the central directory entry's."""
+    with zipfile.ZipFile(_Sparse(head, nbytes, tail)) as z:
+        infos = z.infolist()
+        central = z.start_dir
+    record = next(i for i in infos if i.filename.rsplit("/", 2)[-2:-1] == ["data"])
+    assert record.compress_type == zipfile.ZIP_STORED and record.file_size == nbytes
+    name_len, extra_len = struct.unpack("<HH", head[record.header_offset + 26:record.header_offset + 30])
+    assert record.header_offset + 30 + name_len + extra_len == len(head), "data record ends the head"
+    if record.flag_bits & 0x8:  # a data descriptor follows the data ([signature] crc sizes); the local header's is 0
+        fields = [len(head) + (4 if tail[:4] == b"PK\x07\x08" else 0)]
+    else:
+        fields = [record.header_offset + 14]
+    at = central - nbytes  # central directory, as an offset into head + tail
+    for info in infos:  # its entries come in infolist() order
+        sizes = struct.unpack("<HHH", tail[at - len(head) + 28:at - len(head) + 34])
+        if info is record:
+            fields.append(at + 16)
+        at += 46 + sum(sizes)
+    return tuple(fields)
+
+
+class _Sparse(io.RawIOBase):
+    """head + `nbytes` zeros + tail, readable without the zeros in memory (zipfile reads the frame through it)."""
+
+    def __init__(self, head: bytes, nbytes: int, tail: bytes):
+        self.head, self.nbytes, self.tail, self.pos = head, nbytes, tail, 0
+        self.size = len(head) + nbytes + len(tail)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.size - self.pos))
+        begin, end, hole = self.pos, self.pos + n, len(self.head) + self.nbytes
+        data = (self.head[begin:end] + bytes(max(0, min(end, hole) - max(begin, len(self.head))))
+                + self.tail[max(0, begin - hole):max(0, end - hole)])
+        buf[:n] = data
+        self.pos = end
+        return n
+
+
+class FramedWriter:
+    """Items placed at known offsets of open files, written by a small thread pool.
+
+        with FramedWriter() as w:
+            w.put_bytes(fd, offset, data)              # a ShardedObject's torch.save bytes
+            w.put_tensor(fd, offset, frame, tensor)    # a made tensor
+            w.put_raw(fd, offset, frame, raw)          # bytes that lie in a source file
+
+    Leaving the block waits for every write; a worker's error is raised there (or by the next put). At most
+    `WINDOW_BYTES` of made tensors wait for a worker, which bounds the memory on top of the one being made.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="megallama-dcp")
+        self._futures: list[Future] = []
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._sources = SourceFiles()
+
+    def put_bytes(self, fd: int, offset: int, data: bytes) -> None:
+        self._submit(0, _pwrite_all, fd, offset, data)
+
+    def put_tensor(self, fd: int, offset: int, frame: Frame, tensor: torch.Tensor) -> None:
+        assert tensor.numel() * tensor.element_size() == frame.nbytes
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy()  # the raw bytes, no copy
+        self._submit(frame.nbytes, self._write_tensor, fd, offset, frame, data)
+
+    def put_raw(self, fd: int, offset: int, frame: Frame, raw: RawRange | RawChain) -> None:
+        assert raw.nbytes == frame.nbytes, (raw, frame.nbytes)
+        for part in (raw.parts if isinstance(raw, RawChain) else (raw,)):
+            self._sources.fd(part.path)  # opened on this thread
+        self._submit(0, self._copy, fd, offset, frame, raw)
+
+    def _write_tensor(self, fd: int, offset: int, frame: Frame, data) -> None:
+        view = memoryview(data)
+        _pwrite_all(fd, offset + len(frame.head), view)
+        _write_frame(fd, offset, frame, zlib.crc32(view))
+
+    def _copy(self, fd: int, offset: int, frame: Frame, raw: RawRange | RawChain) -> None:
+        crc = copy_raw(self._sources, raw, fd, offset + len(frame.head), crc=True)
+        _write_frame(fd, offset, frame, crc)
+
+    def _submit(self, nbytes: int, fn, *args) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or self._pending == 0
+                                or self._pending + nbytes <= WINDOW_BYTES)
+            if self._error is not None:
+                raise self._error
+            self._pending += nbytes
+        self._futures.append(self._pool.submit(self._run, nbytes, fn, *args))
+
+    def _run(self, nbytes: int, fn, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:
+            with self._cond:
+                self._error = self._error or e
+            raise
+        finally:
+            del args
+            with self._cond:
+                self._pending -= nbytes
+                self._cond.notify_all()
+
+    def __enter__(self) -> FramedWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+            if exc_type is None:
+                for f in self._futures:
+                    f.result()
+        finally:
+            self._sources.close()
+
+
+def _write_frame(fd: int, offset: int, frame: Frame, crc: int) -> None:
+    head, tail = frame.with_crc(crc)
+    _pwrite_all(fd, offset, head)
+    _pwrite_all(fd, offset + len(head) + frame.nbytes, tail)
+
+
+def _pwrite_all(fd: int, offset: int, data) -> None:
+    view = memoryview(data)
+    written = 0
+    while written < len(view):  # pwrite may write less than asked (at most 2 GiB per call on Linux)
+        written += os.pwrite(fd, view[written:], offset + written)
