@@ -32,7 +32,7 @@ import torch
 from megallama.formats.rawcopy import RawChain, RawRange, SourceFiles, copy_raw
 
 WORKERS = 2  # threads copying and writing; the main thread reads and fuses meanwhile
-WINDOW_BYTES = 1 << 26  # tensor bytes handed over but not yet written, at most (one bigger tensor may pass alone)
+WINDOW_BYTES = 1 << 23  # made tensor bytes handed over but not yet written, at most (one bigger one may pass alone)
 
 
 class _Recorder:
@@ -64,24 +64,44 @@ class _Recorder:
 
 @dataclass(frozen=True)
 class Frame:
-    """One item's torch.save bytes around its tensor data: `head` (bytes 0..data_offset), `nbytes` of data, `tail`;
-    `crc_at` are the offsets in head + tail of the data record's CRC-32 fields."""
+    """One item's torch.save bytes around its tensor data: `head` (bytes 0..data_offset), `nbytes` of data, `tail`.
+
+    torch's serialization id (`.data/serialization_id`) is not random: 20 digits hashing the record names, then
+    20 digits folding the CRC-32s of the records in write order (`PyTorchStreamWriter::writeSerializationId`),
+    the data record's included. So setting the data's CRC-32 also sets the id and the id record's own CRC-32.
+    Offsets below are into head + tail."""
 
     head: bytes
     nbytes: int
     tail: bytes
-    crc_at: tuple[int, ...]
+    crc_at: tuple[int, ...]  # the data record's CRC-32 fields
+    crcs_around: tuple[tuple[int, ...], tuple[int, ...]]  # CRC-32s of the records written before / after it
+    id_at: int  # the serialization id's 40 digits
+    id_crc_at: tuple[int, ...]  # the id record's CRC-32 fields
 
     @property
     def length(self) -> int:
         return len(self.head) + self.nbytes + len(self.tail)
 
     def with_crc(self, crc: int) -> tuple[bytes, bytes]:
-        """(head, tail) with the data record's CRC-32 set."""
+        """(head, tail) with the data record's CRC-32, the serialization id and the id's CRC-32 set."""
         both = bytearray(self.head + self.tail)
         for at in self.crc_at:
             both[at:at + 4] = struct.pack("<I", crc)
+        combined = 0
+        for value in (*self.crcs_around[0], crc, *self.crcs_around[1]):
+            combined = _hash_combine(combined, value)
+        digits = both[self.id_at:self.id_at + 20] + f"{combined:020d}".encode()
+        both[self.id_at:self.id_at + 40] = digits
+        for at in self.id_crc_at:
+            both[at:at + 4] = struct.pack("<I", zlib.crc32(digits))
         return bytes(both[:len(self.head)]), bytes(both[len(self.head):])
+
+
+def _hash_combine(seed: int, value: int) -> int:
+    """c10::hash_combine on 64-bit size_t."""
+    mask = (1 << 64) - 1
+    return (seed ^ ((value + 0x9E3779B9 + (seed << 6) + (seed >> 2)) & mask)) & mask
 
 
 def frame_of(shape: tuple[int, ...], dtype: torch.dtype) -> Frame:
@@ -95,30 +115,43 @@ def frame_of(shape: tuple[int, ...], dtype: torch.dtype) -> Frame:
     head = b"".join(d for at, d in rec.writes if at < data_offset)
     tail = b"".join(d for at, d in rec.writes if at >= data_offset)
     assert len(head) == data_offset and len(head) + nbytes + len(tail) == rec.pos
-    return Frame(head, nbytes, tail, _crc_fields(head, nbytes, tail))
-
-
-def _crc_fields(head: bytes, nbytes: int, tail: bytes) -> tuple[int, ...]:
-    """Offsets (in head + tail) of the data record's CRC-32 fields: the data descriptor's if it has one (torch's
-    writer leaves the local header's 0 then), else the local header's; and the central directory entry's."""
     with zipfile.ZipFile(_Sparse(head, nbytes, tail)) as z:
-        infos = z.infolist()
-        central = z.start_dir
-    record = next(i for i in infos if i.filename.rsplit("/", 2)[-2:-1] == ["data"])
-    assert record.compress_type == zipfile.ZIP_STORED and record.file_size == nbytes
-    name_len, extra_len = struct.unpack("<HH", head[record.header_offset + 26:record.header_offset + 30])
-    assert record.header_offset + 30 + name_len + extra_len == len(head), "data record ends the head"
-    if record.flag_bits & 0x8:  # a data descriptor follows the data ([signature] crc sizes); the local header's is 0
-        fields = [len(head) + (4 if tail[:4] == b"PK\x07\x08" else 0)]
-    else:
-        fields = [record.header_offset + 14]
-    at = central - nbytes  # central directory, as an offset into head + tail
-    for info in infos:  # its entries come in infolist() order
+        infos, central = z.infolist(), z.start_dir
+    data = next(i for i in infos if i.filename.rsplit("/", 2)[-2:-1] == ["data"])
+    ident = next(i for i in infos if i.filename.endswith(".data/serialization_id"))
+    assert data.compress_type == zipfile.ZIP_STORED and data.file_size == nbytes and ident.file_size == 40
+    assert all(i.flag_bits & 0x8 for i in infos), "torch writes a data descriptor after every record"
+    assert infos[-1] is ident, "the id is written last"
+    fields = _crc_fields(head, nbytes, tail, infos, central)
+    before = tuple(i.CRC for i in infos[:infos.index(data)])
+    after = tuple(i.CRC for i in infos[infos.index(data) + 1:-1])
+    id_at = _data_start(_Sparse(head, nbytes, tail), ident) - nbytes  # after the data: into head + tail
+    return Frame(head, nbytes, tail, fields[data.filename], (before, after), id_at, fields[ident.filename])
+
+
+def _data_start(whole: _Sparse, info: zipfile.ZipInfo) -> int:
+    """File offset of a record's data: past its local header, whose extra field (alignment padding) varies."""
+    whole.seek(info.header_offset + 26)
+    return info.header_offset + 30 + sum(struct.unpack("<HH", whole.read(4)))
+
+
+def _crc_fields(head: bytes, nbytes: int, tail: bytes, infos: list[zipfile.ZipInfo], central: int
+                ) -> dict[str, tuple[int, ...]]:
+    """{record: offsets (in head + tail) of its CRC-32 fields}: its data descriptor's (torch's writer leaves the
+    local header's 0) and its central directory entry's."""
+    whole = _Sparse(head, nbytes, tail)
+    fields: dict[str, list[int]] = {}
+    for info in infos:
+        end = _data_start(whole, info) + info.compress_size
+        whole.seek(end)
+        descriptor = end + (4 if whole.read(4) == b"PK\x07\x08" else 0)
+        fields[info.filename] = [descriptor - (nbytes if descriptor >= len(head) + nbytes else 0)]
+    at = central - nbytes
+    for info in infos:  # central directory entries come in infolist() order
         sizes = struct.unpack("<HHH", tail[at - len(head) + 28:at - len(head) + 34])
-        if info is record:
-            fields.append(at + 16)
+        fields[info.filename].append(at + 16)
         at += 46 + sum(sizes)
-    return tuple(fields)
+    return {k: tuple(v) for k, v in fields.items()}
 
 
 class _Sparse(io.RawIOBase):
