@@ -32,7 +32,7 @@ import torch
 from megallama.formats.rawcopy import RawChain, RawRange, SourceFiles, copy_raw
 
 WORKERS = 2  # threads copying and writing; the main thread reads and fuses meanwhile
-WINDOW_BYTES = 1 << 23  # made tensor bytes handed over but not yet written, at most (one bigger one may pass alone)
+WINDOW_BYTES = 1 << 22  # made tensor bytes handed over but not yet written, at most (one bigger one may pass alone)
 
 
 class _Recorder:
