@@ -1,7 +1,7 @@
 """File-to-file copies (formats/rawcopy.py) write exactly what the tensor path writes.
 
 Each conversion that uses the fast path is run twice, with MEGALLAMA_FAST_COPY=1 and =0, and every weight file is
-compared byte for byte (torch zips: but for the random `.data/serialization_id` torch stamps on every save), the
+compared byte for byte (torch zips: their `.data/serialization_id` too, a hash of the records' CRC-32s), the
 zips' CRC-32s checked by zipfile, and the fast path shown to have been taken (negative control: rotary q/k rows
 never are).
 """
@@ -27,24 +27,11 @@ WEIGHTS = ("*.safetensors", "*.pth")
 
 
 def zip_bytes(path: Path) -> bytes:
-    """The file's bytes with the serialization_id record blanked (it is random per save)."""
-    return blank_id(path.read_bytes())
-
-
-def blank_id(item: bytes) -> bytes:
-    """A torch.save zip's bytes with its serialization_id record and that record's CRC-32s blanked (random per
-    save); zipfile checks every record's CRC-32 first."""
-    data = bytearray(item)
-    with zipfile.ZipFile(io.BytesIO(item)) as z:
-        assert z.testzip() is None  # every record's CRC-32 is right
-        for info in z.infolist():
-            if info.filename.endswith(".data/serialization_id"):
-                at = rawcopy.data_offset(io.BytesIO(item), info)
-                data[at:at + info.file_size] = bytes(info.file_size)
-                crc = struct.pack("<I", info.CRC)
-                while (found := data.find(crc, at)) >= 0:  # data descriptor, central directory entry
-                    data[found:found + 4] = bytes(4)
-    return bytes(data)
+    """The file's bytes, once zipfile has checked every record's CRC-32. torch's serialization_id is not random
+    (it hashes the record names and CRC-32s), so it is compared too."""
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None
+    return path.read_bytes()
 
 
 def weight_bytes(folder: Path) -> dict[str, bytes]:

@@ -15,8 +15,8 @@ torch.save needs every tensor in memory at once, so instead:
    tensors wait for a worker, which bounds the memory on top of the tensor being built;
 4. write the CRCs into the zip's data descriptors and central directory.
 
-The file is then byte for byte what torch.save of the whole object gives, but for the random
-`.data/serialization_id` torch stamps on every save.
+The file is then byte for byte what torch.save of the whole object gives, its `.data/serialization_id` included
+(not random: a hash of the record names and CRC-32s, recomputed with the CRCs, `serialization_id`).
 """
 
 from __future__ import annotations
@@ -245,11 +245,30 @@ def _data_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+def serialization_id(written: bytes, crcs: list[int]) -> bytes:
+    """torch's `.data/serialization_id` for records of these CRC-32s (in write order, the id's own excluded):
+    not random, but 20 digits hashing the record names (kept from `written`, the id torch wrote for the same
+    names) and 20 folding the CRC-32s with c10::hash_combine (`PyTorchStreamWriter::writeSerializationId`)."""
+    mask, combined = (1 << 64) - 1, 0
+    for value in crcs:
+        combined = (combined ^ ((value + 0x9E3779B9 + (combined << 6) + (combined >> 2)) & mask)) & mask
+    return written[:20] + f"{combined:020d}".encode()
+
+
 def write_crcs(path: Path, crcs: dict[str, int]) -> None:
-    """Write `crcs` ({record: CRC-32}) into the data descriptors and central directory of the zip at `path`."""
+    """Write `crcs` ({record: CRC-32}) into the data descriptors and central directory of the zip at `path`,
+    and the serialization id they give (with its own CRC-32)."""
     with zipfile.ZipFile(path) as z:
         infos, central = z.infolist(), z.start_dir
+    ident = next((i for i in infos if i.filename.endswith(".data/serialization_id")), None)
     with open(path, "r+b") as f:
+        if ident is not None and ident.file_size == 40:
+            at = _data_offset(f, ident)
+            f.seek(at)
+            digits = serialization_id(f.read(40), [crcs.get(i.filename, i.CRC) for i in infos if i is not ident])
+            f.seek(at)
+            f.write(digits)
+            crcs = {**crcs, ident.filename: zlib.crc32(digits)}
         for info in infos:  # central directory entries come in the same order as infolist()
             f.seek(central)
             entry = f.read(46)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from megallama.formats.rawcopy import RawChain, RawRange, SourceFiles, copy_raw
+from megallama.formats.streaming import serialization_id
 
 WORKERS = 2  # threads copying and writing; the main thread reads and fuses meanwhile
 WINDOW_BYTES = 1 << 22  # made tensor bytes handed over but not yet written, at most (one bigger one may pass alone)
@@ -88,20 +89,12 @@ class Frame:
         both = bytearray(self.head + self.tail)
         for at in self.crc_at:
             both[at:at + 4] = struct.pack("<I", crc)
-        combined = 0
-        for value in (*self.crcs_around[0], crc, *self.crcs_around[1]):
-            combined = _hash_combine(combined, value)
-        digits = both[self.id_at:self.id_at + 20] + f"{combined:020d}".encode()
+        digits = serialization_id(bytes(both[self.id_at:self.id_at + 40]),
+                                  [*self.crcs_around[0], crc, *self.crcs_around[1]])
         both[self.id_at:self.id_at + 40] = digits
         for at in self.id_crc_at:
             both[at:at + 4] = struct.pack("<I", zlib.crc32(digits))
         return bytes(both[:len(self.head)]), bytes(both[len(self.head):])
-
-
-def _hash_combine(seed: int, value: int) -> int:
-    """c10::hash_combine on 64-bit size_t."""
-    mask = (1 << 64) - 1
-    return (seed ^ ((value + 0x9E3779B9 + (seed << 6) + (seed >> 2)) & mask)) & mask
 
 
 def frame_of(shape: tuple[int, ...], dtype: torch.dtype) -> Frame:
