@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import threading
 import zipfile
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +32,6 @@ from megallama.formats.rawcopy import RawChain, RawRange, SourceFiles, copy_raw
 from megallama.formats.streaming import serialization_id
 
 WORKERS = 2  # threads copying and writing; the main thread reads and fuses meanwhile
-WINDOW_BYTES = 1 << 22  # made tensor bytes handed over but not yet written, at most (one bigger one may pass alone)
 
 
 class _Recorder:
@@ -185,31 +183,32 @@ class FramedWriter:
             w.put_tensor(fd, offset, frame, tensor)    # a made tensor
             w.put_raw(fd, offset, frame, raw)          # bytes that lie in a source file
 
-    Leaving the block waits for every write; a worker's error is raised there (or by the next put). At most
-    `WINDOW_BYTES` of made tensors wait for a worker, which bounds the memory on top of the one being made.
+    Leaving the block waits for every write; a worker's error is raised there (or by the next put). Copies run
+    on the threads; a made tensor is written by the caller, so memory holds one made tensor at a time.
     """
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="megallama-dcp")
         self._futures: list[Future] = []
-        self._pending = 0
-        self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._sources = SourceFiles()
 
     def put_bytes(self, fd: int, offset: int, data: bytes) -> None:
-        self._submit(0, _pwrite_all, fd, offset, data)
+        self._submit(_pwrite_all, fd, offset, data)
 
     def put_tensor(self, fd: int, offset: int, frame: Frame, tensor: torch.Tensor) -> None:
+        """Written here, before the next tensor is made: one made tensor at a time (they are the exceptions:
+        vocab padding, rotary rows, a dtype change), while the copy threads go on."""
         assert tensor.numel() * tensor.element_size() == frame.nbytes
-        data = tensor.contiguous().view(-1).view(torch.uint8).numpy()  # the raw bytes, no copy
-        self._submit(frame.nbytes, self._write_tensor, fd, offset, frame, data)
+        if self._error is not None:
+            raise self._error
+        self._write_tensor(fd, offset, frame, tensor.contiguous().view(-1).view(torch.uint8).numpy())
 
     def put_raw(self, fd: int, offset: int, frame: Frame, raw: RawRange | RawChain) -> None:
         assert raw.nbytes == frame.nbytes, (raw, frame.nbytes)
         for part in (raw.parts if isinstance(raw, RawChain) else (raw,)):
             self._sources.fd(part.path)  # opened on this thread
-        self._submit(0, self._copy, fd, offset, frame, raw)
+        self._submit(self._copy, fd, offset, frame, raw)
 
     def _write_tensor(self, fd: int, offset: int, frame: Frame, data) -> None:
         view = memoryview(data)
@@ -220,27 +219,17 @@ class FramedWriter:
         crc = copy_raw(self._sources, raw, fd, offset + len(frame.head), crc=True)
         _write_frame(fd, offset, frame, crc)
 
-    def _submit(self, nbytes: int, fn, *args) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._error is not None or self._pending == 0
-                                or self._pending + nbytes <= WINDOW_BYTES)
-            if self._error is not None:
-                raise self._error
-            self._pending += nbytes
-        self._futures.append(self._pool.submit(self._run, nbytes, fn, *args))
+    def _submit(self, fn, *args) -> None:
+        if self._error is not None:
+            raise self._error
+        self._futures.append(self._pool.submit(self._run, fn, *args))
 
-    def _run(self, nbytes: int, fn, *args) -> None:
+    def _run(self, fn, *args) -> None:
         try:
             fn(*args)
         except BaseException as e:
-            with self._cond:
-                self._error = self._error or e
+            self._error = self._error or e
             raise
-        finally:
-            del args
-            with self._cond:
-                self._pending -= nbytes
-                self._cond.notify_all()
 
     def __enter__(self) -> FramedWriter:
         return self
