@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 CONVERSIONS = {"hf2megatron": ("hf", "megatron", {}), "hf2megatron_torch": ("hf", "megatron", {"ckpt_format": "torch"}),
-               "hf2pth": ("hf", "meta", {})}
+               "hf2pth": ("hf", "meta", {}), "megatron2hf": ("megatron", "hf", {})}
 
 
 def main() -> None:
@@ -47,6 +47,11 @@ def main() -> None:
         finally:
             bench.SPEC_1B = saved
     src_format, dst_format, extra = CONVERSIONS[opts.conversion]
+    if src_format == "megatron":  # from the torch_dist checkpoint of the same model, made first (not profiled)
+        dist = src.parent / f"{src.name}-dist"
+        if not (dist / "latest_checkpointed_iteration.txt").exists():
+            convert(src, dist, src_format="hf", dst_format="megatron", tp=opts.tp, force=True)
+        src = dist
     out = bench.WORK / f"profile-{opts.conversion}"
     shutil.rmtree(out, ignore_errors=True)
     profiler = cProfile.Profile()

@@ -15,8 +15,8 @@ torch.save needs every tensor in memory at once, so instead:
    tensors wait for a worker, which bounds the memory on top of the tensor being built;
 4. write the CRCs into the zip's data descriptors and central directory.
 
-The file is then byte for byte what torch.save of the whole object gives, but for the random
-`.data/serialization_id` torch stamps on every save.
+The file is then byte for byte what torch.save of the whole object gives, its `.data/serialization_id` included
+(not random: a hash of the record names and CRC-32s, recomputed with the CRCs, `serialization_id`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from megallama.formats.base import OnTensor
-from megallama.formats.rawcopy import RawRange, SourceFiles, copy_range
+from megallama.formats.rawcopy import RawChain, RawRange, SourceFiles, copy_raw
 
 WORKERS = 2  # threads writing slots; the main thread reads and transforms meanwhile
 WINDOW_BYTES = 1 << 26  # tensor bytes handed over but not yet written, at most (one bigger tensor may pass alone)
@@ -54,7 +54,7 @@ def save_streamed(path: Path, skeleton, tensors: Iterable[tuple[str, torch.Tenso
         out = files.add(path, skeleton, flat=flat)
         del skeleton
         for key, t in tensors:
-            if isinstance(t, RawRange):
+            if isinstance(t, (RawRange, RawChain)):
                 files.put_raw(out, key, t)
             elif t is not None:
                 files.put(out, key, t)
@@ -132,21 +132,23 @@ class StreamedFiles:
         if self._on_tensor is not None:
             self._on_tensor(key, slot.nbytes)
 
-    def put_raw(self, layout: _Layout, key: str, raw: RawRange) -> None:
-        """Queue a file-to-file copy of `raw` (the tensor's bytes in an input file) into `key`'s slot; the CRC-32
-        is computed on the same buffers as they pass."""
+    def put_raw(self, layout: _Layout, key: str, raw: RawRange | RawChain) -> None:
+        """Queue a file-to-file copy of `raw` (the tensor's bytes in input files) into `key`'s slot; the CRC-32
+        is computed on the source pages as they pass."""
         slot = layout.slots[key]
         assert raw.shape == slot.shape and raw.nbytes == slot.nbytes and raw.dtype == str(slot.dtype)[6:], (
             key, slot, raw)
         if self._error is not None:
             raise self._error
-        self._futures.append(self._pool.submit(self._copy, layout, slot, self._sources.fd(raw.path), raw.offset))
+        for part in (raw.parts if isinstance(raw, RawChain) else (raw,)):
+            self._sources.fd(part.path)  # opened here: SourceFiles is not shared between threads otherwise
+        self._futures.append(self._pool.submit(self._copy, layout, slot, raw))
         if self._on_tensor is not None:
             self._on_tensor(key, slot.nbytes)
 
-    def _copy(self, layout: _Layout, slot: Slot, src_fd: int, src_offset: int) -> None:
+    def _copy(self, layout: _Layout, slot: Slot, raw: RawRange | RawChain) -> None:
         try:
-            layout.crcs[slot.record] = copy_range(src_fd, src_offset, layout.fd, slot.offset, slot.nbytes, crc=True)
+            layout.crcs[slot.record] = copy_raw(self._sources, raw, layout.fd, slot.offset, crc=True)
         except BaseException as e:
             with self._cond:
                 self._error = self._error or e
@@ -243,11 +245,30 @@ def _data_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+def serialization_id(written: bytes, crcs: list[int]) -> bytes:
+    """torch's `.data/serialization_id` for records of these CRC-32s (in write order, the id's own excluded):
+    not random, but 20 digits hashing the record names (kept from `written`, the id torch wrote for the same
+    names) and 20 folding the CRC-32s with c10::hash_combine (`PyTorchStreamWriter::writeSerializationId`)."""
+    mask, combined = (1 << 64) - 1, 0
+    for value in crcs:
+        combined = (combined ^ ((value + 0x9E3779B9 + (combined << 6) + (combined >> 2)) & mask)) & mask
+    return written[:20] + f"{combined:020d}".encode()
+
+
 def write_crcs(path: Path, crcs: dict[str, int]) -> None:
-    """Write `crcs` ({record: CRC-32}) into the data descriptors and central directory of the zip at `path`."""
+    """Write `crcs` ({record: CRC-32}) into the data descriptors and central directory of the zip at `path`,
+    and the serialization id they give (with its own CRC-32)."""
     with zipfile.ZipFile(path) as z:
         infos, central = z.infolist(), z.start_dir
+    ident = next((i for i in infos if i.filename.endswith(".data/serialization_id")), None)
     with open(path, "r+b") as f:
+        if ident is not None and ident.file_size == 40:
+            at = _data_offset(f, ident)
+            f.seek(at)
+            digits = serialization_id(f.read(40), [crcs.get(i.filename, i.CRC) for i in infos if i is not ident])
+            f.seek(at)
+            f.write(digits)
+            crcs = {**crcs, ident.filename: zlib.crc32(digits)}
         for info in infos:  # central directory entries come in the same order as infolist()
             f.seek(central)
             entry = f.read(46)

@@ -28,6 +28,7 @@ import heapq
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -35,7 +36,12 @@ import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
-from torch.distributed.checkpoint.filesystem import SerializationFormat, _StorageWriterTransforms, _write_item
+from torch.distributed.checkpoint.filesystem import (
+    SerializationFormat,
+    _StorageInfo,
+    _StorageWriterTransforms,
+    _write_item,
+)
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -52,6 +58,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.storage import WriteResult
 
 from megallama.errors import InputError
 from megallama.formats.base import (
@@ -66,6 +73,7 @@ from megallama.formats.base import (
     read_manifest,
     write_manifest,
 )
+from megallama.formats.megatron.dcp_frames import FramedWriter, frame_of
 from megallama.formats.megatron.local import (
     Kind,
     Rule,
@@ -77,6 +85,7 @@ from megallama.formats.megatron.local import (
     to_rank,
 )
 from megallama.formats.megatron.moe import moe_args
+from megallama.formats.megatron.row_trace import rank_raw
 from megallama.formats.megatron.torch_format import (
     ARGS_FILE,
     CHECKPOINT_VERSION,
@@ -88,6 +97,15 @@ from megallama.formats.megatron.torch_format import (
     iteration_dir,
     load_rank_file,
     write_tracker,
+)
+from megallama.formats.rawcopy import (
+    RawChain,
+    RawRange,
+    chain,
+    fast_copy_enabled,
+    parts_of,
+    raw_tensor,
+    torch_item_range,
 )
 from megallama.formats.safe_pickle import read_dcp_metadata
 from megallama.names import expected_shapes
@@ -148,15 +166,17 @@ class _Item:
 
     write_item: WriteItem
     make: Callable[[], torch.Tensor | io.BytesIO]
+    raw: Callable[[], RawRange | RawChain | None] | None = None  # where its bytes lie as they are, if they do
 
 
 def _tensor_item(fqn: str, offsets: tuple, sizes: tuple, global_shape: tuple, dtype: torch.dtype,
-                 make: Callable[[], torch.Tensor]) -> _Item:
+                 make: Callable[[], torch.Tensor], raw: Callable[[], RawRange | RawChain | None] | None = None
+                 ) -> _Item:
     offsets, sizes = torch.Size(offsets), torch.Size(sizes)
     return _Item(WriteItem(index=MetadataIndex(fqn, offsets), type=WriteItemType.SHARD,
                            tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
                                                        properties=TensorProperties(dtype=dtype),
-                                                       size=torch.Size(global_shape))), make)
+                                                       size=torch.Size(global_shape))), make, raw)
 
 
 def _bytes_item(fqn: str, value=None) -> _Item:
@@ -168,10 +188,12 @@ def _bytes_item(fqn: str, value=None) -> _Item:
     return _Item(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO), make)
 
 
-def write_items(get: Callable[[str], torch.Tensor], spec: ModelSpec, *, padded: int) -> list[_Item]:
+def write_items(get: Callable[[str], torch.Tensor], spec: ModelSpec, *, padded: int,
+                raw: Callable[[str], RawRange | RawChain | None] = lambda name: None) -> list[_Item]:
     """Every write item of the checkpoint, in the order of megatron-core's sharded state dict (TP=1, PP=1).
 
-    `get(name)` returns a canonical tensor; it is called only when an item's data is made.
+    `get(name)` returns a canonical tensor; it is called only when an item's data is made. `raw(name)` says
+    where a canonical tensor's bytes lie in `spec.dtype` (rawcopy.raw_tensor), or None.
     """
     dtype, shapes = TORCH_DTYPES[spec.dtype], expected_shapes(spec)
     items: list[_Item] = []
@@ -188,7 +210,7 @@ def write_items(get: Callable[[str], torch.Tensor], spec: ModelSpec, *, padded: 
                     return cast(get(n), spec.dtype).reshape(s)
 
                 items.append(_tensor_item(fqn, lead + (row,) + (0,) * (len(local) - 1), one + (rows,) + local[1:],
-                                          global_shape, dtype, make))
+                                          global_shape, dtype, make, lambda n=name: raw(n)))
                 row += rows
         else:
             def make(r=rule, s=one + local):
@@ -200,7 +222,14 @@ def write_items(get: Callable[[str], torch.Tensor], spec: ModelSpec, *, padded: 
                 del tensors
                 return cast(piece, spec.dtype).reshape(s)
 
-            items.append(_tensor_item(fqn, lead + (0,) * len(local), one + local, global_shape, dtype, make))
+            def whole_raw(r=rule):
+                sources = [raw(n) for n in r.sources]
+                if any(x is None for x in sources):
+                    return None
+                return rank_raw(r.kind, sources, spec, tp_rank=0, tp=1, padded_vocab_size=padded)
+
+            items.append(_tensor_item(fqn, lead + (0,) * len(local), one + local, global_shape, dtype, make,
+                                      whole_raw))
         if layer is not None and rule.extra_state:
             items.append(_bytes_item(layer_extra_state_key(rule, layer, spec)))
     return items
@@ -296,15 +325,25 @@ def save_dcp(out_dir: Path, items: list[_Item], *, on_tensor: OnTensor | None = 
     buckets = [b for b in split_into_files(WRITER_FILES, plan.items) if b]
     file_of = {id(w): i for i, bucket in enumerate(buckets) for w in bucket}
     names = [f"__0_{i}.distcp" for i in range(len(buckets))]
-    transforms = _StorageWriterTransforms(None)
-    results = []
-    streams = [open(out_dir / n, "wb") for n in names]  # noqa: SIM115 (closed below, all together)
     # bytes first in each file, as megatron-core writes them; then tensors in state-dict order
     order = [it for want_bytes in (True, False) for it in items
              if (it.write_item.type == WriteItemType.BYTE_IO) == want_bytes]
+    write = _write_framed if fast_copy_enabled() else _write_saved
+    results = write(out_dir, names, [file_of[id(it.write_item)] for it in order], order, on_tensor)
+    metadata.all_local_plans = [dataclasses.replace(plan, storage_data=None)]  # megatron-core keeps the plans
+    writer = FileSystemWriter(out_dir)
+    writer.set_up_storage_writer(True)
+    writer.finish(metadata, [results])
+
+
+def _write_saved(out_dir: Path, names: list[str], files: list[int], order: list[_Item],
+                 on_tensor: OnTensor | None) -> list[WriteResult]:
+    """Each item torch.save'd into its file by DCP's own `_write_item` (the tensor path)."""
+    transforms = _StorageWriterTransforms(None)
+    results = []
+    streams = [open(out_dir / n, "wb") for n in names]  # noqa: SIM115 (closed below, all together)
     try:
-        for it, data in _made_ahead(order):
-            f = file_of[id(it.write_item)]
+        for f, (it, data) in zip(files, _made_ahead(order), strict=True):
             results.append(_write_item(transforms, streams[f], data, it.write_item, names[f],
                                        serialization_format=SerializationFormat.TORCH_SAVE))
             if on_tensor is not None and torch.is_tensor(data):
@@ -313,10 +352,41 @@ def save_dcp(out_dir: Path, items: list[_Item], *, on_tensor: OnTensor | None = 
     finally:
         for s in streams:
             s.close()
-    metadata.all_local_plans = [dataclasses.replace(plan, storage_data=None)]  # megatron-core keeps the plans
-    writer = FileSystemWriter(out_dir)
-    writer.set_up_storage_writer(True)
-    writer.finish(metadata, [results])
+    return results
+
+
+def _write_framed(out_dir: Path, names: list[str], files: list[int], order: list[_Item],
+                  on_tensor: OnTensor | None) -> list[WriteResult]:
+    """The same bytes as `_write_saved`, laid out ahead (`dcp_frames.py`): each item's torch.save framing from
+    torch, its tensor bytes copied file to file where they lie as they are, else written from the made tensor."""
+    fds = [os.open(out_dir / n, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644) for n in names]
+    ends = [0] * len(names)  # where the next item of each file starts
+    results = []
+    try:
+        with FramedWriter() as writer:
+            for f, it in zip(files, order, strict=True):
+                w = it.write_item
+                if w.type == WriteItemType.BYTE_IO:
+                    data = it.make().getvalue()
+                    writer.put_bytes(fds[f], ends[f], data)
+                    length = len(data)
+                else:
+                    frame = frame_of(tuple(w.tensor_data.chunk.sizes), w.tensor_data.properties.dtype)
+                    raw = it.raw() if it.raw is not None else None
+                    if raw is not None:
+                        writer.put_raw(fds[f], ends[f], frame, raw)
+                    else:
+                        writer.put_tensor(fds[f], ends[f], frame, _make(it))
+                    length = frame.length
+                    if on_tensor is not None:
+                        on_tensor(w.index.fqn, frame.nbytes)
+                results.append(WriteResult(index=w.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(names[f], ends[f], length)))
+                ends[f] += length
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return results
 
 
 def write_torch_dist(reader: Reader, out_dir: Path, *, tp: int | None = None, pp: int | None = None,
@@ -343,7 +413,8 @@ def write_torch_dist(reader: Reader, out_dir: Path, *, tp: int | None = None, pp
                          iteration=iteration or 0, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                          **{"ckpt_format": "torch_dist", **moe_args(spec, ep=ep), **(args_overrides or {})})
     it_dir = iteration_dir(out_dir, iteration)
-    save_dcp(it_dir, write_items(reader.get, spec, padded=padded), on_tensor=on_tensor)
+    save_dcp(it_dir, write_items(reader.get, spec, padded=padded, raw=lambda n: raw_tensor(reader, n, spec.dtype)),
+             on_tensor=on_tensor)
     torch.save(common_state(args, iteration), it_dir / COMMON_FILE)
     (it_dir / CONFIG_FILE).write_text(json.dumps(CONFIG))
     report.files += [str((it_dir / n).relative_to(out_dir)) for n in sorted(p.name for p in it_dir.iterdir())]
@@ -440,6 +511,35 @@ class DistCheckpoint:
     def tensors(self) -> dict[str, TensorStorageMetadata]:
         return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
+    def raw_region(self, fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> RawRange | RawChain | None:
+        """Where the bytes of a region lie in the .distcp files, if it is a row-major stack of whole chunks
+        (chunks that differ only along the region's first dimension longer than 1, tiling it); else None."""
+        md = self.metadata.state_dict_metadata[fqn]
+        along = next((d for d, n in enumerate(sizes) if n != 1), len(sizes) - 1)
+        pieces = []
+        for chunk in md.chunks:
+            at, n = tuple(chunk.offsets), tuple(chunk.sizes)
+            if not all(a < o + s and o < a + m for a, m, o, s in zip(at, n, offsets, sizes, strict=True)):
+                continue  # outside the region
+            if any((at[d], n[d]) != (offsets[d], sizes[d]) for d in range(len(sizes)) if d != along):
+                return None
+            pieces.append((at[along], n[along], chunk))
+        pieces.sort(key=lambda p: p[0])
+        start = offsets[along]
+        parts = []
+        for at, n, chunk in pieces:
+            info = (self.metadata.storage_data or {}).get(MetadataIndex(fqn, chunk.offsets))
+            if at != start or info is None or info.transform_descriptors:
+                return None
+            part = torch_item_range(self.dir / info.relative_path, info.offset, info.length)
+            if part is None or part.shape != tuple(chunk.sizes) or part.dtype != str(md.properties.dtype)[6:]:
+                return None
+            parts.append(part)
+            start += n
+        if start != offsets[along] + sizes[along]:
+            return None
+        return chain(parts, parts[0].dtype, tuple(sizes))
+
     def read(self, fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """The region `offsets`..`offsets + sizes` of global tensor `fqn`, assembled from whatever chunks hold it."""
         md = self.metadata.state_dict_metadata[fqn]
@@ -463,6 +563,7 @@ class _ModelView(Mapping):
 
     def __init__(self, ckpt: DistCheckpoint, targets: dict[str, tuple[str, int | None]]):
         self._ckpt, self._targets = ckpt, targets
+        self._raw: dict[str, RawRange | RawChain | None] = {}  # the last key's raw()
 
     def __getitem__(self, key: str) -> torch.Tensor:
         fqn, layer = self._targets[key]
@@ -470,6 +571,20 @@ class _ModelView(Mapping):
         if layer is None:
             return self._ckpt.read(fqn, (0,) * len(size), size)
         return self._ckpt.read(fqn, (layer,) + (0,) * (len(size) - 1), (1,) + size[1:])[0]
+
+    def raw(self, key: str) -> RawRange | RawChain | None:
+        """Where `__getitem__(key)`'s bytes lie in the .distcp files (rawcopy.py), or None."""
+        if key not in self._raw:  # q, k and v ask for the same fused tensor
+            self._raw = {key: self._find_raw(key)}
+        return self._raw[key]
+
+    def _find_raw(self, key: str) -> RawRange | RawChain | None:
+        fqn, layer = self._targets[key]
+        size = tuple(self._ckpt.metadata.state_dict_metadata[fqn].size)
+        if layer is None:
+            return self._ckpt.raw_region(fqn, (0,) * len(size), size)
+        found = self._ckpt.raw_region(fqn, (layer,) + (0,) * (len(size) - 1), (1,) + size[1:])
+        return None if found is None else chain(list(parts_of(found)), found.dtype, size[1:])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._targets)
@@ -538,6 +653,7 @@ def open_torch_dist(path: Path) -> MegatronReader:
     interleaved = bool(manifest.get("rotary_interleaved", getattr(args, "rotary_interleaved", False)))
     # every global tensor holds exactly what rank 0 of a TP=1, PP=1 torch-format checkpoint holds
     reader = MegatronReader(spec, tp=1, pp=1, rotary_interleaved=interleaved, load_state=lambda t, p: view)
+    reader.raw_part = view.raw
     reader.tokenizer_files = [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
     reader.source_files = sorted(p for p in it_dir.iterdir() if p.is_file())
     reader.notes = notes

@@ -52,7 +52,9 @@ from megallama.formats.megatron.args import (
 from megallama.formats.megatron.detect import WRITABLE, detect_layout, layout_named
 from megallama.formats.megatron.local import LOCAL
 from megallama.formats.megatron.moe import moe_args
+from megallama.formats.megatron.row_trace import canonical_raw, rank_raw
 from megallama.formats.megatron.rules import Kind, Layout, Rule, from_ranks, rank_shape, stage_rules, to_rank
+from megallama.formats.rawcopy import RawChain, RawRange, raw_tensor, read_column_blocks
 from megallama.formats.streaming import StreamedFiles
 from megallama.names import canonical_names, expected_shapes
 from megallama.spec import LLAMA3_ROPE_DEFAULTS, ModelSpec, check_parallel, normalize_dtype, padded_vocab_size
@@ -174,7 +176,6 @@ def save_stage_files(paths: dict[int, Path], source: Reader | Callable[[str], to
     Each canonical tensor is read once and split for every rank in `paths`; the pieces are written by
     `StreamedFiles`' threads while the next tensor is read, so memory holds about one tensor and its pieces.
     """
-    get = source.get if hasattr(source, "get") else source
     with StreamedFiles(on_tensor=on_tensor) as files:
         skeletons = {t: checkpoint_dict(rank_placeholders(spec, tp=tp, pp_rank=pp_rank, pp=pp,
                                                           padded_vocab_size=padded_vocab_size, layout=layout,
@@ -183,16 +184,47 @@ def save_stage_files(paths: dict[int, Path], source: Reader | Callable[[str], to
         targets = {t: files.add(paths[t], skeletons.pop(t), flat=lambda ckpt: ckpt["model"]) for t in paths}
         for rule, _ in stage_rules(layout, spec, pp_rank=pp_rank, pp=pp, ep_rank=ep_rank, ep=ep):
             if rule.sources:
-                tensors = [get(name) for name in rule.sources]
-                for tp_rank, target in targets.items():
-                    piece = to_rank(rule.kind, tensors, spec, tp_rank=tp_rank, tp=tp,
-                                    padded_vocab_size=padded_vocab_size)
-                    files.put(target, rule.target, cast(piece, spec.dtype))
-                del tensors
+                for tp_rank, piece in rank_pieces(source, rule, spec, ranks=list(targets), tp=tp,
+                                                  padded_vocab_size=padded_vocab_size):
+                    if isinstance(piece, (RawRange, RawChain)):
+                        files.put_raw(targets[tp_rank], rule.target, piece)
+                    else:
+                        files.put(targets[tp_rank], rule.target, piece)
+                    del piece
             extra = layout.extra_state_value(rule.extra_state_key) if rule.extra_state else None
             if torch.is_tensor(extra):  # TE's (empty) uint8 extra state is a tensor slot like any other
                 for target in targets.values():
                     files.put(target, rule.extra_state_key, extra)
+
+
+def rank_pieces(source: Reader | Callable[[str], torch.Tensor], rule: Rule, spec: ModelSpec, *, ranks: list[int],
+                tp: int, padded_vocab_size: int) -> Iterator[tuple[int, torch.Tensor | RawRange | RawChain]]:
+    """(tp_rank, piece) of a bound rule with sources, for each of `ranks`. When the sources' bytes lie as they are
+    in their files (rawcopy.py), a piece is where its bytes lie (fused QKV and gate/up rows, vocab rows, norms:
+    `row_trace.py`) or, for a dim-1 split, the rank's columns read straight into a tensor of their own; else it
+    is made from the canonical tensors (`to_rank`), read once for all ranks."""
+    get = source.get if hasattr(source, "get") else source
+    raws = source_raws(source, rule.sources, spec.dtype)
+    if raws and rule.kind is Kind.ROW and isinstance(raws[0], RawRange) and len(raws[0].shape) == 2:
+        blocks = read_column_blocks(raws[0], tp)
+        for tp_rank in ranks:
+            yield tp_rank, blocks[tp_rank]
+        return
+    tensors = None
+    for tp_rank in ranks:
+        raw = raws and rank_raw(rule.kind, raws, spec, tp_rank=tp_rank, tp=tp, padded_vocab_size=padded_vocab_size)
+        if raw:
+            yield tp_rank, raw
+            continue
+        tensors = tensors or [get(name) for name in rule.sources]
+        piece = to_rank(rule.kind, tensors, spec, tp_rank=tp_rank, tp=tp, padded_vocab_size=padded_vocab_size)
+        yield tp_rank, cast(piece, spec.dtype)
+
+
+def source_raws(source, names: tuple[str, ...], dtype: str) -> list[RawRange] | None:
+    """Where each of `names` lies in `source`'s files as `dtype` bytes (rawcopy.py); None unless all do."""
+    raws = [raw_tensor(source, name, dtype) for name in names]
+    return None if any(r is None for r in raws) else raws
 
 
 def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: str | None = None,
@@ -288,6 +320,8 @@ class MegatronReader(ContextReader):
         self._loaded: dict[int, dict] = {}
         self._loaded_key: tuple | None = None
         self._pending: dict[str, torch.Tensor] = {}  # siblings of the last merged rule (k, v after q)
+        # where a rule's TP=1 tensor lies in the files, by native key (torch_dist sets it; rawcopy.py)
+        self.raw_part: Callable[[str], RawRange | RawChain | None] | None = None
 
     def names(self) -> list[str]:
         return canonical_names(self.spec)
@@ -308,6 +342,20 @@ class MegatronReader(ContextReader):
             tensors[k] = meta_to_hf_rotary(tensors[k], self.spec.num_kv_heads)
         self._pending = {k: v for k, v in tensors.items() if k != name}
         return tensors[name]
+
+    def raw(self, name: str) -> RawRange | RawChain | None:
+        """Where canonical `name`'s bytes lie as they are in the checkpoint's files (a TP=1 torch_dist tensor, or
+        row blocks of one: q, k, v of a fused QKV), for a file-to-file copy (rawcopy.py); else None."""
+        if self.raw_part is None or self.tp != 1 or name not in self._index:
+            return None
+        rule = self._index[name][0]
+        if self.rotary_interleaved and rule.kind in (Kind.QKV, Kind.QKV_BLOCKS):
+            return None
+        part = self.raw_part(rule.target)
+        if part is None:
+            return None
+        return canonical_raw(rule.kind, [part], self.spec, which=rule.sources.index(name),
+                             vocab_size=self.spec.vocab_size)
 
     def _state(self, tp_rank: int, pp_rank: int, layer: int | None, ep_rank: int = 0) -> dict:
         key = (pp_rank, layer)
