@@ -115,6 +115,6 @@ def test_model_config_takes_a_hub_id(hub_cache, hf_dir, tmp_path):
     result = cli("inspect", ckpt, "--json", "--model-config", "test-org/tiny-llama")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["unknown"] == [] and report["spec"] == hf_spec(hf_dir).to_dict()
+    assert report["unknown"] == [] and report["spec"] == json.loads(json.dumps(hf_spec(hf_dir).to_dict()))
     assert_one_line_error(cli("inspect", ckpt, "--model-config", "test-org/no-such-model"),
                           "test-org/no-such-model is not a local folder and cannot be fetched from the Hub")

@@ -400,7 +400,7 @@ def test_model_config_on_inspect_gives_the_whole_spec(hf_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["unknown"] == [] and report["num_parameters"] == hf_spec(hf_dirs["llama1"]).num_parameters()
-    assert report["spec"] == hf_spec(hf_dirs["llama1"]).to_dict()
+    assert report["spec"] == json.loads(json.dumps(hf_spec(hf_dirs["llama1"]).to_dict()))
 
 
 @pytest.mark.slow  # one torchrun launch, 1 process

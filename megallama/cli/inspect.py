@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
                 value = "unknown"
             if key == "notes" or value in (None, [], ""):
                 continue
-            if key == "num_parameters":
+            if key == "num_parameters" and isinstance(value, int):
                 value = f"{value:,}"
             if isinstance(value, dict):  # peft: its record on one line
                 value = ", ".join(f"{k}={', '.join(v) if isinstance(v, list) else v}" for k, v in value.items())
