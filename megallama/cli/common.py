@@ -73,8 +73,25 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+# torch's zip writer raises these over a failed write (a Python file's OSError, e.g. inside DCP's .distcp writes)
+ZIP_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos")
+
+
+def _os_cause(e: BaseException) -> OSError | None:
+    """The user-facing OSError (full disk, file-size limit) a torch zip-writer RuntimeError was raised over."""
+    if not isinstance(e, RuntimeError) or not any(m in str(e) for m in ZIP_WRITE_FAILED):
+        return None
+    seen, cause = 0, e.__cause__ or e.__context__
+    while cause is not None and seen < 8:
+        if isinstance(cause, OSError) and cause.errno in USER_OS_ERRORS:
+            return cause
+        seen, cause = seen + 1, cause.__cause__ or cause.__context__
+    return None
+
+
 def _map_error(e: BaseException) -> None:
     """The one line and exit code of an exception that was not caused by an interrupt."""
+    e = _os_cause(e) or e
     try:
         raise e
     except MegallamaError as e:
