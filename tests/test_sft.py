@@ -296,7 +296,7 @@ def test_an_argsless_dialect_checkpoint_loads_with_load_model_config(base, tiny)
     runs = {**tiny, "alibaba": ckpt}
     refused, _ = sft(runs, "alibaba-refused", "--dry-run", load="alibaba")
     assert refused.exit_code == 2 and "load_model_config" in refused.output, refused.output
-    result, output = sft(runs, "alibaba", f"load_model_config={tiny['hf'] / 'config.json'}", "train.warmup_steps=0",
+    result, output = sft(runs, "alibaba-sft", f"load_model_config={tiny['hf'] / 'config.json'}", "train.warmup_steps=0",
                          "checkpoint.format=torch", load="alibaba", steps=1)
     assert result.exit_code == 0, result.output
     assert_same_losses(losses(output), {1: losses(base)[1]}, LAYOUT)
