@@ -45,7 +45,7 @@ def open_reader(path: Path, fmt: str, *, layout: str | None = None, model_config
         if find_iteration_dir(path) is not None:
             if layout:
                 raise InputError(f"--layout {layout}: {path} is torch_dist, which has one layout (megatron-core's)")
-            return open_torch_dist(path)
+            return open_torch_dist(path, model_config=model_config)
         from megallama.formats.megatron.torch_format import open_megatron
         return open_megatron(path, layout=layout, model_config=model_config)
     raise InputError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")

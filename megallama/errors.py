@@ -18,6 +18,11 @@ class InputError(MegallamaError):
     exit_code = 2
 
 
+class ArchitectureUnknown(InputError):
+    """A checkpoint whose files do not give its architecture (the forks' args) and no --model-config: exit 2,
+    but `inspect` still describes what the tensor shapes show."""
+
+
 class CheckFailed(MegallamaError):
     """A check ran and failed (verdict FAIL, smoke test failure). Exit code 1."""
 

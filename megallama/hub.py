@@ -50,6 +50,23 @@ def resolve_model_path(arg: str | Path, revision: str | None = None) -> Path:
     return folder
 
 
+CONFIG_FILES = ["config.json", "params.json"]  # what --model-config reads from a Hub repo: no weights
+
+
+def resolve_model_config(arg: str | Path | None, name: str = "--model-config") -> Path | None:
+    """--model-config (sft: `name` load_model_config) as a local path: the path itself when it exists, else the Hub
+    snapshot folder of the repo's config.json / params.json only (no weights). InputError (one line) for a path
+    that does not exist or a repo the Hub cannot give."""
+    if arg is None:
+        return None
+    path = Path(arg).expanduser()
+    if path.exists():
+        return path
+    if not looks_like_hub_id(str(arg)):
+        raise InputError(f"{name} {arg} does not exist")
+    return _download(str(arg), None, CONFIG_FILES)
+
+
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 

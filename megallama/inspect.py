@@ -40,24 +40,27 @@ class Inspection:
     moe_layers: str | None = None  # one letter per layer: E = experts, D = dense MLP
     rope_layers: str | None = None  # one letter per layer: R = rotary (chunked attention), N = NoPE
     peft: dict | None = None  # a LoRA/DoRA run: method, rank, alpha, dropout, targets, base, adapter_parameters
+    unknown: list[str] = field(default_factory=list)  # spec fields the files do not give (args-less forks): None
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def inspect_checkpoint(path: Path, *, layout: str | None = None) -> Inspection:
+def inspect_checkpoint(path: Path, *, layout: str | None = None, model_config: Path | None = None) -> Inspection:
     """Place `path` as an HF, Meta or Megatron (torch / torch_dist) checkpoint; InputError if it is none.
-    `layout` forces a Megatron torch-format layout instead of detecting it."""
+    `layout` forces a Megatron torch-format layout instead of detecting it; `model_config` (--model-config) gives
+    the architecture a Megatron checkpoint's args lack. Without it such a checkpoint is described from its
+    tensor shapes, the rest listed in `unknown`."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path} is not a folder")
     # Megatron first: the forks' folders also hold the config.json / params.json their args lack
     dist = _torch_dist_dir(path)
     if dist is not None:
-        return _with_peft(_torch_dist(path, dist), dist)
+        return _with_peft(_torch_dist(path, dist, model_config), dist)
     if (path / "latest_checkpointed_iteration.txt").is_file() or any(d.name.startswith("mp_rank_")
                                                                       for d in _subdirs(path)):
-        return _megatron(path, layout)
+        return _megatron(path, layout, model_config)
     if (path / "config.json").is_file():
         return _hf(path)
     if (path / "params.json").is_file() or any((d / "params.json").is_file() for d in _subdirs(path)):
@@ -106,15 +109,27 @@ def _meta(path: Path) -> Inspection:
     return report
 
 
-def _megatron(path: Path, layout: str | None) -> Inspection:
-    from megallama.formats.megatron.torch_format import load_rank_file, open_megatron
+def _megatron(path: Path, layout: str | None, model_config: Path | None = None) -> Inspection:
+    from megallama.errors import ArchitectureUnknown
+    from megallama.formats.megatron.torch_format import open_megatron
 
-    with open_megatron(path, layout=layout) as r:
+    try:
+        reader = open_megatron(path, layout=layout, model_config=model_config)
+    except ArchitectureUnknown:
+        return _megatron_from_shapes(path, layout)
+    with reader as r:
         report = _base(path, "megatron", r.spec, r.tokenizer_files)
         report.ckpt_format, report.layout, report.tp, report.pp = "torch", r.layout.name, r.tp, r.pp
         report.ep = r.ep if r.spec.is_moe else None
         report.padded_vocab_size, report.notes = r.padded_vocab_size, list(r.notes)
         first = r.source_files[0]
+    return _saved_state(report, first)
+
+
+def _saved_state(report: Inspection, first: Path) -> Inspection:
+    """The iteration and whether optimizer state was saved, from the first rank's file."""
+    from megallama.formats.megatron.torch_format import load_rank_file
+
     it_dir = first.parent.parent
     report.iteration = "release" if it_dir.name == "release" else int(it_dir.name.removeprefix("iter_"))
     ckpt = load_rank_file(first)
@@ -125,6 +140,68 @@ def _megatron(path: Path, layout: str | None) -> Inspection:
                               or (first.parent / DISTRIB_OPTIM_FILE).is_file()
                               or any(it_dir.glob("mp_rank_*/optim.pt")))
     return report
+
+
+# What an args-less checkpoint's tensors cannot say; `inspect` shows them as unknown (args may still give some).
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads", "vocab_size",
+                "norm_eps", "rope_theta", "max_position_embeddings", "tie_embeddings")
+
+
+def _megatron_from_shapes(path: Path, layout: str | None) -> Inspection:
+    """A torch-format checkpoint whose args lack the architecture (the fork's `args: None`, alibaba's partial
+    args), described from its tensor shapes and whatever its args and tokenizer give; the rest is unknown."""
+    from megallama.formats.base import TOKENIZER_FILES
+    from megallama.formats.megatron.args import tokenizer_vocab
+    from megallama.formats.megatron.rules import Kind
+    from megallama.formats.megatron.torch_format import detect_tokenizer, read_ranks
+
+    ranks = read_ranks(path, layout=layout)
+    a = vars(ranks.args) if ranks.args is not None and hasattr(ranks.args, "__dict__") else {}
+    rules, tp = ranks.layout.layer_rules, ranks.tp
+    qkv = next(r for r in rules if r.kind in (Kind.QKV, Kind.QKV_BLOCKS) and r.target.endswith(".weight"))
+    fc1 = next(r for r in rules if r.kind is Kind.GATE_UP and r.target.endswith(".weight"))
+    first = ranks.stages[0]
+    hidden = int(ranks.embedding.shape[1])
+    heads, groups = a.get("num_attention_heads"), None
+    if heads:  # fused q, k, v rows = (heads + 2 groups) x head_dim (alibaba's args do not say GQA)
+        head_dim = a.get("kv_channels") or hidden // heads
+        groups = (int(first[qkv.target.format(j=0)].shape[0]) * tp // head_dim - heads) // 2
+    output, last = ranks.layout.output.target, ranks.stages[-1]
+    # no output layer: tied; at PP > 1 a tied model's last stage holds a copy of the embedding
+    tied = output not in last or (ranks.pp > 1 and _same(last[output], ranks.embedding))
+    facts = {
+        "num_layers": sum(_count_layers(stage, qkv.target) for stage in ranks.stages),
+        "hidden_size": hidden,
+        "ffn_hidden_size": int(first[fc1.target.format(j=0)].shape[0]) * tp // 2,
+        "num_heads": heads, "num_kv_heads": groups,
+        "vocab_size": a.get("orig_vocab_size") or a.get("vocab_size") or tokenizer_vocab(ranks.root),
+        "norm_eps": a.get("norm_epsilon", a.get("layernorm_epsilon")), "rope_theta": a.get("rotary_base"),
+        "max_position_embeddings": a.get("max_position_embeddings"), "tie_embeddings": tied,
+    }
+    files = [ranks.root / n for n in TOKENIZER_FILES
+             if (ranks.root / n).is_file() and n not in NOT_TOKENIZER]
+    unknown = [k for k in SHAPE_FIELDS if facts[k] is None] + ["num_parameters"]
+    report = Inspection(path=str(path), format="megatron", ckpt_format="torch", layout=ranks.layout.name,
+                        tp=tp, pp=ranks.pp, dtype=ranks.dtype, spec=facts, vocab_size=facts["vocab_size"],
+                        padded_vocab_size=ranks.padded_vocab_size, tokenizer=[f.name for f in files],
+                        tokenizer_type=detect_tokenizer(files, path)[0], unknown=unknown)
+    report.notes = [f"the checkpoint's args do not give {', '.join(unknown)}: shown as unknown; pass the model's "
+                    "config.json (HF) or params.json (Meta) as --model-config PATH to know them"]
+    return _saved_state(report, ranks.files[0, 0, 0])
+
+
+def _count_layers(stage: dict, qkv_target: str) -> int:
+    """Layers of one pipeline stage: stage-local indices 0, 1, ... that have a fused QKV weight."""
+    n = 0
+    while qkv_target.format(j=n) in stage:
+        n += 1
+    return n
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _torch_dist_dir(path: Path) -> Path | None:
@@ -141,7 +218,7 @@ def _torch_dist_dir(path: Path) -> Path | None:
     return None
 
 
-def _torch_dist(path: Path, it_dir: Path) -> Inspection:
+def _torch_dist(path: Path, it_dir: Path, model_config: Path | None = None) -> Inspection:
     """torch_dist: the architecture from common.pt's args, tensor dtype and sizes from the DCP `.metadata`."""
     from megallama.formats.megatron.args import spec_from_args
     from megallama.formats.megatron.torch_format import load_rank_file
@@ -160,6 +237,11 @@ def _torch_dist(path: Path, it_dir: Path) -> Inspection:
     manifest = read_manifest(path) or {}
     if manifest.get("format") == "megatron" and manifest.get("spec"):  # megallama's: the exact spec (Llama 4 too)
         spec = ModelSpec.from_dict({**manifest["spec"], "dtype": dtype})
+    elif model_config is not None:
+        from megallama.formats.megatron.args import spec_from_config_file
+
+        spec = spec_from_config_file(path, dtype, model_config)
+        notes.append(f"architecture from --model-config {model_config}")
     else:
         spec = spec_from_args(args, padded_vocab_size=padded or 0, dtype=dtype, notes=notes)
     from megallama.formats.base import TOKENIZER_FILES

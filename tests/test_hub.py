@@ -101,3 +101,20 @@ def test_no_network_exits_2_unless_cached(hub_cache, tmp_path, monkeypatch):
         resolve_model_path("test-org/missing")
     # huggingface_hub falls back to the cache when the Hub is unreachable
     assert resolve_model_path("test-org/tiny-llama") == Path(hub_cache / "snapshots" / MAIN)
+
+
+def test_model_config_takes_a_hub_id(hub_cache, hf_dir, tmp_path):
+    """--model-config owner/name: the repo's config.json from the cache (only config files are fetched)."""
+    import json
+
+    from dialect_fixtures import build
+    from helpers import assert_one_line_error, hf_spec
+
+    ckpt = build("alibaba", hf_dir, tmp_path / "alibaba", tp=1, pp=1)  # its args lack norm eps and rope theta
+    (ckpt / "config.json").unlink()
+    result = cli("inspect", ckpt, "--json", "--model-config", "test-org/tiny-llama")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["unknown"] == [] and report["spec"] == json.loads(json.dumps(hf_spec(hf_dir).to_dict()))
+    assert_one_line_error(cli("inspect", ckpt, "--model-config", "test-org/no-such-model"),
+                          "test-org/no-such-model is not a local folder and cannot be fetched from the Hub")

@@ -285,6 +285,26 @@ def assert_resumed(killed: Path, run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_an_argsless_dialect_checkpoint_loads_with_load_model_config(base, tiny):
+    """alibaba/Megatron-LLaMA's args lack norm eps and rope theta, and the HF config.json is not in the checkpoint:
+    refused without `load_model_config`; with it, the ranks read the dialect through the converters' reader, and
+    step 1 (unchanged weights) has the loss of the converted checkpoint's run. One 1-rank launch."""
+    from dialect_fixtures import build
+
+    ckpt = build("alibaba", tiny["hf"], tiny["root"] / "alibaba", tp=1, pp=1)
+    (ckpt / "config.json").unlink()
+    runs = {**tiny, "alibaba": ckpt}
+    refused, _ = sft(runs, "alibaba-refused", "--dry-run", load="alibaba")
+    assert refused.exit_code == 2 and "load_model_config" in refused.output, refused.output
+    result, output = sft(runs, "alibaba-sft", f"load_model_config={tiny['hf'] / 'config.json'}", "train.warmup_steps=0",
+                         "checkpoint.format=torch", load="alibaba", steps=1)
+    assert result.exit_code == 0, result.output
+    assert_same_losses(losses(output), {1: losses(base)[1]}, LAYOUT)
+    assert json.loads((output / "megallama.json").read_text())["spec"]["norm_eps"] == json.loads(
+        (tiny["hf"] / "config.json").read_text())["rms_norm_eps"]
+
+
+@pytest.mark.slow
 def test_resume_continues_as_if_never_interrupted(base):
     assert_resumed(resume_after_kill(base, "killed"), base)
 

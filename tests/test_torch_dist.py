@@ -178,16 +178,16 @@ def test_a_fully_parallel_save_holds_the_same_chunks_spread_over_the_ranks(launc
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="defect: megatron-core's unstacked save also splits linear_fc1 into "
-                   "weight_w / weight_v keys; the reader expects one fused linear_fc1.weight per layer")
 def test_reads_megatron_cores_unstacked_layers(launched, hf_dirs):
     """megatron-core's save with singleton_local_shards keeps each layer under its own number (no leading layer
-    axis); the reader gives the same tensors."""
+    axis) and stores linear_fc1's SwiGLU halves as two tensors (`weight_w`, `weight_v`); the reader gives the
+    same tensors."""
     root, _ = launched
     _, tensors = hf_model(hf_dirs["llama2"])
     ckpt = root / "mcore-1x1-singleton_local_shards"
     keys = DistCheckpoint(ckpt / "iter_0000005").metadata.state_dict_metadata
     assert any(k.startswith("decoder.layers.3.") for k in keys) and "decoder.layers.mlp.linear_fc1.weight" not in keys
+    assert "decoder.layers.3.mlp.linear_fc1.weight_w" in keys and "decoder.layers.3.mlp.linear_fc1.weight_v" in keys
     with open_torch_dist(ckpt) as reader:
         assert all(torch.equal(reader.get(name), t) for name, t in tensors.items())
 

@@ -344,3 +344,126 @@ def test_model_config_gives_the_architecture_the_args_lack(hf_dirs, tmp_path, di
     assert source.keys() == converted.keys()
     for name, t in source.items():
         assert torch.equal(t, converted[name]), name
+
+
+HF_OF = {"fork": "llama1", "alibaba": "llama2"}  # the fork is MHA only; alibaba's args do not say GQA
+
+
+def argsless(hf_dirs, out: Path, dialect: str, *, tp: int = 2, pp: int = 1, tokenizer: bool = True) -> Path:
+    """A dialect checkpoint whose args lack the architecture, its config.json / params.json not beside it (as the
+    user has it); without `tokenizer`, no tokenizer.model either (nothing tells the true vocab)."""
+    from dialect_fixtures import build
+
+    ckpt = build(dialect, hf_dirs[HF_OF[dialect]], out, tp=tp, pp=pp)
+    for name in ("config.json", "params.json") + (() if tokenizer else ("tokenizer.model",)):
+        (ckpt / name).unlink(missing_ok=True)
+    return ckpt
+
+
+@pytest.mark.parametrize("dialect", ["fork", "alibaba"])
+def test_inspect_describes_an_argsless_checkpoint_from_its_shapes(hf_dirs, tmp_path, dialect):
+    """What the tensors (and alibaba's partial args) show is reported; what nothing shows is null and listed."""
+    from helpers import hf_spec
+
+    ckpt = argsless(hf_dirs, tmp_path / dialect, dialect, tp=2, pp=2, tokenizer=False)
+    spec = hf_spec(hf_dirs[HF_OF[dialect]])
+    result = cli("inspect", ckpt, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["tp"], report["pp"], report["ckpt_format"]) == (2, 2, "torch")
+    assert report["layout"] == {"fork": "llama-fork", "alibaba": "alibaba"}[dialect]
+    got = report["spec"]
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "tie_embeddings"):
+        assert got[name] == getattr(spec, name), name
+    never = ["norm_eps", "rope_theta", "max_position_embeddings", "num_parameters"]
+    if dialect == "fork":  # args: None; no tokenizer to count the vocab
+        unknown = ["num_heads", "num_kv_heads", "vocab_size"] + never
+    else:  # alibaba's args name the heads and the true vocab; the fused q, k, v rows then give the KV heads
+        unknown = never
+        assert (got["num_heads"], got["num_kv_heads"], got["vocab_size"]) == (
+            spec.num_heads, spec.num_kv_heads, spec.vocab_size)
+    assert sorted(report["unknown"]) == sorted(unknown)
+    assert all(got.get(name) is None for name in unknown) and report["vocab_size"] == got["vocab_size"]
+    rows = {"fork": 128, "alibaba": 1}[dialect] * 2  # the dialects' vocab padding (multiple x TP)
+    assert report["padded_vocab_size"] == -(-spec.vocab_size // rows) * rows
+    assert "--model-config" in " ".join(report["notes"])
+    table = cli("inspect", ckpt)
+    assert table.exit_code == 0, table.output
+    assert "norm_eps=unknown" in table.stdout and "--model-config" in " ".join(table.stdout.split())
+
+
+def test_model_config_on_inspect_gives_the_whole_spec(hf_dirs, tmp_path):
+    from helpers import hf_spec
+
+    ckpt = argsless(hf_dirs, tmp_path / "fork", "fork", tokenizer=False)
+    result = cli("inspect", ckpt, "--json", "--model-config", hf_dirs["llama1"])  # a folder holding config.json
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["unknown"] == [] and report["num_parameters"] == hf_spec(hf_dirs["llama1"]).num_parameters()
+    assert report["spec"] == json.loads(json.dumps(hf_spec(hf_dirs["llama1"]).to_dict()))
+
+
+@pytest.mark.slow  # one torchrun launch, 1 process
+def test_generate_reads_an_argsless_checkpoint_with_model_config(hf_dirs, tmp_path):
+    """Greedy tokens of the fork checkpoint, its architecture from the user's params.json, equal transformers'."""
+    from dialect_fixtures import build
+    from test_generate import NEW_TOKENS, hf_greedy
+
+    from megallama.generate.driver import Prompt, prompt_ids
+    from megallama.sft.tokenizer import load_tokenizer
+
+    ckpt, params = build("fork", hf_dirs["llama1"], tmp_path / "fork", tp=1, pp=1), tmp_path / "params.json"
+    shutil.move(ckpt / "params.json", params)  # the user's copy, not in the checkpoint
+    answers = tmp_path / "answers.json"
+    assert_one_line(cli("generate", "--megatron", ckpt, "--prompt", "hi"), 2, "--model-config")
+    result = cli("generate", "--megatron", ckpt, "--model-config", params, "--prompt", "The history of",
+                 "--max-new-tokens", NEW_TOKENS, "--json", answers)
+    assert result.exit_code == 0, result.output
+    (got,) = json.loads(answers.read_text())
+    tok = load_tokenizer(ckpt)
+    want = hf_greedy(hf_dirs["llama1"], prompt_ids(Prompt("The history of"), tok, chat=False), tok.eos_id)
+    assert got["completion_ids"] + ([tok.eos_id] if got["stop"] == "eos" else []) == want
+
+
+# ---------------------------------------------------------------- 10. a tokenizer type Megatron-LM's tools accept
+def megatron_padding(vocab: int, tp: int, divisible_by: int = 128) -> int:
+    """megatron/training/tokenizer's vocab_size_with_padding."""
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_a_checkpoint_without_tokenizer_records_null_tokenizer(hf_dir, tmp_path, fmt):
+    """Megatron-LM's tools/checkpoint refuses `tokenizer_type = None`; NullTokenizer with the true vocab is what
+    such a checkpoint has, and its V + 1 ids (eod) pad to the rows written."""
+    from megallama.formats.base import TOKENIZER_FILES
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dir, hf)
+    for name in TOKENIZER_FILES:
+        (hf / name).unlink(missing_ok=True)
+    out = tmp_path / "meg"
+    result = cli("convert", "hf2megatron", "--input-dir", hf, "--output-dir", out, "--ckpt-format", fmt,
+                 "--tp", "2")
+    assert result.exit_code == 0, result.output
+    first = out / "release" / ("common.pt" if fmt == "torch_dist" else "mp_rank_00/model_optim_rng.pt")
+    args = torch.load(first, weights_only=False)["args"]
+    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    assert args.tokenizer_type == "NullTokenizer" and args.vocab_size == vocab and args.tokenizer_model is None
+    assert args.padded_vocab_size == megatron_padding(vocab + 1, 2) == megatron_padding(vocab, 2)
+    flags = (out / "megatron_args.txt").read_text().splitlines()
+    assert "--tokenizer-type NullTokenizer" in flags and f"--vocab-size {vocab}" in flags
+    assert "NullTokenizer" in " ".join(result.output.split())
+
+
+def test_no_tokenizer_type_where_null_tokenizer_would_pad_differently(tmp_path):
+    """A vocab that is a multiple of 128 x TP: NullTokenizer's eod would need another 128 rows, so recording it
+    would be false; nothing is recorded and the write note says why."""
+    from megallama.convert import convert
+    from megallama.tiny import PRESETS, make_hf_checkpoint
+
+    hf = make_hf_checkpoint(tmp_path / "hf", PRESETS["llama2"].replace(vocab_size=256), tokenizer=False)
+    report = convert(hf, tmp_path / "meg", src_format="hf", dst_format="megatron")
+    args = torch.load(tmp_path / "meg" / "release" / "common.pt", weights_only=False)["args"]
+    assert args.tokenizer_type is None and args.padded_vocab_size == 256
+    assert any("would pad to 384 rows, not 256" in note for note in report.notes), report.notes

@@ -14,6 +14,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -28,8 +30,15 @@ out = Console()  # results
 err = Console(stderr=True)  # progress, messages, errors
 
 # OS errors a user fixes (a path, a permission, a full disk): bad input, exit 2. Any other OSError is ours (3).
-USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
-                  errno.ENAMETOOLONG, errno.EBUSY, errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV}
+# EFBIG: a file grew past the file-size limit (ulimit -f, RLIMIT_FSIZE) or the file system's largest file.
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                  errno.EISDIR, errno.ENAMETOOLONG, errno.EBUSY, errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY,
+                  errno.EXDEV}
+# --model-config, the same on every command that reads a Megatron checkpoint (convert, verify, generate, inspect)
+MODEL_CONFIG_HELP = ("HF config.json, Meta params.json, a folder with one, or an HF Hub id: the architecture of a "
+                     "torch-format checkpoint whose args lack it (the Megatron-LLaMA fork, alibaba). Docs: "
+                     "docs/trust.md")
+ModelConfig = Annotated[Path | None, typer.Option("--model-config", help=MODEL_CONFIG_HELP)]
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # all unwind like Ctrl-C, clean up staging
 
 
@@ -64,8 +73,25 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+# torch's zip writer raises these over a failed write (a Python file's OSError, e.g. inside DCP's .distcp writes)
+ZIP_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos")
+
+
+def _os_cause(e: BaseException) -> OSError | None:
+    """The user-facing OSError (full disk, file-size limit) a torch zip-writer RuntimeError was raised over."""
+    if not isinstance(e, RuntimeError) or not any(m in str(e) for m in ZIP_WRITE_FAILED):
+        return None
+    seen, cause = 0, e.__cause__ or e.__context__
+    while cause is not None and seen < 8:
+        if isinstance(cause, OSError) and cause.errno in USER_OS_ERRORS:
+            return cause
+        seen, cause = seen + 1, cause.__cause__ or cause.__context__
+    return None
+
+
 def _map_error(e: BaseException) -> None:
     """The one line and exit code of an exception that was not caused by an interrupt."""
+    e = _os_cause(e) or e
     try:
         raise e
     except MegallamaError as e:

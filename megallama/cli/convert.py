@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from megallama.cli.common import byte_progress, err, handle_errors, print_write_report
+from megallama.cli.common import ModelConfig, byte_progress, err, handle_errors, print_write_report
 from megallama.errors import InputError
 
 app = typer.Typer(help="Convert between HF, Meta pth and Megatron (torch_dist, torch). Docs: docs/convert.md",
@@ -39,9 +39,6 @@ DivisibleBy = Annotated[int, typer.Option("--make-vocab-size-divisible-by", "--m
                                           help=DIVISIBLE_HELP)]
 TransformerImpl = Annotated[str, typer.Option("--transformer-impl", "--transformer_impl", help=IMPL_HELP)]
 Layout = Annotated[str | None, typer.Option("--layout", help=LAYOUT_HELP)]
-ModelConfig = Annotated[Path | None, typer.Option(
-    "--model-config", help="HF config.json, Meta params.json, or a folder with one: the architecture of a "
-                           "torch-format checkpoint whose args lack it (the Megatron-LLaMA fork, alibaba).")]
 NoChecksums = Annotated[bool, typer.Option("--no-checksums", help="Skip the sources' sha256 in megallama.json "
                                            "(one read pass of the input less).")]
 BASE_HELP = ("LoRA/DoRA run only: the base model (HF, Meta or Megatron folder, or Hub id) to merge the adapters into "
@@ -69,9 +66,11 @@ def _resolve_model_size(input_dir: Path, model_size: str | None) -> Path:
 
 def _run(src: Path, dst: Path, *, src_format: str, dst_format: str, title: str, revision: str | None = None,
          model_size: str | None = None, **kwargs) -> None:
-    from megallama.hub import resolve_model_path
+    from megallama.hub import resolve_model_config, resolve_model_path
 
     src = _resolve_model_size(resolve_model_path(src, revision), model_size)  # a Hub id becomes its snapshot
+    if kwargs.get("model_config") is not None:
+        kwargs["model_config"] = resolve_model_config(kwargs["model_config"])
     if kwargs.get("checksums", True):
         from megallama.formats.checksums import start_early
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from megallama.cli.common import err, handle_errors, out, step_progress
+from megallama.cli.common import ModelConfig, err, handle_errors, out, step_progress
 from megallama.errors import InputError
 
 
@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", help="Prompts decoded together (one KV cache)."),
         ep: int = typer.Option(None, "--ep", help="Expert parallelism (Llama 4): run at this EP instead of the "
                                                   "checkpoint's own (TP x PP x EP processes)."),
+        model_config: ModelConfig = None,
     ) -> None:
         """Complete prompts with the real megatron-core GPTModel under torchrun; stops at EOS.
 
@@ -46,12 +47,13 @@ def register(app: typer.Typer) -> None:
           megallama generate --megatron runs/sft --prompt "The capital of France is" --max-new-tokens 16
           megallama generate --megatron runs/sft --prompts prompts.jsonl --json answers.json
           megallama generate --megatron runs/chat --chat --prompt "Hi!" --temperature 0.7 --top-p 0.9 --seed 1
+          megallama generate --megatron fork-ckpt --model-config llama-7b/params.json --prompt "Hello"
 
         Docs: docs/generate.md
         """
         from megallama.generate.driver import Prompt, Settings, read_prompts, write_json
         from megallama.generate.driver import generate as run
-        from megallama.hub import resolve_model_path
+        from megallama.hub import resolve_model_config, resolve_model_path
 
         if (prompt is None) == (prompts is None):
             raise InputError("give exactly one of --prompt TEXT and --prompts FILE.jsonl")
@@ -63,8 +65,10 @@ def register(app: typer.Typer) -> None:
         settings = Settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             chat=chat, dtype=dtype, tp=tp, pp=pp, batch_size=batch_size, ep=ep)
         megatron = resolve_model_path(megatron, revision)
+        model_config = resolve_model_config(model_config)
         with step_progress() as on_progress:
-            done = run(megatron, items, settings, tokenizer=tokenizer, on_progress=on_progress)
+            done = run(megatron, items, settings, tokenizer=tokenizer, on_progress=on_progress,
+                       model_config=model_config)
         for n, c in enumerate(done):
             if len(done) > 1:
                 out.print(Text(f"[{n + 1}] {c.prompt}", style="bold"), soft_wrap=True)

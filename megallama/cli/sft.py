@@ -35,9 +35,11 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return overrides, []
 
 
-def check_checkpoint(cfg: dict, manifest: dict | None, root: Path, *, read_ranks: bool = True) -> None:
+def check_checkpoint(cfg: dict, manifest: dict | None, root: Path, *, read_ranks: bool = True,
+                     foreign: bool = False) -> None:
     """The checkpoint must exist, carry megallama's manifest, be complete, and (torch format) be split for the
-    requested TP x PP; torch_dist loads at any TP x PP."""
+    requested TP x PP; torch_dist loads at any TP x PP, and so does a `foreign` checkpoint (another tool's, read
+    and re-split by the converters' reader, which has checked every rank file already)."""
     from megallama.formats.megatron.torch_format import iteration_dir
     from megallama.sft.checkpoint import checkpoint_format, rank_path, read_tracker, torch_grid
     from megallama.sft.dist_checkpoint import missing_files
@@ -64,7 +66,7 @@ def check_checkpoint(cfg: dict, manifest: dict | None, root: Path, *, read_ranks
         # unpickler (megatron-core's ranks would pickle.load it), every .distcp it lists present and whole
         DistCheckpoint(it_dir)
         load_rank_file(it_dir / "common.pt")  # its globals checked here, in one line, not in every rank
-    else:
+    elif not foreign:
         have = torch_grid(it_dir)
         if have != (p["tp"], p["pp"]):
             raise InputError(f"checkpoint {root} is split for TP={have[0]} PP={have[1]} but the run asks for "
@@ -231,6 +233,7 @@ def register(app: typer.Typer) -> None:
         """
         from megallama.engine.launch import run_torchrun, torchrun_command
         from megallama.formats.base import read_manifest
+        from megallama.hub import resolve_model_config
         from megallama.sft import config as sft_config
         from megallama.sft.checkpoint import check_resume, find_start
         from megallama.sft.train import DATA_CACHE, save_splits, tokenize_splits
@@ -254,8 +257,15 @@ def register(app: typer.Typer) -> None:
         warnings = sft_config.validate(cfg)
         check_writable_folder(Path(cfg["output"]))  # before tokenizing, and long before training
         root = start_folder(cfg)
+        if cfg["load_model_config"] is not None:  # a Hub id becomes its snapshot's config files
+            cfg["load_model_config"] = str(resolve_model_config(cfg["load_model_config"], "load_model_config"))
         manifest = read_manifest(root)
-        check_checkpoint(cfg, manifest, root, read_ranks=not dry_run)  # a dry run reads no weights
+        foreign = not cfg["resume"] and not (manifest or {}).get("spec")
+        if foreign:  # another tool's torch-format checkpoint: spec from its args or load_model_config
+            from megallama.sft.checkpoint import foreign_manifest
+
+            manifest = foreign_manifest(root, cfg["load_model_config"], tp=cfg["parallel"]["tp"])
+        check_checkpoint(cfg, manifest, root, read_ranks=not dry_run, foreign=foreign)  # a dry run reads no weights
         start = find_start(Path(cfg["load"]), Path(cfg["output"]), resume=cfg["resume"],
                            weights_only=cfg["resume_weights_only"])
         check_resume(start, tp=cfg["parallel"]["tp"], pp=cfg["parallel"]["pp"],

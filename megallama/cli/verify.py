@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from megallama.cli.common import err, handle_errors, out, step_progress
+from megallama.cli.common import ModelConfig, err, handle_errors, out, step_progress
 
 app = typer.Typer(help="Prove a Megatron checkpoint computes what the original computes. Docs: docs/verify.md",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -28,6 +28,7 @@ def layer_diff(
     batch: int = typer.Option(2, "--batch", help="Sequences in the batch."),
     dtype: str = typer.Option("fp32", "--dtype", help="Compute dtype of both sides: fp32 (exact check), bf16, fp16."),
     json_out: Path = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+    model_config: ModelConfig = None,
 ) -> None:
     """Run the Megatron checkpoint (at its own TP x PP, under torchrun) and the reference on the same tokens;
     compare the embedding, every layer's attention, MLP and output, the final norm and the logits.
@@ -38,8 +39,9 @@ def layer_diff(
       megallama verify layer-diff --reference llama-2-7b-hf --megatron llama-2-7b-tp2-pp2
       megallama verify layer-diff --reference llama-2-7b --megatron runs/sft --dtype bf16 --json diff.json
       megallama verify layer-diff --reference meta-llama/Llama-2-7b-hf --megatron llama-2-7b-tp2-pp2
+      megallama verify layer-diff --reference llama-7b --megatron fork-ckpt --model-config llama-7b/params.json
     """
-    from megallama.hub import resolve_model_path
+    from megallama.hub import resolve_model_config, resolve_model_path
     from megallama.spec import normalize_dtype
     from megallama.staging import check_writable_file
     from megallama.verify.layer_diff import layer_diff as run
@@ -47,12 +49,13 @@ def layer_diff(
 
     dtype = normalize_dtype(dtype)
     reference = resolve_model_path(reference, revision)
+    model_config = resolve_model_config(model_config)
     if json_out is not None:
         check_writable_file(json_out)  # before the run, not after it
     with step_progress({"forward": "Megatron forward passes"}) as on_progress:
         report = run(reference, megatron, data=data, seq_len=seq_len, batch=batch, dtype=dtype,
                      on_stage=lambda message: err.print(message, highlight=False, markup=False),
-                     on_progress=on_progress)
+                     on_progress=on_progress, model_config=model_config)
     print_report(report)
     if json_out is not None:
         write_json(report, json_out)

@@ -21,8 +21,10 @@ The file is then byte for byte what torch.save of the whole object gives, its `.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import resource
 import struct
 import threading
 import zipfile
@@ -112,7 +114,7 @@ class StreamedFiles:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.serialization.skip_data():
-            torch.save(skeleton, path)
+            save_or_disk_error(skeleton, path, needed=storage_bytes(skeleton))
         layout = _Layout(path, os.open(path, os.O_RDWR), read_slots(path, flat))
         self._layouts.append(layout)
         return layout
@@ -192,6 +194,56 @@ class StreamedFiles:
                 if layout.fd >= 0:
                     os.close(layout.fd)
                     layout.fd = -1
+
+
+# ---------------------------------------------------------------- a failed torch.save, told apart
+# torch's zip writer reports a failed write without its errno: "PytorchStreamWriter failed writing file ..."
+# or, when miniz notices first, "... unexpected pos ...".
+_ZIP_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos")
+
+
+def save_or_disk_error(obj, path: Path, *, needed: int) -> None:
+    """torch.save(obj, path); a failed write that the file-size limit or the free space explains is raised as
+    that OSError (EFBIG / ENOSPC: a one-line disk error for the user), anything else as torch raised it.
+    `needed` is a lower bound of the file's size (its tensor bytes)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        cause = disk_error(Path(path), needed) if any(m in str(e) for m in _ZIP_WRITE_FAILED) else None
+        if cause is None:
+            raise
+        raise cause from e
+
+
+def disk_error(path: Path, needed: int) -> OSError | None:
+    """EFBIG when `needed` bytes exceed this process's file-size limit (ulimit -f), ENOSPC when they exceed the
+    free space of `path`'s file system; None when neither explains a failed write."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and needed > limit:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+    try:
+        fs = os.statvfs(path.parent)
+    except OSError:
+        return None
+    if fs.f_bavail * fs.f_frsize < needed:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
+def storage_bytes(obj) -> int:
+    """Bytes of the distinct tensor storages in a nested dict / list / tuple (what torch.save writes as data)."""
+    sizes: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if torch.is_tensor(item):
+            storage = item.untyped_storage()
+            sizes[storage.data_ptr() or id(storage)] = storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return sum(sizes.values())
 
 
 # ---------------------------------------------------------------- reading the layout back

@@ -162,8 +162,10 @@ def check_settings(s: Settings) -> None:
 
 
 def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | None = None, *,
-             tokenizer: Path | None = None, on_progress: OnProgress | None = None) -> list[Completion]:
-    """Complete every prompt with the Megatron checkpoint `megatron`; InputError for bad input (exit 2)."""
+             tokenizer: Path | None = None, on_progress: OnProgress | None = None,
+             model_config: Path | None = None) -> list[Completion]:
+    """Complete every prompt with the Megatron checkpoint `megatron`; InputError for bad input (exit 2).
+    `model_config` (--model-config) gives the architecture a checkpoint's args lack (the forks)."""
     from megallama.convert import open_reader
     from megallama.sft.tokenizer import load_tokenizer
     from megallama.spec import normalize_dtype, padded_vocab_size
@@ -179,7 +181,7 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     run = megatron if is_peft_run(megatron) else None  # LoRA/DoRA: its base, with the adapters applied unmerged
     if run is not None:
         megatron, _ = checked_base(run)
-    with open_reader(megatron, "megatron") as reader:
+    with open_reader(megatron, "megatron", model_config=model_config) as reader:
         spec = reader.spec
         tp, pp = getattr(reader, "saved_tp", reader.tp), getattr(reader, "saved_pp", reader.pp)  # torch_dist
         ep = getattr(reader, "saved_ep", reader.ep)
@@ -199,7 +201,8 @@ def generate(megatron: Path, prompts: Sequence[Prompt], settings: Settings | Non
     dtype = normalize_dtype(s.dtype) or spec.dtype
     job = {"megatron": str(megatron.resolve()), "tp": tp, "pp": pp, "ep": ep, "dtype": dtype,
            "padded_vocab_size": padded_vocab_size(spec.vocab_size, tp), "prompts": ids,
-           "eos_id": tok.eos_id, "settings": asdict(s), "adapters": None if run is None else str(run.resolve())}
+           "eos_id": tok.eos_id, "settings": asdict(s), "adapters": None if run is None else str(run.resolve()),
+           "model_config": None if model_config is None else str(Path(model_config).resolve())}
     outputs, timing = run_workers(job, on_progress=on_progress)
     done = []
     for p, row, (new, stop) in zip(prompts, ids, outputs, strict=True):

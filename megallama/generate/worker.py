@@ -48,7 +48,7 @@ def load_model(job: dict):
 
     tp, pp = job["tp"], job["pp"]
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    with open_reader(Path(job["megatron"]), "megatron") as reader:
+    with open_reader(Path(job["megatron"]), "megatron", model_config=job.get("model_config")) as reader:
         spec = reader.spec
         state = rank_state_dict(reader, spec, tp_rank=tp_rank, tp=tp, pp_rank=pp_rank, pp=pp,
                                 padded_vocab_size=job["padded_vocab_size"], dtype=job["dtype"],

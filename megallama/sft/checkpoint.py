@@ -136,6 +136,38 @@ def find_start(load: Path, output: Path, *, resume: bool, weights_only: bool = F
                  fmt=checkpoint_format(iteration_dir(root, iteration)))
 
 
+def foreign_manifest(root: Path, model_config: str | None, *, tp: int) -> dict:
+    """The manifest sft needs (spec, padded vocab) for a torch-format checkpoint megallama did not write: any
+    dialect (legacy, TE, the forks), its architecture from its args or `model_config` (load_model_config, for
+    the forks' args-less checkpoints). The ranks load it through the same reader (`foreign_rank_state`) at any
+    TP x PP, so the vocab is padded as Megatron-LM pads it for this run's TP. No collectives."""
+    from megallama.formats.megatron.torch_format import open_megatron
+    from megallama.spec import padded_vocab_size
+
+    it_dir = iteration_dir(root, read_tracker(root))
+    if checkpoint_format(it_dir) != "torch":
+        raise InputError(f"{root} has no megallama.json with the model spec: convert the checkpoint with "
+                         "`megallama convert megatron2megatron` (or point load at an sft output)")
+    with open_megatron(root, model_config=model_config) as reader:
+        spec = reader.spec
+    return {"format": "megatron", "spec": spec.to_dict(), "vocab_size": spec.vocab_size,
+            "padded_vocab_size": padded_vocab_size(spec.vocab_size, tp), "divisible_by": 128}
+
+
+def foreign_rank_state(root: Path, model_config: str | None, spec: ModelSpec, *, padded: int) -> dict:
+    """This rank's `{"model": local-spec state dict}` of a checkpoint `foreign_manifest` described, re-split from
+    the reader's canonical tensors (one model engine for every dialect). No collectives."""
+    from megatron.core import parallel_state as ps
+
+    from megallama.formats.megatron.torch_format import open_megatron, rank_state_dict
+
+    with open_megatron(root, model_config=model_config) as reader:
+        return {"model": rank_state_dict(reader, spec, tp_rank=ps.get_tensor_model_parallel_rank(),
+                                         tp=ps.get_tensor_model_parallel_world_size(),
+                                         pp_rank=ps.get_pipeline_model_parallel_rank(),
+                                         pp=ps.get_pipeline_model_parallel_world_size(), padded_vocab_size=padded)}
+
+
 def remove_uncommitted(root: Path) -> list[Path]:
     """Iteration folders newer than the tracker's (a save killed midway), removed; no collectives."""
     root = Path(root)

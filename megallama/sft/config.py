@@ -21,6 +21,7 @@ from megallama.errors import InputError
 # DESIGN.md's config, plus the megatron-core switches (parallel.*, train.recompute) and precision details.
 DEFAULTS: dict = {
     "load": None,  # Megatron folder from pth2megatron, or an earlier sft output (continues it)
+    "load_model_config": None,  # --model-config of `load`: config.json / params.json / folder / Hub id (the forks)
     "tokenizer": None,  # default: the tokenizer stored with the checkpoint
     "resume": False,  # continue from the latest checkpoint in `output`
     "resume_weights_only": False,  # with resume: weights and step only, fresh optimizer (--no-load-optim --no-load-rng)
@@ -87,9 +88,9 @@ DEFAULTS: dict = {
         "init_from": None,  # an HF PEFT adapter folder to continue training
     },
 }
-TYPES = {"load": str, "tokenizer": str, "data.train": str, "data.eval": str, "parallel.dp": int,
-         "train.epochs": float, "train.loss_scale": float, "output": str, "logging.wandb_project": str,
-         "logging.wandb_run_name": str, "train.moe_z_loss_coeff": float,
+TYPES = {"load": str, "load_model_config": str, "tokenizer": str, "data.train": str, "data.eval": str,
+         "parallel.dp": int, "train.epochs": float, "train.loss_scale": float, "output": str,
+         "logging.wandb_project": str, "logging.wandb_run_name": str, "train.moe_z_loss_coeff": float,
          "train.moe_aux_loss_coeff": float, "peft.init_from": str}
 CHOICES = {
     "data.format": ("alpaca", "messages", "pretokenized", "text", "megatron"),
@@ -103,7 +104,7 @@ CHOICES = {
 POSITIVE = ("data.seq_length", "parallel.tp", "parallel.pp", "parallel.ep", "train.micro_batch_size",
             "train.global_batch_size", "train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps",
             "train.save_interval")
-PATH_KEYS = ("load", "tokenizer", "data.train", "data.eval", "output", "peft.init_from")
+PATH_KEYS = ("load", "load_model_config", "tokenizer", "data.train", "data.eval", "output", "peft.init_from")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 

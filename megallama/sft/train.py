@@ -237,6 +237,9 @@ def train(cfg: dict) -> None:
     ckpt.check_resume(start, tp=p["tp"], pp=p["pp"], distributed_optimizer=p["distributed_optimizer"],
                       precision=t["precision"])
     manifest = read_manifest(start.root)
+    foreign = not (manifest or {}).get("spec")  # another tool's torch-format checkpoint (a dialect, the forks)
+    if foreign:
+        manifest = ckpt.foreign_manifest(start.root, cfg.get("load_model_config"), tp=p["tp"])
     spec = ModelSpec.from_dict(manifest["spec"])
     gpt = build_gpt_model(spec, padded_vocab_size=manifest["padded_vocab_size"], dtype=normalize_dtype(t["precision"]),
                           attention=t["attention"], sequence_parallel=p["sequence_parallel"],
@@ -245,7 +248,10 @@ def train(cfg: dict) -> None:
                                "aux_loss_coeff": t.get("moe_aux_loss_coeff", 0.0),
                                "z_loss_coeff": t.get("moe_z_loss_coeff")})
     peft_record = peft_training.build_adapted(gpt, cfg, peft, spec) if peft.enabled else None  # base frozen, adapters
-    state = ckpt.load_rank_state(start) if start.fmt == "torch" and not peft.enabled else None
+    state = ckpt.load_rank_state(start) if start.fmt == "torch" and not peft.enabled and not foreign else None
+    if foreign:
+        state = ckpt.foreign_rank_state(start.root, cfg.get("load_model_config"), spec,
+                                        padded=manifest["padded_vocab_size"])
     if state is not None:
         ckpt.load_model(gpt, state)  # before wrapping: DDP moves the parameters into its buffers
     model = wrap_model(gpt, distributed_optimizer=p["distributed_optimizer"])

@@ -75,10 +75,11 @@ class Job:
     engine_overrides: dict = field(default_factory=dict)  # build_gpt_model keywords (tests' negative controls)
     adapters: str | None = None  # a LoRA/DoRA run: the Megatron side applies its adapters to `megatron` (its base)
     reference_adapter: str | None = None  # an HF PEFT adapter folder peft applies to the HF reference
+    model_config: str | None = None  # --model-config: the architecture the checkpoint's args lack (the forks)
 
 
 def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64,
-            batch: int = 2) -> Job:
+            batch: int = 2, model_config: Path | None = None) -> Job:
     """Validate both folders and build the token batch; every problem here is an InputError (exit 2)."""
     from megallama.formats.base import read_manifest, require_folder
     from megallama.formats.megatron.local import LOCAL
@@ -93,7 +94,7 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
     from megallama.formats.megatron.torch_dist import find_iteration_dir, open_torch_dist
 
     dist_dir = find_iteration_dir(megatron)
-    with (open_torch_dist if dist_dir else open_megatron)(megatron) as meg:
+    with (open_torch_dist if dist_dir else open_megatron)(megatron, model_config=model_config) as meg:
         spec, tp, pp, files, notes = meg.spec, meg.tp, meg.pp, [str(f) for f in meg.source_files], list(meg.notes)
         tp, pp = getattr(meg, "saved_tp", tp), getattr(meg, "saved_pp", pp)  # torch_dist: the split it was saved for
         layout, padded, interleaved = meg.layout.name, meg.padded_vocab_size, meg.rotary_interleaved
@@ -130,7 +131,7 @@ def prepare(reference: Path, megatron: Path, *, data: Path | None = None, seq_le
         notes.append(f"{layout} layout: the Megatron side loads it converted to the megatron-core local spec")
         interleaved = False  # the canonical tensors are in HF order
     return Job(reference, fmt, megatron, spec, tp, pp, int(padded), interleaved, files, tokens, source, notes,
-               layout, ep)
+               layout, ep, model_config=None if model_config is None else str(Path(model_config).resolve()))
 
 
 def _reference_spec(path: Path, fmt: str) -> ModelSpec:

@@ -248,6 +248,7 @@ def run_megatron(jobs: Sequence[Job], *, dtype: str, workdir: Path,
                           "rotary_interleaved": job.rotary_interleaved, "rank_files": job.rank_files,
                           "layout": job.layout, "megatron": str(job.megatron), "ep": ep,
                           "engine_overrides": job.engine_overrides, "adapters": job.adapters,
+                          "model_config": job.model_config,
                           "tokens": str(out / "tokens.pt"), "out": str(out)})
         job_file = workdir / f"jobs-world{world}.json"
         job_file.write_text(json.dumps({"dtype": dtype, "jobs": specs}))
@@ -291,27 +292,32 @@ def reference_captures(job: Job, *, dtype: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- the whole check
 def layer_diff(reference: Path, megatron: Path, *, data: Path | None = None, seq_len: int = 64, batch: int = 2,
                dtype: str = "float32", on_stage: OnStage | None = None,
-               on_progress: OnProgress | None = None) -> LayerDiffReport:
-    """Compare `megatron` with `reference` layer by layer; raises InputError for bad input (exit 2)."""
+               on_progress: OnProgress | None = None, model_config: Path | None = None) -> LayerDiffReport:
+    """Compare `megatron` with `reference` layer by layer; raises InputError for bad input (exit 2).
+    `model_config` (--model-config) gives the architecture a Megatron checkpoint's args lack."""
     return layer_diff_many([(reference, megatron)], data=data, seq_len=seq_len, batch=batch, dtype=dtype,
-                           on_stage=on_stage, on_progress=on_progress)[0]
+                           on_stage=on_stage, on_progress=on_progress, model_configs=[model_config])[0]
 
 
 def layer_diff_many(pairs: Sequence[tuple[Path, Path]], *, data: Path | None = None, seq_len: int = 64,
                     batch: int = 2, dtype: str = "float32", on_stage: OnStage | None = None,
                     on_progress: OnProgress | None = None,
-                    engine_overrides: Sequence[dict | None] | None = None) -> list[LayerDiffReport]:
+                    engine_overrides: Sequence[dict | None] | None = None,
+                    model_configs: Sequence[Path | None] | None = None) -> list[LayerDiffReport]:
     """`layer_diff` for several pairs; pairs with the same TP x PP share one torchrun launch (tests, sweeps).
 
     `engine_overrides` (one per pair, tests only) are passed to the workers' `build_gpt_model`: the negative
-    controls break the Megatron model on purpose and expect FAIL at the right layer."""
+    controls break the Megatron model on purpose and expect FAIL at the right layer. `model_configs` (one per
+    pair, or None) are the pairs' --model-config."""
     dtype = normalize_dtype(dtype)
     stage = on_stage or (lambda message: None)
     start = time.perf_counter()
     adapter_dir = tempfile.TemporaryDirectory(prefix="megallama-verify-peft-")
     try:
-        jobs = [prepare_pair(r, m, data=data, seq_len=seq_len, batch=batch, adapter_dir=Path(adapter_dir.name) / str(n))
-                for n, (r, m) in enumerate(pairs)]
+        configs = list(model_configs or [None] * len(pairs))
+        jobs = [prepare_pair(r, m, data=data, seq_len=seq_len, batch=batch, model_config=config,
+                             adapter_dir=Path(adapter_dir.name) / str(n))
+                for n, ((r, m), config) in enumerate(zip(pairs, configs, strict=True))]
         for job, overrides in zip(jobs, engine_overrides or [None] * len(jobs), strict=True):
             job.engine_overrides = overrides or {}
         return _layer_diff_jobs(jobs, dtype=dtype, stage=stage, start=start, on_progress=on_progress)
@@ -319,13 +325,14 @@ def layer_diff_many(pairs: Sequence[tuple[Path, Path]], *, data: Path | None = N
         adapter_dir.cleanup()
 
 
-def prepare_pair(reference: Path, megatron: Path, *, data, seq_len: int, batch: int, adapter_dir: Path) -> Job:
+def prepare_pair(reference: Path, megatron: Path, *, data, seq_len: int, batch: int, adapter_dir: Path,
+                 model_config: Path | None = None) -> Job:
     """`prepare`, and for a LoRA/DoRA run: the Megatron side is its base plus its adapters (applied unmerged),
     the reference side the HF reference with the run's adapters exported as an HF PEFT folder, applied by peft."""
     from megallama.peft.store import checked_base, is_peft_run
 
     if not is_peft_run(megatron):
-        return prepare(reference, megatron, data=data, seq_len=seq_len, batch=batch)
+        return prepare(reference, megatron, data=data, seq_len=seq_len, batch=batch, model_config=model_config)
     from megallama.peft.hf_adapter import export_run
 
     base, record = checked_base(megatron)

@@ -74,7 +74,8 @@ def rank_state(job: dict, spec, *, tp_rank: int, pp_rank: int) -> tuple[dict, Pa
     if job.get("layout", LOCAL.name) != LOCAL.name or job.get("ep", 1) > 1:  # EP: this expert rank's experts
         from megatron.core import parallel_state as ps
 
-        with open_megatron(Path(job["megatron"]), layout=job.get("layout")) as reader:
+        with open_megatron(Path(job["megatron"]), layout=job.get("layout"),
+                           model_config=job.get("model_config")) as reader:
             return rank_state_dict(reader, spec, tp_rank=tp_rank, tp=job["tp"], pp_rank=pp_rank, pp=job["pp"],
                                    padded_vocab_size=job["padded_vocab_size"], ep=job.get("ep", 1),
                                    ep_rank=ps.get_expert_model_parallel_rank()), path

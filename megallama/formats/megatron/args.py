@@ -153,6 +153,8 @@ def launch_flags(args: argparse.Namespace, *, load_dir: Path | None = None) -> l
             flags.append("--tiktoken-pattern v2")
     if a.tokenizer_model:
         flags.append(f"--tokenizer-model {shlex.quote(str(a.tokenizer_model))}")
+    if a.tokenizer_type == "NullTokenizer":  # ids only: Megatron-LM takes the vocab from --vocab-size
+        flags.append(f"--vocab-size {a.vocab_size}")
     from megallama.formats.megatron.moe import moe_flags
 
     flags += moe_flags(a)  # Llama 4: experts, router, MoE / NoPE layer patterns (none for a dense model)

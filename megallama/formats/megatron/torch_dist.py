@@ -73,6 +73,7 @@ from megallama.formats.base import (
     read_manifest,
     write_manifest,
 )
+from megallama.formats.megatron.args import spec_from_config_file
 from megallama.formats.megatron.dcp_frames import FramedWriter, frame_of
 from megallama.formats.megatron.local import (
     Kind,
@@ -93,7 +94,7 @@ from megallama.formats.megatron.torch_format import (
     MegatronReader,
     _notes,
     _staged_target,
-    detect_tokenizer,
+    args_tokenizer,
     iteration_dir,
     load_rank_file,
     write_tracker,
@@ -131,6 +132,9 @@ STACKED_PREFIX = "decoder.layers."
 # Kinds whose canonical sources are stored as separate chunks along dim 0 (apply_swiglu_sharded_factory:
 # the global linear_fc1 is [all gate rows; all up rows], one chunk per half).
 SOURCE_CHUNKS = frozenset({Kind.GATE_UP})
+# megatron-core's unstacked save (singleton_local_shards) stores those two chunks as two tensors instead:
+# `<key>_w` (gate rows) and `<key>_v` (up rows), apply_swiglu_sharded_factory
+SWIGLU_HALVES = ("_w", "_v")
 # Keys a model's sharded state dict never holds; a training run also saves these, the reader ignores them.
 IGNORED_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine", "opt_param_scheduler")
 
@@ -408,7 +412,8 @@ def write_torch_dist(reader: Reader, out_dir: Path, *, tp: int | None = None, pp
     spec = reader.spec.replace(dtype=normalize_dtype(dtype) or reader.spec.dtype)
     padded = padded_vocab_size(spec.vocab_size, tp or 1, divisible_by)
     report = WriteReport(output=out_dir)
-    tokenizer_type, tokenizer_model = detect_tokenizer(reader.tokenizer_files, final_dir)
+    tokenizer_type, tokenizer_model = args_tokenizer(reader.tokenizer_files, final_dir, vocab_size=spec.vocab_size,
+                                                     padded=padded, tp=tp or 1, divisible_by=divisible_by)
     args = megatron_args(spec, tp=tp or 1, pp=pp or 1, padded_vocab_size=padded, divisible_by=divisible_by,
                          iteration=iteration or 0, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                          **{"ckpt_format": "torch_dist", **moe_args(spec, ep=ep), **(args_overrides or {})})
@@ -425,7 +430,7 @@ def write_torch_dist(reader: Reader, out_dir: Path, *, tp: int | None = None, pp
                    layout="mcore-local", iteration="release" if iteration is None else iteration)
     (out_dir / ARGS_FILE).write_text("\n".join(dist_launch_flags(args, final_dir, tp=tp, pp=pp)) + "\n")
     report.files += [MANIFEST, ARGS_FILE, TRACKER]
-    report.notes += _notes(spec, padded, tokenizer_type)
+    report.notes += _notes(spec, padded, tokenizer_type, tp=tp or 1, divisible_by=divisible_by)
     write_tracker(out_dir, iteration)
     return report
 
@@ -567,6 +572,8 @@ class _ModelView(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         fqn, layer = self._targets[key]
+        if isinstance(fqn, tuple):  # unstacked SwiGLU halves: [gate; up], as the fused tensor holds them
+            return torch.cat([self._whole(name) for name in fqn])
         size = tuple(self._ckpt.metadata.state_dict_metadata[fqn].size)
         if layer is None:
             return self._ckpt.read(fqn, (0,) * len(size), size)
@@ -585,6 +592,10 @@ class _ModelView(Mapping):
             return self._ckpt.raw_region(fqn, (0,) * len(size), size)
         found = self._ckpt.raw_region(fqn, (layer,) + (0,) * (len(size) - 1), (1,) + size[1:])
         return None if found is None else chain(list(parts_of(found)), found.dtype, size[1:])
+
+    def _whole(self, fqn: str) -> torch.Tensor:
+        size = tuple(self._ckpt.metadata.state_dict_metadata[fqn].size)
+        return self._ckpt.read(fqn, (0,) * len(size), size)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._targets)
@@ -609,11 +620,12 @@ def find_iteration_dir(path: Path) -> Path | None:
     return None
 
 
-def open_torch_dist(path: Path) -> MegatronReader:
+def open_torch_dist(path: Path, *, model_config: Path | None = None) -> MegatronReader:
     """Open a torch_dist checkpoint (megallama's, or megatron-core's from any TP x PP, local or TE spec).
 
     `path` is the checkpoint root (with latest_checkpointed_iteration.txt) or one iteration folder. Optimizer,
-    RNG and `_extra_state` entries are ignored. Without megallama.json the spec comes from common.pt's args.
+    RNG and `_extra_state` entries are ignored. Without megallama.json the spec comes from `model_config`
+    (--model-config: a config.json / params.json or a folder with one), else from common.pt's args.
     """
     path = Path(path)
     if not path.is_dir():
@@ -644,6 +656,10 @@ def open_torch_dist(path: Path) -> MegatronReader:
     if manifest.get("format") == "megatron" and manifest.get("spec"):
         spec = ModelSpec.from_dict({**manifest["spec"], "dtype": dtype})
         spec = spec.replace(vocab_size=manifest.get("vocab_size", spec.vocab_size))
+    elif model_config is not None:
+        manifest = {}
+        spec = spec_from_config_file(root, dtype, model_config)
+        notes.append(f"architecture from --model-config {model_config}")
     else:
         manifest = {}
         spec = spec_from_args(args, padded_vocab_size=padded, dtype=dtype, notes=notes)
@@ -664,12 +680,12 @@ def open_torch_dist(path: Path) -> MegatronReader:
     return reader
 
 
-def _targets(ckpt: DistCheckpoint, spec: ModelSpec, *, padded: int) -> dict[str, tuple[str, int | None]]:
+def _targets(ckpt: DistCheckpoint, spec: ModelSpec, *, padded: int) -> dict[str, tuple[str | tuple, int | None]]:
     """{local-spec key: (torch_dist fqn, index into its stacked layer axis or None)}. Checks every global shape
     and refuses model tensors it cannot place (another architecture), collecting all problems first."""
     shapes, tensors = expected_shapes(spec), ckpt.tensors
     problems: list[str] = []
-    targets: dict[str, tuple[str, int | None]] = {}
+    targets: dict[str, tuple[str | tuple, int | None]] = {}
     for rule, layer in model_rules(spec):
         local = rank_shape(rule.kind, spec, shapes[rule.sources[0]], tp=1, padded_vocab_size=padded)
         fqn, want, index = dist_key(rule.target, layer), local, None
@@ -679,15 +695,20 @@ def _targets(ckpt: DistCheckpoint, spec: ModelSpec, *, padded: int) -> dict[str,
         elif layer is not None:
             want, index = (spec.num_layers,) + local, layer
             unstacked = dist_key(rule.target, layer, stacked=False)
+            halves = tuple(unstacked + suffix for suffix in SWIGLU_HALVES)
             if fqn not in tensors and unstacked in tensors:  # the key keeps the layer number, no layer axis
                 fqn, want, index = unstacked, local, None
-        md = tensors.get(fqn)
-        if md is None:
-            problems.append(f"missing {fqn}")
-        elif tuple(md.size) != want:
-            problems.append(f"{fqn} has shape {tuple(md.size)}, expected {want}")
+            elif fqn not in tensors and rule.kind in SOURCE_CHUNKS and all(h in tensors for h in halves):
+                # unstacked SwiGLU: gate and up rows under two keys (`_w`, `_v`), each [F, ...] of [2F, ...]
+                fqn, want, index = halves, (local[0] // 2,) + local[1:], None
+        for name in (fqn if isinstance(fqn, tuple) else (fqn,)):
+            md = tensors.get(name)
+            if md is None:
+                problems.append(f"missing {name}")
+            elif tuple(md.size) != want:
+                problems.append(f"{name} has shape {tuple(md.size)}, expected {want}")
         targets[rule.target] = (fqn, index)
-    used = {fqn for fqn, _ in targets.values()}
+    used = {name for fqn, _ in targets.values() for name in (fqn if isinstance(fqn, tuple) else (fqn,))}
     problems += [f"unexpected {k}" for k in sorted(tensors) if k not in used and not k.startswith(IGNORED_PREFIXES)]
     if problems:
         raise InputError(f"checkpoint does not match a LLaMA model of its config ({len(problems)} problems): "

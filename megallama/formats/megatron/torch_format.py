@@ -21,12 +21,13 @@ import re
 import types
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PosixPath
 
 import numpy as np
 import torch
 
-from megallama.errors import InputError
+from megallama.errors import ArchitectureUnknown, InputError
 from megallama.formats.base import (
     MANIFEST,
     TOKENIZER_FILES,
@@ -109,6 +110,38 @@ def detect_tokenizer(files: list[Path], final_dir: Path) -> tuple[str | None, st
     if model is not None:
         return "TikTokenizer", str(final_dir / "tokenizer.model")
     return None, None
+
+
+NULL_TOKENIZER = "NullTokenizer"  # Megatron-LM's tokenizer of ids only: vocab_size ids, then one eod id
+
+
+def args_tokenizer(files: list[Path], final_dir: Path, *, vocab_size: int, padded: int, tp: int,
+                   divisible_by: int) -> tuple[str | None, str | None]:
+    """The (tokenizer_type, tokenizer_model) a written checkpoint's args record.
+
+    The tokenizer files copied into the output when there are any. Without them Megatron-LM's tools/checkpoint
+    refuses `tokenizer_type = None`, so the args record NullTokenizer with the true vocab, which is what such a
+    checkpoint has: ids 0..V-1 and no text. NullTokenizer adds an eod id (V), so Megatron-LM pads V + 1; only
+    where that gives the same padded rows is the record true. Otherwise nothing is recorded (a write note says
+    why, `tokenizer_note`)."""
+    kind, model = detect_tokenizer(files, final_dir)
+    if kind is None and padded_vocab_size(vocab_size + 1, tp, divisible_by) == padded:
+        return NULL_TOKENIZER, None
+    return kind, model
+
+
+def tokenizer_note(tokenizer_type: str | None, *, vocab_size: int, padded: int, tp: int,
+                   divisible_by: int) -> str | None:
+    """The write note for a checkpoint written without tokenizer files."""
+    if tokenizer_type == NULL_TOKENIZER:
+        return (f"no tokenizer in the input: the args record --tokenizer-type {NULL_TOKENIZER} --vocab-size "
+                f"{vocab_size} (ids only; Megatron-LM's tools/checkpoint needs a type); train with the real one")
+    if tokenizer_type is None:
+        null = padded_vocab_size(vocab_size + 1, tp, divisible_by)
+        return (f"no tokenizer in the input, and no tokenizer type recorded: {NULL_TOKENIZER} (vocab {vocab_size} "
+                f"+ eod) would pad to {null} rows, not {padded}, so Megatron-LM's tools/checkpoint will refuse "
+                "this checkpoint; put the model's tokenizer files in the input folder")
+    return None
 
 
 # ---------------------------------------------------------------- writer
@@ -250,7 +283,8 @@ def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: st
     spec = reader.spec.replace(dtype=normalize_dtype(dtype) or reader.spec.dtype)
     padded = padded_vocab_size(spec.vocab_size, tp, divisible_by)
     report = WriteReport(output=out_dir)
-    tokenizer_type, tokenizer_model = detect_tokenizer(reader.tokenizer_files, final_dir)
+    tokenizer_type, tokenizer_model = args_tokenizer(reader.tokenizer_files, final_dir, vocab_size=spec.vocab_size,
+                                                     padded=padded, tp=tp, divisible_by=divisible_by)
     args = megatron_args(spec, tp=tp, pp=pp, padded_vocab_size=padded, divisible_by=divisible_by,
                          iteration=iteration or 0, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                          transformer_impl=transformer_impl,
@@ -270,7 +304,7 @@ def write_megatron(reader: Reader, out_dir: Path, *, tp: int, pp: int, dtype: st
                    iteration="release" if iteration is None else iteration)
     (out_dir / ARGS_FILE).write_text("\n".join(launch_flags(args, load_dir=final_dir)) + "\n")
     report.files += [MANIFEST, ARGS_FILE, TRACKER]
-    report.notes += _notes(spec, padded, tokenizer_type)
+    report.notes += _notes(spec, padded, tokenizer_type, tp=tp, divisible_by=divisible_by)
     write_tracker(out_dir, iteration)
     return report
 
@@ -281,16 +315,15 @@ def _staged_target(out_dir: Path) -> Path:
     return out_dir.parent / m.group(1) if m else out_dir
 
 
-def _notes(spec: ModelSpec, padded: int, tokenizer_type: str | None) -> list[str]:
+def _notes(spec: ModelSpec, padded: int, tokenizer_type: str | None, *, tp: int, divisible_by: int) -> list[str]:
     notes = [f"vocab {spec.vocab_size} padded to {padded} with zero rows"] if padded != spec.vocab_size else []
     if spec.rope_scaling:
         fixed = {k: spec.rope_scaling.get(k) for k in LLAMA3_ROPE_DEFAULTS
                  if k != "factor" and spec.rope_scaling.get(k) != LLAMA3_ROPE_DEFAULTS[k]}
         if fixed:
             notes.append(f"rope scaling {fixed} differs from megatron-core's hard-coded llama3 values")
-    if tokenizer_type is None:
-        notes.append("no tokenizer found: add --tokenizer-type/--tokenizer-model to the launch flags")
-    return notes
+    note = tokenizer_note(tokenizer_type, vocab_size=spec.vocab_size, padded=padded, tp=tp, divisible_by=divisible_by)
+    return notes + ([note] if note else [])
 
 
 # ---------------------------------------------------------------- reader
@@ -473,26 +506,11 @@ def open_megatron(path: Path, *, layout: str | None = None, model_config: Path |
     is detected from the keys unless `layout` names one (`detect.LAYOUTS`). Keys and shapes of every rank are
     checked up front; optimizer and RNG state in the files are ignored.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise InputError(f"input folder {root} does not exist")
-    it_dir = _iteration_dir(root)
-    root = it_dir.parent  # the checkpoint root, also when `path` named an iteration folder
-    all_files, tp, pp, ep = _rank_files(it_dir, ep=int(_manifest(root).get("ep") or 1))
-    files = {(t, p): f for (t, p, e), f in all_files.items() if e == 0}
-    first = load_rank_file(files[0, 0])
-    args = first.get("args") if isinstance(first, dict) else None
-    _check_saved_grid(it_dir, files, args, tp=tp, pp=pp)
-    stage_keys = [flatten(_model(load_rank_file(files[0, p]), files[0, p])) for p in range(pp)]
-    chosen = layout_named(layout) if layout else detect_layout(k for keys in stage_keys for k in keys)
-    model = chosen.rename(stage_keys[0])
-    del stage_keys
-    embedding = model.get(chosen.embedding.target)
-    if not torch.is_tensor(embedding):
-        raise InputError(f"{files[0, 0]} has no {chosen.embedding.target}: not a {chosen.name} checkpoint")
-    padded = embedding.shape[0] * tp
-    dtype = normalize_dtype(str(embedding.dtype))
-    del first, model, embedding
+    ranks = read_ranks(path, layout=layout)
+    root, all_files, tp, pp, ep, args, chosen = (ranks.root, ranks.files, ranks.tp, ranks.pp, ranks.ep, ranks.args,
+                                                 ranks.layout)
+    padded, dtype = ranks.padded_vocab_size, ranks.dtype
+    del ranks
     spec, notes = _spec(root, args, padded=padded, dtype=dtype, model_config=model_config)
     if padded < spec.vocab_size:
         raise InputError(f"embedding has {padded} rows but the vocab is {spec.vocab_size}")
@@ -509,6 +527,54 @@ def open_megatron(path: Path, *, layout: str | None = None, model_config: Path |
     reader.notes = notes
     reader.padded_vocab_size = padded
     return reader
+
+
+@dataclass
+class SavedRanks:
+    """What a torch-format checkpoint's files say before its architecture is known (`read_ranks`)."""
+
+    root: Path
+    files: dict[tuple[int, int, int], Path]  # (tp_rank, pp_rank, ep_rank): model file
+    tp: int
+    pp: int
+    ep: int
+    args: object  # the saved args (a Namespace, partial for alibaba, None for the fork)
+    layout: Layout
+    stages: list[dict]  # per PP stage, TP rank 0's flat `model` dict in the spellings of `layout`'s table
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self.stages[0][self.layout.embedding.target]
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.embedding.shape[0] * self.tp
+
+    @property
+    def dtype(self) -> str:
+        return normalize_dtype(str(self.embedding.dtype))
+
+
+def read_ranks(path: Path, *, layout: str | None = None) -> SavedRanks:
+    """Find the rank files of every TP x PP (x EP) rank, read the args, and detect the layout (or check the one
+    `layout` names); InputError when the folder is not a complete torch-format checkpoint of a known layout."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"input folder {root} does not exist")
+    it_dir = _iteration_dir(root)
+    root = it_dir.parent  # the checkpoint root, also when `path` named an iteration folder
+    all_files, tp, pp, ep = _rank_files(it_dir, ep=int(_manifest(root).get("ep") or 1))
+    files = {(t, p): f for (t, p, e), f in all_files.items() if e == 0}
+    first = load_rank_file(files[0, 0])
+    args = first.get("args") if isinstance(first, dict) else None
+    del first
+    _check_saved_grid(it_dir, files, args, tp=tp, pp=pp)
+    stage_keys = [flatten(_model(load_rank_file(files[0, p]), files[0, p])) for p in range(pp)]
+    chosen = layout_named(layout) if layout else detect_layout(k for keys in stage_keys for k in keys)
+    stages = [chosen.rename(keys) for keys in stage_keys]
+    if not torch.is_tensor(stages[0].get(chosen.embedding.target)):
+        raise InputError(f"{files[0, 0]} has no {chosen.embedding.target}: not a {chosen.name} checkpoint")
+    return SavedRanks(root, all_files, tp, pp, ep, args, chosen, stages)
 
 
 def _manifest(root: Path) -> dict:
@@ -532,8 +598,9 @@ def _spec(root: Path, args, *, padded: int, dtype: str, model_config: Path | Non
                               fallback_vocab=tokenizer_vocab(root)), notes
     spec = spec_from_config_file(root, dtype)
     if spec is None:
-        raise InputError(f"{root}: the checkpoint's args do not give the architecture (norm eps, sizes): put the "
-                         "model's config.json (HF) or params.json (Meta) as --model-config PATH")
+        raise ArchitectureUnknown(f"{root}: the checkpoint's args do not give the architecture (norm eps, sizes): "
+                                  "put the model's config.json (HF) or params.json (Meta) as --model-config PATH "
+                                  "(sft: load_model_config=PATH)")
     return spec, notes
 
 
