@@ -5,7 +5,9 @@ accumulation split equal the TP1 x PP1 run's (the step-1 grad_norm equals transf
 and wrong normalisations are shown to fail that tolerance); a resumed run equals the uninterrupted one; the step-1
 loss and the final eval loss equal what transformers computes on the same batch with the same weights (before
 training, and after the round trip sft checkpoint -> megatron2pth -> pth2hf). Six torchrun launches (1, 4, 2, 1, 1,
-1 ranks).
+1 ranks) for those; the advertised options (recompute, the distributed optimizer's state across layouts,
+--resume-weights-only, bf16 / fp16 and the LR schedule) add five more (2, 1, 2, 1, 1 ranks), one run per variant,
+each read by several tests.
 """
 
 from __future__ import annotations
