@@ -1,10 +1,10 @@
 """HF Hub ids wherever a model folder is taken: `meta-llama/Llama-2-7b-hf` works like a local folder.
 
 An argument that is not an existing path and looks like `owner/name` is fetched with huggingface_hub's
-`snapshot_download` (only weights, configs and tokenizer files; README, images and the other weight format are
-skipped) into the usual HF cache, and the snapshot folder is returned. The environment is read at call time:
-HF_HOME / HF_HUB_CACHE pick the cache, HF_TOKEN authenticates gated repos, HF_HUB_OFFLINE=1 uses the cache only,
-HF_ENDPOINT names a mirror.
+`snapshot_download` (only weights, configs and tokenizer files; README, images, the other weight format and
+Mistral's consolidated.safetensors copy are skipped) into the usual HF cache, and the snapshot folder is returned.
+The environment is read at call time: HF_HOME / HF_HUB_CACHE pick the cache, HF_TOKEN authenticates gated repos,
+HF_HUB_OFFLINE=1 uses the cache only, HF_ENDPOINT names a mirror.
 
 Example:
     resolve_model_path("meta-llama/Llama-2-7b-hf")            # ~/.cache/huggingface/hub/models--.../snapshots/<sha>
@@ -26,6 +26,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja"]
 FALLBACK_WEIGHTS = ["pytorch_model*.bin", "consolidated.*.pth", "latest_checkpointed_iteration.txt",
                     "*/mp_rank_*/*.pt", "*.distcp", "*/.metadata", "*/common.pt", "*/metadata.json"]
+# Never needed: Mistral's repos carry a second copy of the whole model in its own format (consolidated.safetensors,
+# which no reader here takes) beside the HF shards; "*.safetensors" alone would fetch it, doubling the download.
+SKIPPED_FILES = ["consolidated*.safetensors"]
 _TRUE = ("1", "on", "yes", "true")
 
 
@@ -77,8 +80,8 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline,
-                                      allow_patterns=patterns, token=env.get("HF_TOKEN") or None,
-                                      endpoint=env.get("HF_ENDPOINT") or None))
+                                      allow_patterns=patterns, ignore_patterns=SKIPPED_FILES,
+                                      token=env.get("HF_TOKEN") or None, endpoint=env.get("HF_ENDPOINT") or None))
     except Exception as e:  # huggingface_hub raises a dozen types (HTTP, connection, cache); one line for each
         raise InputError(f"{repo_id} is not a local folder and cannot be fetched from the Hub: "
                          f"{_reason(e, where, offline)}") from None

@@ -347,6 +347,7 @@ CASES = [
          "expected an iteration number or 'release'", setup=tracker(BINARY)),
     Case("sft-tp-mismatch", SFT + " --tp 2", "is split for TP=1 PP=1"),
     Case("sft-model-config-missing", SFT + " load_model_config={tmp}/no-config", "no-config does not exist"),
+    Case("sft-weights-only-nothing-to-resume", SFT + " --resume-weights-only", "holds no checkpoint yet"),
     Case("sft-output-parent-is-a-file", "sft --config {cfg} load={meg} data.train={data} output={tmp}/f/run "
          "--dry-run", "it is a file, not a folder", setup=write("f", "x")),
     Case("sft-output-unwritable", "sft --config {cfg} load={meg} data.train={data} output={tmp}/ro/run --dry-run",

@@ -182,3 +182,75 @@ def test_verify_reports_workers_forward_and_points(gen_megs):
     points = len(report.points)
     assert events[:3] == [("workers", 0, 1), ("workers", 1, 1), ("forward", 1, 1)]
     assert events[3:] == [("layers", n, points) for n in range(1, points + 1)]
+
+
+# ---------------------------------------------------------------- the tokenizer's chat template, another TP x PP
+# A template that writes BOS itself (as Llama 2 / 3 / Mistral's do) and one that does not (as Zephyr's).
+CHAT_TEMPLATES = {
+    "with-bos": ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == "
+                 "'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n"
+                 "{% endif %}"),
+    "no-bos": ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+               "{% if add_generation_prompt %}[assistant] {% endif %}"),
+}
+CHATS = [[{"role": "user", "content": PROMPTS[0]}],  # what --chat makes of a plain prompt
+         [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is the capital?"},
+          {"role": "assistant", "content": "Paris"}, {"role": "user", "content": PROMPTS[1]}]]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(hf_dirs, tmp_path_factory) -> dict[str, Path]:
+    """HF tokenizer folders of the llama2 fixture's tokenizer.model, each with a chat template."""
+    from transformers import LlamaTokenizer
+
+    root = tmp_path_factory.mktemp("chat-tokenizers")
+    folders = {}
+    for name, template in CHAT_TEMPLATES.items():
+        hf = LlamaTokenizer.from_pretrained(str(hf_dirs["llama2"]))
+        hf.chat_template = template
+        hf.save_pretrained(str(root / name))
+        folders[name] = root / name
+    return folders
+
+
+def template_ids(folder: Path, messages: list[dict]) -> list[int]:
+    """transformers' own rendering and tokenization of the conversation, ready for the assistant's reply."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    return list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
+def test_chat_prompts_are_the_tokenizers_own_template(chat_tokenizers, template):
+    """--chat (a plain prompt as one user turn) and chat records give apply_chat_template's ids; a template that
+    does not write BOS gets it in front, as sft trains on it (tests/test_sft_data.py)."""
+    tok = load_tokenizer(chat_tokenizers[template])
+    assert tok.kind == "hf" and tok.chat_template == CHAT_TEMPLATES[template]
+    for n, messages in enumerate(CHATS):
+        want = template_ids(chat_tokenizers[template], messages)
+        if template == "no-bos":
+            assert want[0] != tok.bos_id
+            want = [tok.bos_id, *want]
+        prompt = Prompt(messages[-1]["content"]) if n == 0 else Prompt(messages[-1]["content"], {"messages": messages})
+        assert prompt_ids(prompt, tok, chat=True) == want
+        assert prompt_ids(Prompt(PROMPTS[0]), tok, chat=False) != want  # --chat changes the prompt
+
+
+@pytest.mark.slow
+def test_chat_at_another_split_equals_transformers(hf_dirs, chat_tokenizers, tmp_path):
+    """A torch-format checkpoint split TP2 x PP1 (per-rank files), run with --tp 1 --pp 2 and --chat through the
+    CLI: greedy completions of apply_chat_template's ids equal transformers' greedy generate."""
+    meg = convert(hf_dirs["llama2"], tmp_path / "meg-tp2", src_format="hf", dst_format="megatron", tp=2,
+                  ckpt_format="torch").output
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(PROMPTS[0]) + "\n" + json.dumps({"messages": CHATS[1]}) + "\n")
+    answers = tmp_path / "answers.json"
+    result = cli("generate", "--megatron", meg, "--tp", "1", "--pp", "2", "--chat", "--tokenizer",
+                 chat_tokenizers["with-bos"], "--prompts", prompts, "--max-new-tokens", NEW_TOKENS, "--json", answers)
+    assert result.exit_code == 0, result.output
+    assert "workers started: 2/2" in result.stderr  # TP1 x PP2, not the checkpoint's TP2 x PP1
+    tok = load_tokenizer(chat_tokenizers["with-bos"])
+    for got, messages in zip(json.loads(answers.read_text()), CHATS, strict=True):
+        want = hf_greedy(hf_dirs["llama2"], template_ids(chat_tokenizers["with-bos"], messages), tok.eos_id)
+        assert got["completion_ids"] + ([tok.eos_id] if got["stop"] == "eos" else []) == want

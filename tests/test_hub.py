@@ -3,6 +3,7 @@ huggingface_hub writes: models--OWNER--NAME/refs/main -> snapshots/<commit>/...)
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from helpers import cli
 
 from megallama.errors import InputError
-from megallama.hub import looks_like_hub_id, resolve_model_path
+from megallama.hub import FALLBACK_WEIGHTS, MODEL_FILES, looks_like_hub_id, resolve_model_path
 
 MAIN, OLD = "a" * 40, "b" * 40
 
@@ -67,8 +68,6 @@ def test_convert_takes_a_hub_id(hub_cache, hf_dir, tmp_path):
 
 
 def test_inspect_and_hf2megatron_take_a_hub_id(hub_cache, tmp_path):
-    import json
-
     result = cli("inspect", "test-org/tiny-llama", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["format"] == "hf"
@@ -118,3 +117,112 @@ def test_model_config_takes_a_hub_id(hub_cache, hf_dir, tmp_path):
     assert report["unknown"] == [] and report["spec"] == json.loads(json.dumps(hf_spec(hf_dir).to_dict()))
     assert_one_line_error(cli("inspect", ckpt, "--model-config", "test-org/no-such-model"),
                           "test-org/no-such-model is not a local folder and cannot be fetched from the Hub")
+
+
+# ---------------------------------------------------------------- what is fetched: allow-patterns and the .bin fallback
+class FakeHub:
+    """`snapshot_download` over local "remote" repos (owner/name -> folder): the files it fetches are chosen by
+    huggingface_hub's own `filter_repo_objects`, which the real snapshot_download applies to the repo's file list,
+    and copied into a snapshot folder; every call's patterns are recorded."""
+
+    def __init__(self, remotes: dict[str, Path], cache: Path):
+        self.remotes, self.cache, self.calls = remotes, cache, []
+
+    def __call__(self, repo_id, *, allow_patterns=None, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        self.calls.append({"allow_patterns": allow_patterns, "ignore_patterns": ignore_patterns, **kwargs})
+        remote = self.remotes[repo_id]
+        files = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
+        snapshot = self.cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / MAIN
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(remote / name, snapshot / name)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
+
+    def fetched(self, repo_id: str) -> set[str]:
+        snapshot = self.cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / MAIN
+        return {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
+
+
+NOT_NEEDED = {"README.md": b"# model card", ".gitattributes": b"*.bin filter=lfs", "assets/logo.png": b"\x89PNG",
+              "training_args.bin": b"x", "original/consolidated.00.pth": b"x", "onnx/model.onnx": b"x"}
+
+
+@pytest.fixture
+def fake_hub(hf_dir, tmp_path, monkeypatch):
+    """Three remote repos of the tiny model, laid out as Hub repos are: safetensors beside the files a model card
+    and other formats bring; pytorch_model*.bin shards only (with their index); and Mistral's layout, whose
+    consolidated.safetensors holds the whole model again in Mistral's own format."""
+    import huggingface_hub
+    import torch
+    from helpers import hf_tensors
+
+    remotes = {name: tmp_path / "remote" / name for name in ("org/st", "org/bin", "org/mistral")}
+    tensors = hf_tensors(hf_dir)
+    for remote in remotes.values():
+        shutil.copytree(hf_dir, remote)
+        for extra, data in NOT_NEEDED.items():
+            (remote / extra).parent.mkdir(parents=True, exist_ok=True)
+            (remote / extra).write_bytes(data)
+    torch.save(tensors, remotes["org/st"] / "pytorch_model.bin")  # the other format of the same weights
+    (remotes["org/bin"] / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": names[i::2] for i in range(2)}
+    for file, keys in shards.items():
+        torch.save({k: tensors[k] for k in keys}, remotes["org/bin"] / file)
+    (remotes["org/bin"] / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}))
+    shutil.copy2(remotes["org/mistral"] / "model.safetensors", remotes["org/mistral"] / "consolidated.safetensors")
+    hub = FakeHub(remotes, tmp_path / "cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    return hub
+
+
+MODEL = {"config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json"}
+
+
+def test_safetensors_repo_fetches_only_what_a_checkpoint_needs(fake_hub, tmp_path):
+    """One snapshot_download call; the weights come as safetensors only (no .bin twin, no Meta original/, no
+    model card, images or ONNX), and the folder converts."""
+    out = tmp_path / "pth"
+    result = cli("convert", "hf2pth", "--input-dir", "org/st", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    assert fake_hub.fetched("org/st") == MODEL | {"model.safetensors"}
+    assert len(fake_hub.calls) == 1 and "pytorch_model*.bin" not in fake_hub.calls[0]["allow_patterns"]
+    assert (out / "consolidated.00.pth").is_file()
+
+
+def test_bin_only_repo_falls_back_to_its_pytorch_model_shards(fake_hub, tmp_path):
+    """No safetensors in the repo: a second call adds the other weight formats; only the model's .bin shards and
+    their index come (not training_args.bin), and hf2megatron reads them."""
+    out = tmp_path / "meg"
+    result = cli("convert", "hf2megatron", "--input-dir", "org/bin", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    assert [c["allow_patterns"] for c in fake_hub.calls] == [MODEL_FILES, MODEL_FILES + FALLBACK_WEIGHTS]
+    assert fake_hub.fetched("org/bin") == MODEL | {"pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
+                                                   "pytorch_model-00002-of-00002.bin"}
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
+
+
+def test_mistral_consolidated_copy_is_not_fetched(fake_hub, tmp_path):
+    """Mistral's repos hold the model twice (HF shards and consolidated.safetensors); only the HF copy is fetched."""
+    result = cli("inspect", "org/mistral", "--json")
+    assert result.exit_code == 0, result.output
+    assert fake_hub.fetched("org/mistral") == MODEL | {"model.safetensors"}
+    assert json.loads(result.stdout)["format"] == "hf"
+
+
+def test_bin_only_repo_from_the_offline_cache(hub_cache, tmp_path):
+    """The same fallback from a real HF cache (huggingface_hub, HF_HUB_OFFLINE=1) holding a .bin-only snapshot."""
+    import torch
+    from helpers import hf_tensors
+
+    snapshot = hub_cache / "snapshots" / MAIN
+    torch.save(hf_tensors(snapshot), snapshot / "pytorch_model.bin")
+    (snapshot / "model.safetensors").unlink()
+    out = tmp_path / "pth"
+    result = cli("convert", "hf2pth", "--input-dir", "test-org/tiny-llama", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "consolidated.00.pth").is_file()
