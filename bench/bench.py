@@ -17,9 +17,15 @@ Parts (`python bench/bench.py --only convert,verify` runs a slice and merges it 
   data     `data prepare` records/s and tokens/s at 1 and N workers against a plain encode loop; peak RSS.
   lora     LoRA rank 16 (all four linears) against full SFT on the sft anchor shape: trainable parameters,
            optimizer-state bytes, tokens/s, peak RSS, checkpoint bytes against the base.
+  llama4   Conversion of a Llama-4-Scout-shaped bf16 model (full width, --llama4-layers 1 by default: 8.6 GB;
+           bench/scout_model.py writes it streamed, sharded like the Hub): hf2megatron --tp 2 --ep 2 (torch_dist),
+           megatron2hf back and hf2megatron --tp 2 --ep 2 --ckpt-format torch, cold and hot against the copy
+           floor as in `convert`, peak RSS; the HF round trip compared bit for bit. --llama4-scale 0.05: a smoke
+           run at 1/20 of every width.
 
 Prints one table of every figure in results.json. Work files go to bench/work/ (about 13 GB at peak, removed
-after unless --keep-work; a kept 1B model is reused by the next run).
+after unless --keep-work; a kept 1B model is reused by the next run; the llama4 part needs about 48 GB more at
+one layer and removes its folder when it ends, unless --keep-work).
 """
 
 from __future__ import annotations
@@ -253,6 +259,14 @@ def conversion_runs(hf: Path) -> dict[str, tuple[list[str], Path, Path]]:
             "megatron2hf": conv("megatron2hf", dist, WORK / "hf-from-dist-1b")}
 
 
+def selected(runs: dict[str, tuple]) -> dict[str, tuple]:
+    """`runs` narrowed to the --conversions names, where these name any of them (the convert and llama4 parts
+    have commands of their own: a selection for one leaves the other whole)."""
+    if not ONLY_CONVERSIONS or not set(ONLY_CONVERSIONS) & set(runs):
+        return runs
+    return {k: v for k, v in runs.items() if k in ONLY_CONVERSIONS}
+
+
 def median_run(runs: list[dict]) -> dict:
     return {"seconds": statistics.median(r["seconds"] for r in runs), "peak_rss": max(r["peak_rss"] for r in runs),
             "peak_anon": max(r["peak_anon"] for r in runs), "all_seconds": [r["seconds"] for r in runs]}
@@ -278,42 +292,51 @@ def timed_against_copy(cmd: list[str], src: Path, *, cold: bool) -> dict[str, di
     return out
 
 
-def bench_conversion() -> dict:
-    hf = build_hf_1b(WORK / "hf-1b")
-    model_bytes = folder_bytes(hf, "*.safetensors")
-    runs = conversion_runs(hf)
-    if ONLY_CONVERSIONS:
-        runs = {k: v for k, v in runs.items() if k in ONLY_CONVERSIONS}
-    cold = drop_caches()
-    timed: dict[str, dict[str, list]] = {name: {f"{state}_{what}": [] for state in STATES for what in ("run", "copy")}
-                                         for name in runs}
-    startup = []
-    for _ in range(REPEATS):  # interleaved, so a slow spell of a shared disk hits every command alike
-        startup.append(measure([PY, "-c", "import megallama.cli, megallama.convert"])["seconds"])
+def interleaved_runs(runs: dict[str, tuple[list[str], Path, Path]], *, cold: bool,
+                     each_round=lambda: None) -> dict[str, dict[str, list]]:
+    """{name: {"<state>_run" | "<state>_copy": [measure(...) per round]}}: REPEATS rounds, each running every
+    command of `runs` against its copy floor (`timed_against_copy`), interleaved so that a slow spell of a
+    shared disk hits every command alike; `each_round()` runs at the start of every round."""
+    timed = {name: {f"{state}_{what}": [] for state in STATES for what in ("run", "copy")} for name in runs}
+    for _ in range(REPEATS):
+        each_round()
         for name, (cmd, src, _) in runs.items():
             for state, pair in timed_against_copy(cmd, src, cold=cold).items():
                 for what, run in pair.items():
                     timed[name][f"{state}_{what}"].append(run)
+    return timed
 
-    def step(name: str, src: Path, out: Path) -> dict:
-        moved = folder_bytes(src, "*") + folder_bytes(out, "*")
-        res = {"gb_in_plus_out": moved / 1e9, "largest_output_gb": largest_file(out) / 1e9}
-        for state in STATES:
-            runs_, copies = timed[name][f"{state}_run"], timed[name][f"{state}_copy"]
-            if not runs_:
-                res[state] = {"skipped": "the page cache cannot be emptied here (/proc/sys/vm/drop_caches)"}
-                continue
-            run, copy = median_run(runs_), median_run(copies)
-            res[state] = {"seconds": run["seconds"], "all_seconds": run["all_seconds"],
-                          "copy_seconds": copy["seconds"], "copy_all_seconds": copy["all_seconds"],
-                          "x_copy": run["seconds"] / copy["seconds"], "gb_per_s": moved / 1e9 / run["seconds"],
-                          "peak_rss_gb": run["peak_rss"] / 1e9, "peak_anon_gb": run["peak_anon"] / 1e9}
-        return res
 
+def conversion_step(timed: dict[str, list], src: Path, out: Path) -> dict:
+    """One conversion's figures from its `interleaved_runs` entry: medians per state against the copy floor,
+    GB/s over input + output bytes, peak RSS."""
+    moved = folder_bytes(src, "*") + folder_bytes(out, "*")
+    res = {"gb_in_plus_out": moved / 1e9, "largest_output_gb": largest_file(out) / 1e9}
+    for state in STATES:
+        runs_, copies = timed[f"{state}_run"], timed[f"{state}_copy"]
+        if not runs_:
+            res[state] = {"skipped": "the page cache cannot be emptied here (/proc/sys/vm/drop_caches)"}
+            continue
+        run, copy = median_run(runs_), median_run(copies)
+        res[state] = {"seconds": run["seconds"], "all_seconds": run["all_seconds"],
+                      "copy_seconds": copy["seconds"], "copy_all_seconds": copy["all_seconds"],
+                      "x_copy": run["seconds"] / copy["seconds"], "gb_per_s": moved / 1e9 / run["seconds"],
+                      "peak_rss_gb": run["peak_rss"] / 1e9, "peak_anon_gb": run["peak_anon"] / 1e9}
+    return res
+
+
+def bench_conversion() -> dict:
+    hf = build_hf_1b(WORK / "hf-1b")
+    model_bytes = folder_bytes(hf, "*.safetensors")
+    runs = selected(conversion_runs(hf))
+    cold = drop_caches()
+    startup = []
+    timed = interleaved_runs(runs, cold=cold, each_round=lambda: startup.append(
+        measure([PY, "-c", "import megallama.cli, megallama.convert"])["seconds"]))
     results = {"model_gb": model_bytes / 1e9, "repeats": REPEATS, "cold_possible": cold,
                "floor": "one plain copy (shutil.copyfile) of the command's input weight files, same page-cache state",
                "startup_seconds": statistics.median(startup)}
-    results |= {name: step(name, src, out) for name, (_, src, out) in runs.items()}
+    results |= {name: conversion_step(timed[name], src, out) for name, (_, src, out) in runs.items()}
     naive = WORK / "naive-1b-tp2"
     naive_run = measure([PY, "-c", NAIVE_SPLIT, str(hf), str(naive), "2"])
     shutil.rmtree(naive, ignore_errors=True)
@@ -590,22 +613,108 @@ def torch_dist_rows(td: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+LLAMA4_LAYERS = 1  # --llama4-layers: Scout has 48; one layer is ~8.6 GB at full width
+LLAMA4_SCALE = 1.0  # --llama4-scale: every width times this (0.05 for a smoke run of a few MB)
+KEEP_WORK = False  # --keep-work: the llama4 part leaves its folders (else it removes them when done)
+
+
+def llama4_runs(hf: Path, work: Path) -> dict[str, tuple[list[str], Path, Path]]:
+    """The Llama 4 conversions, in an order where each input exists when its command runs: HF -> torch_dist at
+    TP 2 x EP 2, back to HF, and HF -> torch format at TP 2 x EP 2 (the layout whose files show the expert split:
+    one folder per TP x EP rank, each with its half of the experts)."""
+    dist = work / "meg-dist-tp2-ep2"
+
+    def conv(cmd: str, src: Path, dst: Path, *extra: str) -> tuple[list[str], Path, Path]:
+        return megallama("convert", cmd, "--input-dir", str(src), "--output-dir", str(dst), "--force",
+                         *extra), src, dst
+
+    return {"hf2megatron_tp2_ep2": conv("hf2megatron", hf, dist, "--tp", "2", "--ep", "2"),
+            "megatron2hf": conv("megatron2hf", dist, work / "hf-back"),
+            "hf2megatron_torch_tp2_ep2": conv("hf2megatron", hf, work / "meg-torch-tp2-ep2", "--tp", "2", "--ep", "2",
+                                              "--ckpt-format", "torch")}
+
+
+def bench_llama4() -> dict:
+    """Conversion of a Llama-4-Scout-shaped bf16 model (full width, LLAMA4_LAYERS layers; `scout_model.py`)
+    against the one-plain-copy floor, cold and hot like the convert part, with peak RSS; then the HF -> torch_dist
+    -> HF round trip compared tensor by tensor, bit for bit."""
+    from scout_model import compare_tensors, scout_text_config
+
+    work = WORK / "llama4"
+    config = scout_text_config(layers=LLAMA4_LAYERS, scale=LLAMA4_SCALE)
+    hf = work / "hf-scout"
+    if (hf / "config.json").exists() and json.loads((hf / "config.json").read_text()) != config:
+        shutil.rmtree(work)  # a kept folder of another shape
+    try:
+        build = measure([PY, str(ROOT / "scout_model.py"), str(hf), "--layers", str(LLAMA4_LAYERS), "--scale",
+                         str(LLAMA4_SCALE), "--max-shard-bytes", str(int(2e9 * LLAMA4_SCALE ** 2))])
+        runs = selected(llama4_runs(hf, work))
+        cold = drop_caches()
+        timed = interleaved_runs(runs, cold=cold)
+        e, h, f = config["num_local_experts"], config["hidden_size"], config["intermediate_size"]
+        results = {"model": f"Llama-4-Scout text shape, {LLAMA4_LAYERS} of 48 layers, widths x {LLAMA4_SCALE:g}",
+                   "config": {k: config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                     "head_dim", "num_local_experts", "intermediate_size",
+                                                     "vocab_size", "num_hidden_layers")},
+                   "model_gb": folder_bytes(hf, "*.safetensors") / 1e9,
+                   "shards": len(list(hf.glob("*.safetensors"))), "build_seconds": build["seconds"],
+                   "build_peak_rss_gb": build["peak_rss"] / 1e9, "fused_experts_gb": e * h * 2 * f * 2 / 1e9,
+                   "repeats": REPEATS, "cold_possible": cold,
+                   "floor": "one plain copy (shutil.copyfile) of the command's input weight files, same page-cache "
+                            "state"}
+        results |= {name: conversion_step(timed[name], src, out) for name, (_, src, out) in runs.items()}
+        if "megatron2hf" in runs:
+            results["round_trip"] = compare_tensors(hf, runs["megatron2hf"][2])
+        torch_fmt = work / "meg-torch-tp2-ep2"
+        if torch_fmt.exists():
+            results["torch_rank_folders"] = {p.name: folder_bytes(p) / 1e9
+                                             for p in sorted(torch_fmt.glob("*/mp_rank_*"))}
+        return results
+    finally:
+        if not KEEP_WORK:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def llama4_rows(r: dict) -> list[tuple[str, str, str, str]]:
+    label = f"llama4 Scout-shaped {r['config']['num_hidden_layers']}L"
+    rows = [(f"{label} source (streamed build)", f"{r['model_gb']:.2f} GB in {r['shards']} shards, "
+             f"{r['build_seconds']:.1f} s", f"peak RSS {r['build_peak_rss_gb']:.2f} GB",
+             f"fused experts tensor {r['fused_experts_gb']:.2f} GB")]
+    steps = [k for k in r if isinstance(r[k], dict) and "hot" in r[k]]
+    for step in steps:
+        rows += step_rows(f"{label} {step}", r[step])
+        rows.append((f"{label} {step} peak anon / fused experts tensor", "", "",
+                     f"{r[step]['hot']['peak_anon_gb'] / r['fused_experts_gb']:.2f}x"))
+    if "round_trip" in r:
+        t = r["round_trip"]
+        rows.append((f"{label} HF -> torch_dist -> HF", "bit-exact" if t["bit_exact"] else
+                     f"DIFFERS: {', '.join(t['differ'])}",
+                     f"{t['compared']}/{t['tensors']} tensors, {t['bytes_compared'] / 1e9:.2f} GB compared", ""))
+    return rows
+
+
+def step_rows(label: str, s: dict) -> list[tuple[str, str, str, str]]:
+    """The table rows of one `conversion_step`: each page-cache state against its copy, then the peak RSS."""
+    rows = []
+    for state in STATES:
+        r = s[state]
+        if "skipped" in r:
+            rows.append((f"{label}, {state}", "skipped", r["skipped"], ""))
+            continue
+        rows.append((f"{label}, {state} page cache", f"{r['seconds']:.1f} s, {r['gb_per_s']:.2f} GB/s",
+                     f"plain copy {r['copy_seconds']:.1f} s", f"{r['x_copy']:.2f}x copy"))
+    hot = s["hot"]
+    rows.append((f"{label} peak RSS (anon)", f"{hot['peak_rss_gb']:.2f} GB ({hot['peak_anon_gb']:.2f})",
+                 f"largest output {s['largest_output_gb']:.2f} GB", ""))
+    return rows
+
+
 def conversion_rows(conv: dict) -> list[tuple[str, str, str, str]]:
     rows = []
     if "cold_possible" not in conv:  # a results.json of the old layout (floor = two copies)
         return [("conversion (old results.json layout: rerun `make bench`)", "", "", "")]
     for step in (k for k in conv if isinstance(conv[k], dict) and "hot" in conv[k]):
-        s = conv[step]
-        for state in STATES:
-            r = s[state]
-            if "skipped" in r:
-                rows.append((f"{step} 1B bf16, {state}", "skipped", r["skipped"], ""))
-                continue
-            rows.append((f"{step} 1B bf16, {state} page cache", f"{r['seconds']:.1f} s, {r['gb_per_s']:.2f} GB/s",
-                         f"plain copy {r['copy_seconds']:.1f} s", f"{r['x_copy']:.2f}x copy"))
-        hot = s["hot"]
-        rows.append((f"{step} peak RSS (anon)", f"{hot['peak_rss_gb']:.2f} GB ({hot['peak_anon_gb']:.2f})",
-                     f"largest output {s['largest_output_gb']:.2f} GB", ""))
+        rows += step_rows(f"{step} 1B bf16", conv[step])
     rows.append(("start-up (import megallama.cli, megallama.convert)", f"{conv['startup_seconds']:.2f} s", "", ""))
     m = conv["memory_vs_whole_model"]
     rows.append(("conversion peak RSS vs whole model in RAM", f"{m['megallama_peak_rss_gb']:.2f} GB",
@@ -803,6 +912,7 @@ PARTS = {
     "generate": (bench_generate, generate_rows),
     "data": (bench_data_prepare, data_rows),
     "lora": (bench_lora, lora_rows),
+    "llama4": (bench_llama4, llama4_rows),
 }
 ALIASES = {"convert": "conversion"}
 
@@ -822,17 +932,25 @@ def print_table(results: dict) -> None:
 
 
 def main() -> None:
-    global REPEATS, ONLY_CONVERSIONS
+    global REPEATS, ONLY_CONVERSIONS, LLAMA4_LAYERS, LLAMA4_SCALE, KEEP_WORK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help=f"comma-separated parts: {', '.join(PARTS)} (default: all); the results "
                         "are merged into the existing results.json")
     parser.add_argument("--table", action="store_true", help="only print the table of bench/results.json")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs per conversion (medians reported)")
-    parser.add_argument("--conversions", help="comma-separated subset of the convert part's commands")
+    parser.add_argument("--conversions", help="comma-separated subset of the convert (or llama4) part's commands")
+    parser.add_argument("--llama4-layers", type=int, default=LLAMA4_LAYERS, help="layers of the Scout-shaped model "
+                        "(about 4.4 GB each at full width, plus 4.1 GB of embedding and output layer)")
+    parser.add_argument("--llama4-scale", type=float, default=LLAMA4_SCALE, help="every width of the Scout-shaped "
+                        "model times this (e.g. 0.05 for a smoke run)")
     parser.add_argument("--keep-work", action="store_true", help="keep bench/work/ (the 1B model is reused)")
     parser.add_argument("--out", type=Path, default=ROOT / "results.json", help="results file (merged with --only)")
     opts = parser.parse_args()
+    if opts.llama4_layers < 1 or not 0 < opts.llama4_scale <= 1:
+        parser.error(f"--llama4-layers {opts.llama4_layers} / --llama4-scale {opts.llama4_scale:g}: need at least "
+                     "one layer and a scale in (0, 1]")
     REPEATS, ONLY_CONVERSIONS = opts.repeats, opts.conversions.split(",") if opts.conversions else None
+    LLAMA4_LAYERS, LLAMA4_SCALE, KEEP_WORK = opts.llama4_layers, opts.llama4_scale, opts.keep_work
     path = opts.out
     if opts.table:
         print_table(json.loads(path.read_text()))
