@@ -828,7 +828,7 @@ def generate_rows(gen: dict) -> list[tuple[str, str, str, str]]:
 PLAIN_ENCODE = r"""
 import json, sys, time
 from pathlib import Path
-from megallama.sft.data import load_tokenizer
+from megallama.sft.tokenizer import load_tokenizer
 from megallama.sft.templates import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
 tok = load_tokenizer(Path(sys.argv[2]))
 tic, records, tokens = time.perf_counter(), 0, 0
@@ -861,33 +861,48 @@ def alpaca_records(path: Path, n: int, *, seed: int = 0) -> Path:
 def bench_data_prepare() -> dict:
     """`megallama data prepare` on synthetic alpaca records (LLaMA-style sentencepiece BPE tokenizer, vocab 8000):
     records/s and tokens/s with 1 and N workers against a plain single-process json + template + encode loop over
-    the same file (rates from each program's own clock, start-up excluded); peak RSS of the whole process tree
-    for the input and for an input 3x as large (streaming: it should not grow)."""
+    the same file (rates from each program's own clock, start-up excluded); CPU seconds of the whole process tree
+    per token (what a loaded machine can still compare) and the reading/writing process's share; peak RSS of the
+    whole process tree for the input and for an input 3x as large (streaming: it should not grow)."""
     from megallama.tiny import train_tokenizer
 
     tok = WORK / "data-tok"
     train_tokenizer(tok, vocab_size=8000)
     n = 100_000
     small, large = alpaca_records(WORK / "alpaca-100k.jsonl", n), alpaca_records(WORK / "alpaca-300k.jsonl", 3 * n)
+    cpu = children_cpu_seconds()
     plain = measure([PY, "-c", PLAIN_ENCODE, str(small), str(tok)])
+    plain_cpu = children_cpu_seconds() - cpu
     base = json.loads(plain["output"].strip().splitlines()[-1])
     cores = os.cpu_count() or 1
     runs = {}
     for name, data, workers in (("1 worker", small, 1), (f"{cores} workers", small, cores),
                                 (f"{cores} workers, 3x input", large, cores)):
         report = WORK / "prepare.json"
+        cpu = children_cpu_seconds()
         run = measure(megallama("data", "prepare", "--input", str(data), "--format", "alpaca", "--tokenizer",
                                 str(tok), "--output", str(WORK / "prepared"), "--workers", str(workers),
                                 "--overwrite", "--json", str(report)))
         r = json.loads(report.read_text())
         runs[name] = {"records_per_s": r["records"] / r["seconds"], "tokens_per_s": r["tokens"] / r["seconds"],
-                      "wall_s": run["seconds"], "peak_rss": run["peak_rss"], "records": r["records"]}
+                      "wall_s": run["seconds"], "peak_rss": run["peak_rss"], "records": r["records"],
+                      "cpu_s": children_cpu_seconds() - cpu, "main_cpu_s": r["main_cpu_seconds"],
+                      "seconds": r["seconds"], "startup_s": r["startup_seconds"], "tokens": r["tokens"]}
     fast = runs[f"{cores} workers"]
     return {"records": n, "tokens": base["tokens"], "cores": cores, "tokenizer": "sentencepiece BPE, vocab 8000",
             "plain_records_per_s": base["records"] / base["seconds"],
             "plain_tokens_per_s": base["tokens"] / base["seconds"], "plain_peak_rss": plain["peak_rss"],
+            "plain_cpu_s": plain_cpu, "plain_wall_s": plain["seconds"],
             "runs": runs, "ratio": fast["tokens_per_s"] / (base["tokens"] / base["seconds"]),
             "rss_ratio_3x_input": runs[f"{cores} workers, 3x input"]["peak_rss"] / fast["peak_rss"]}
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process tree of this process so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def data_rows(d: dict) -> list[tuple[str, str, str, str]]:
@@ -895,6 +910,12 @@ def data_rows(d: dict) -> list[tuple[str, str, str, str]]:
     rows = [(f"data prepare tokens/s, {name}", f"{r['tokens_per_s']:,.0f} ({r['records_per_s']:,.0f} records/s)",
              plain, f"{r['tokens_per_s'] / d['plain_tokens_per_s']:.2f}x")
             for name, r in d["runs"].items() if "3x" not in name]
+    if "plain_cpu_s" in d:  # CPU per token of the whole process tree, start-up included on both sides
+        per_token = d["plain_cpu_s"] / d["tokens"] * 1e6
+        rows += [(f"data prepare CPU us/token, {name} (reader/writer {r['main_cpu_s'] / r['seconds']:.0%} of a "
+                  f"core)", f"{r['cpu_s'] / r['tokens'] * 1e6:.3f}", f"plain encode loop {per_token:.3f}",
+                  f"{r['cpu_s'] / r['tokens'] * 1e6 / per_token:.2f}x")
+                 for name, r in d["runs"].items() if "3x" not in name]
     big = [r for name, r in d["runs"].items() if "3x" in name][0]
     small = d["runs"][f"{d['cores']} workers"]
     rows.append(("data prepare peak RSS (process tree)", f"{small['peak_rss'] / 1e6:.0f} MB",

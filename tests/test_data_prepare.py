@@ -335,3 +335,132 @@ def test_sft_refusals(alpaca, megatron_dir, tmp_path):
     assert_refused(sft(megatron_dir, tmp_path / "run", "data.format=megatron", f"data.train={tmp_path / 'big-data'}",
                        "--dry-run"), "prepared with a tokenizer of 400 tokens", "model's vocabulary has 320")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- chunked, batch-tokenized = the per-record rule
+EDGE_ALPACA = [*ALPACA, {"instruction": "Tell a long story.", "output": " ".join(["cat dog bird"] * 30)},
+               {"instruction": "Say nothing", "input": "", "output": ""},
+               {"instruction": "Repeat the words. " * 20, "input": "cat dog", "output": "cat"}]
+EDGE_TEXT = [{"text": "Hi there, cat dog."}, {"text": ""}, {"text": "  two  spaces\tand\ttabs "},
+             {"text": "héllo 日本 \u2028 line"}, {"text": "x"}]
+EDGE_PRETOKENIZED = [{"input_ids": [1, 5, 6, 7], "labels": [-100, 5, 6, 7]}, {"input_ids": [1]},
+                     {"input_ids": [1, 2, 3], "labels": [-100, -100, -100]},
+                     {"input_ids": [1, 8, 9, 10, 11], "attention_mask": [1, 1, 1, 0, 0]}]
+SHAREGPT = {"conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello " * 12}]}
+EDGE_MESSAGES = [{"messages": CHAT}, SHAREGPT, {"messages": CHAT[:2]}]
+
+
+def per_record_reference(path: Path, prefix: Path, tokenizer: Path, rules) -> dict:
+    """The rule one record at a time, as `data prepare` first did it: encode_record + fit_sample per record, and
+    megatron-core's add_item + end_document per sample. Returns the counts."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megallama.data.records import open_records, parse_payload
+    from megallama.data.samples import encode_record, fit_sample
+
+    tok = load_tokenizer(tokenizer)
+    builders = [IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(tok.vocab_size)),
+                IndexedDatasetBuilder(f"{prefix}_mask.bin", dtype=np.uint8)]
+    counts = {"samples": 0, "tokens": 0, "loss_tokens": 0, "truncated": 0, "dropped": {}}
+    for where, payload in open_records(path):
+        ids, mask, cut, why = fit_sample(*encode_record(parse_payload(payload, where), where, rules, tok), rules)
+        if why is not None:
+            counts["dropped"][why] = counts["dropped"].get(why, 0) + 1
+            continue
+        for builder, values in zip(builders, (ids, mask), strict=True):
+            builder.add_item(torch.tensor(values, dtype=torch.int64))
+            builder.end_document()
+        counts = {**counts, "samples": counts["samples"] + 1, "tokens": counts["tokens"] + len(ids),
+                  "loss_tokens": counts["loss_tokens"] + sum(mask[1:]), "truncated": counts["truncated"] + cut}
+    builders[0].finalize(f"{prefix}.idx")
+    builders[1].finalize(f"{prefix}_mask.idx")
+    return counts
+
+
+@pytest.mark.parametrize("fmt, records, tokenizer, seq_length, chat_template, cases", [
+    ("alpaca", EDGE_ALPACA, "sp", 40, None, {"truncated", "no trained token left after the cut to seq_length"}),
+    ("alpaca", EDGE_ALPACA, "word", None, None, set()),
+    ("text", EDGE_TEXT, "sp", 4, None, {"empty text"}),  # text is never cut
+    ("text", EDGE_TEXT, "word", None, None, {"empty text"}),
+    ("messages", EDGE_MESSAGES, "word", 30, False, {"truncated", "no trained token"}),  # default layout
+    ("messages", EDGE_MESSAGES, "word", 30, True, {"truncated", "no trained token"}),  # chat template
+    ("pretokenized", EDGE_PRETOKENIZED, "sp", 2, None, {"truncated", "fewer than 2 tokens", "no trained token"}),
+])
+def test_chunked_prepare_equals_per_record_rule(fmt, records, tokenizer, seq_length, chat_template, cases, hf_dir,
+                                                word_tok, tmp_path):
+    """Chunks of 2 records, texts tokenized in one batch call, cut and masks by numpy over the chunk, one write
+    per chunk: the same bytes in all four files and the same counts as the rule applied record by record."""
+    from megallama.data.prepare import prepare as prepare_data
+    from megallama.data.samples import SampleRules
+
+    tok = {"sp": hf_dir, "word": word_tok}[tokenizer]
+    data = write_jsonl(tmp_path / "in.jsonl", records * 3)
+    expected = per_record_reference(data, tmp_path / "ref", tok, SampleRules(
+        fmt, chat_template=bool(chat_template), seq_length=seq_length))
+    report = prepare_data(str(data), fmt=fmt, tokenizer=tok, output=tmp_path / "out", seq_length=seq_length,
+                          workers=1, chat_template=chat_template, chunk_size=2)
+    files = prefix_files(tmp_path / "out")[:4] if fmt != "text" else prefix_files(tmp_path / "out")[:4:3]
+    for ours in files:
+        assert ours.read_bytes() == (tmp_path / ours.name.replace("out", "ref")).read_bytes(), ours.name
+    assert {k: getattr(report, k) for k in expected} == expected
+    assert report.samples > 0 and cases == set(report.dropped) | ({"truncated"} if report.truncated else set())
+
+
+def test_two_workers_many_chunks_equal_the_per_record_rule(hf_dir, tmp_path):
+    """8 chunks of 3 records over 2 spawned workers: the per-record rule's bytes, in input order."""
+    from megallama.data.prepare import prepare as prepare_data
+    from megallama.data.samples import SampleRules
+
+    data = write_jsonl(tmp_path / "in.jsonl", EDGE_ALPACA * 8)
+    expected = per_record_reference(data, tmp_path / "ref", hf_dir, SampleRules("alpaca", seq_length=40))
+    report = prepare_data(str(data), fmt="alpaca", tokenizer=hf_dir, output=tmp_path / "out", seq_length=40,
+                          workers=2, chunk_size=3)
+    for ours in prefix_files(tmp_path / "out")[:4]:
+        assert ours.read_bytes() == (tmp_path / ours.name.replace("out", "ref")).read_bytes(), ours.name
+    assert report.samples == expected["samples"] and report.dropped == expected["dropped"]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf", "word"])
+def test_encode_batch_equals_encode(kind, hf_dir, word_tok):
+    tok = load_tokenizer({"sentencepiece": hf_dir, "hf": hf_dir / "tokenizer_config.json", "word": word_tok}[kind])
+    assert tok.kind == ("sentencepiece" if kind == "sentencepiece" else "hf")
+    texts = ["", " ", "Hi there", "  two  spaces\tand\ttabs ", "line\nbreaks\r\n", "héllo 日本 \u2028",
+             ALPACA_TEMPLATE, "What is the capital of France? " * 40]
+    assert [ids.tolist() for ids in tok.encode_batch(texts)] == [tok.encode(t) for t in texts]
+
+
+def test_jsonl_chunks_keep_line_numbers(hf_dir, tmp_path):
+    """Blank lines and CRLF line ends across chunk edges: a bad record is still named by its line."""
+    good = json.dumps({"instruction": "Say hi", "output": "hi"})
+    path = tmp_path / "gaps.jsonl"
+    path.write_bytes(("\r\n".join([good, "", good, "   ", good, good, "", good, '{"instruction": "x"}', good])
+                      + "\r\n").encode())
+    from megallama.data.prepare import prepare as prepare_data
+    from megallama.data.records import JsonLines
+    from megallama.errors import InputError
+
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}:9: alpaca record lacks 'output'"):
+        prepare_data(str(path), fmt="alpaca", tokenizer=hf_dir, output=tmp_path / "out", workers=1, chunk_size=4)
+
+    chunks = list(JsonLines(path).chunks(4))
+    assert [c.first_line for c in chunks] == [1, 5, 9]
+    assert [where for c in chunks for where, _ in c.records()] == [f"{path}:{n}" for n in (1, 3, 5, 6, 8, 9, 10)]
+    path.write_bytes(path.read_bytes().replace(b'{"instruction": "x"}', b""))
+    report = prepare_data(str(path), fmt="alpaca", tokenizer=hf_dir, output=tmp_path / "out", workers=1,
+                          chunk_size=3)
+    assert report.records == report.samples == 6
+
+
+def test_tokenizing_workers_import_no_torch(hf_dir):
+    """What a spawned worker runs, set-up and one chunk, imports no torch: it starts fast and stays small."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy; from megallama.data import encode; from megallama.data.samples import SampleRules; "
+            "encode.init_worker(sys.argv[1], SampleRules('alpaca'), numpy.uint16); "
+            "r = encode.encode_chunk([('x', '{\"instruction\": \"Say hi\", \"output\": \"hi\"}')]); "
+            "print(len(r.lengths), sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, str(hf_dir / "tokenizer.model")], capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "1 []", run.stdout + run.stderr

@@ -87,7 +87,9 @@ def print_summary(report) -> None:
             ("truncated", f"{report.truncated:,}"),
             ("dropped", ", ".join(f"{n:,} {why}" for why, n in sorted(report.dropped.items())) or "0"),
             ("throughput", f"{report.records / rate:,.0f} records/s, {report.tokens / rate:,.0f} tokens/s with "
-                           f"{report.workers} worker(s), {report.seconds:.1f} s"),
+                           f"{report.workers} worker(s), {report.seconds:.1f} s (+ {report.startup_seconds:.1f} s "
+                           f"start-up); the reading/writing process used {report.main_cpu_seconds / rate:.0%} of a "
+                           f"core"),
             ("peak RSS", human_bytes(report.peak_rss) + " (this process)")]
     for key, value in rows:
         table.add_row(key, value)

@@ -66,15 +66,20 @@ class IndexedWriter:
         self.tokens = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
         self.masks = IndexedDatasetBuilder(prefix + MASK_SUFFIX + ".bin", dtype=np.uint8) if masks else None
 
-    def add(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
-        """One sample: one sequence that is one document (Megatron's document_indices = 0..N)."""
+    def add_samples(self, ids: np.ndarray, mask: np.ndarray | None, lengths: np.ndarray) -> None:
+        """Samples concatenated (ids [tokens] in the writer's dtype, mask [tokens] uint8, lengths [samples]), one
+        write per file; each sample is one sequence that is one document (Megatron's document_indices = 0..N)."""
         import torch
 
-        self.tokens.add_item(torch.from_numpy(ids))
-        self.tokens.end_document()
-        if self.masks is not None:
-            self.masks.add_item(torch.from_numpy(mask))
-            self.masks.end_document()
+        lengths = lengths.tolist()
+        for builder, data in ((self.tokens, ids), (self.masks, mask)):
+            if builder is None:
+                continue
+            first = len(builder.sequence_lengths)
+            builder.add_document(torch.from_numpy(data), lengths)
+            # add_document makes the whole chunk one document; end each sample's instead, as add_item +
+            # end_document per sample would (and as the builder's own add_index extends document_indices).
+            builder.document_indices[-1:] = range(first + 1, first + len(lengths) + 1)
 
     def finalize(self) -> None:
         self.tokens.finalize(self.prefix + ".idx")

@@ -1,16 +1,19 @@
 """`megallama data prepare`: records -> tokens and loss masks -> PREFIX.bin/.idx, streaming and in parallel.
 
-    reader (this process)          workers (N processes)                 writer (this process)
-    lines / rows, in chunks  -->   parse, template, tokenize, mask  -->  IndexedDatasetBuilder, in input order
+    reader (this process)             workers (N processes, megallama.data.encode)         writer (this process)
+    raw JSON lines / rows, chunked -> parse, template, batch-tokenize, mask, cut, count -> IndexedDatasetBuilder
 
-The reader hands out chunks of CHUNK records and keeps at most WINDOW_PER_WORKER chunks per worker in flight,
-so memory stays bounded however large the input is (multiprocessing's imap would read the whole input ahead);
-results are taken in submission order, so the output does not depend on the number of workers.
+The reader hands out chunks of CHUNK records (JSON lines unparsed: the workers parse them) and keeps at most
+WINDOW_PER_WORKER chunks per worker in flight, so memory stays bounded however large the input is
+(multiprocessing's imap would read the whole input ahead); results are taken in submission order, so the output
+does not depend on the number of workers. A worker returns each chunk as three arrays, which the writer appends
+with one write per file: with N workers on N cores the reading and writing process must not be the bottleneck.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import os
 import resource
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from megallama import __version__
+from megallama.data.encode import encode_chunk, init_worker, start_worker
 from megallama.data.indexed import (
     MASK_SUFFIX,
     IndexedWriter,
@@ -32,24 +36,13 @@ from megallama.data.indexed import (
     token_dtype,
     write_meta,
 )
-from megallama.data.records import open_records, parse_payload
-from megallama.data.samples import SFT_FORMATS, SampleRules, canonical_format, encode_record, fit_sample
+from megallama.data.records import JsonLines, open_records
+from megallama.data.samples import SFT_FORMATS, SampleRules, canonical_format
 from megallama.errors import InputError
 
-CHUNK = 256  # records per task: large enough to amortise pickling, small enough to keep workers busy
+CHUNK = 256  # records per task: large enough to amortise the hand-off, small enough to keep workers busy
 WINDOW_PER_WORKER = 4
-
-
-@dataclass
-class ChunkResult:
-    """One chunk's samples, concatenated: ids[offsets[k]:offsets[k+1]] is sample k."""
-
-    ids: np.ndarray  # [tokens] int64
-    mask: np.ndarray  # [tokens] uint8
-    lengths: np.ndarray  # [samples] int64
-    records: int
-    truncated: int
-    dropped: Counter
+WORKER_START_TIMEOUT = 300  # seconds for a spawned worker to import and load the tokenizer
 
 
 @dataclass
@@ -63,45 +56,21 @@ class PrepareReport:
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     histogram: list[tuple[int, int, int]] = field(default_factory=list)  # (from, to exclusive, samples)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the work: reading, tokenizing and writing, without start-up
     peak_rss: int = 0
     workers: int = 1
+    startup_seconds: float = 0.0  # starting the workers (imports, tokenizer), before `seconds`
+    main_cpu_seconds: float = 0.0  # CPU time of this (reading and writing) process during `seconds`
 
 
 # ---------------------------------------------------------------- the workers
 
 
-_WORKER: dict = {}
-
-
-def _init_worker(tokenizer_path: str, rules: SampleRules) -> None:
-    from megallama.sft.tokenizer import load_tokenizer
-
-    _WORKER["tokenizer"] = load_tokenizer(Path(tokenizer_path))
-    _WORKER["rules"] = rules
-
-
-def encode_chunk(items: list[tuple[str, str | dict]]) -> ChunkResult:
-    """Parse, template, tokenize, mask and cut a chunk of (where, payload) in a worker."""
-    tokenizer, rules = _WORKER["tokenizer"], _WORKER["rules"]
-    ids_parts, mask_parts, lengths, truncated, dropped = [], [], [], 0, Counter()
-    for where, payload in items:
-        ids, mask = encode_record(parse_payload(payload, where), where, rules, tokenizer)
-        ids, mask, cut, why = fit_sample(ids, mask, rules)
-        if why is not None:
-            dropped[why] += 1
-            continue
-        truncated += cut
-        ids_parts.append(ids)
-        mask_parts.append(mask)
-        lengths.append(len(ids))
-    flat = [t for part in ids_parts for t in part]
-    flat_mask = [m for part in mask_parts for m in part]
-    return ChunkResult(np.asarray(flat, dtype=np.int64), np.asarray(flat_mask, dtype=np.uint8),
-                       np.asarray(lengths, dtype=np.int64), len(items), truncated, dropped)
-
-
-def _chunks(records: Iterable, size: int) -> Iterator[list]:
+def _chunks(records: Iterable, size: int) -> Iterator:
+    """Chunks of `size` records: raw line runs for JSON lines, lists of (where, payload) otherwise."""
+    if isinstance(records, JsonLines):
+        yield from records.chunks(size)
+        return
     chunk = []
     for item in records:
         chunk.append(item)
@@ -112,24 +81,34 @@ def _chunks(records: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def ordered_map(fn: Callable, chunks: Iterator, *, workers: int, tokenizer_path: str,
-                rules: SampleRules) -> Iterator:
-    """fn over chunks in `workers` processes with a bounded window, results in input order; in-process for 1."""
+@contextlib.contextmanager
+def worker_pool(workers: int, *, tokenizer, tokenizer_path: str, rules: SampleRules,
+                dtype: type) -> Iterator[Callable]:
+    """A function mapping encode_chunk over chunks with a bounded window, results in input order, its `workers`
+    processes started and set up on entry (so the caller's clock can leave start-up out); in-process for 1 (with
+    `tokenizer`; spawned workers load `tokenizer_path`, as the user named it, so they pick the same kind)."""
     if workers == 1:
-        _init_worker(tokenizer_path, rules)
-        yield from map(fn, chunks)
+        init_worker(tokenizer, rules, dtype)
+        yield lambda chunks: map(encode_chunk, chunks)
         return
     # spawn, not fork: the parent runs threads (torch, tokenizers, HF datasets), and a forked child can inherit
-    # one of their locks held and hang. Spawned workers import megallama afresh (a second or two each, once).
+    # one of their locks held and hang. Spawned workers import megallama.data.encode afresh, which needs no torch.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, rules)) as pool:
-        pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(fn, (chunk,)))
-            if len(pending) >= workers * WINDOW_PER_WORKER:
+    ready = context.Queue()
+    with context.Pool(workers, initializer=start_worker, initargs=(ready, tokenizer_path, rules, dtype)) as pool:
+        for _ in range(workers):
+            ready.get(timeout=WORKER_START_TIMEOUT)
+
+        def ordered(chunks: Iterable) -> Iterator:
+            pending: collections.deque = collections.deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(encode_chunk, (chunk,)))
+                if len(pending) >= workers * WINDOW_PER_WORKER:
+                    yield pending.popleft().get()
+            while pending:
                 yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+
+        yield ordered
 
 
 # ---------------------------------------------------------------- the command
@@ -174,46 +153,36 @@ def prepare(source: str, *, fmt: str, tokenizer: str | Path, output: str | Path,
                            workers=workers)
     lengths_seen: Counter = Counter()
     dropped: Counter = Counter()
-    with staged_prefix(prefix) as staging:
-        writer = IndexedWriter(staging, dtype=token_dtype(tok.vocab_size), masks=masks)
-        tic = time.perf_counter()  # the work itself: start-up (imports, tokenizer) is not part of the rate
-        results = ordered_map(encode_chunk, _chunks(records, chunk_size), workers=workers,
-                              tokenizer_path=str(tok.path), rules=rules)
-        for result in results:
-            _write_chunk(writer, result, masks)
-            report.records += result.records
-            report.samples += len(result.lengths)
-            report.tokens += int(result.lengths.sum())
-            report.loss_tokens += int(result.mask.sum()) - _first_mask_bits(result)
-            report.truncated += result.truncated
-            dropped += result.dropped
-            lengths_seen.update(int(n).bit_length() for n in result.lengths)  # power-of-two buckets
-            if on_progress:
-                on_progress(report.records, report.tokens)
-        if report.samples == 0:
-            why = ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "the input holds no records"
-            raise InputError(f"{source}: no usable {fmt} samples ({why})")
-        writer.finalize()
-        report.dropped = dict(dropped)
-        report.histogram = [(1 << (b - 1), 1 << b, lengths_seen[b]) for b in sorted(lengths_seen)]
-        write_meta(staging, _meta(source, split, rules, tok, report, masks, prefix))
-    report.seconds = time.perf_counter() - tic
+    dtype = token_dtype(tok.vocab_size)
+    start = time.perf_counter()
+    with worker_pool(workers, tokenizer=tok, tokenizer_path=str(tokenizer), rules=rules, dtype=dtype) as encode_all:
+        tic = time.perf_counter()  # the work itself: start-up (imports, tokenizers, workers) is not part of the rate
+        cpu = time.process_time()
+        with staged_prefix(prefix) as staging:
+            writer = IndexedWriter(staging, dtype=dtype, masks=masks)
+            for result in encode_all(_chunks(records, chunk_size)):
+                writer.add_samples(result.ids, result.mask if masks else None, result.lengths)
+                report.records += result.records
+                report.samples += len(result.lengths)
+                report.tokens += int(result.lengths.sum())
+                report.loss_tokens += result.loss_tokens
+                report.truncated += result.truncated
+                dropped += result.dropped
+                lengths_seen += result.histogram
+                if on_progress:
+                    on_progress(report.records, report.tokens)
+            if report.samples == 0:
+                why = ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "the input holds no records"
+                raise InputError(f"{source}: no usable {fmt} samples ({why})")
+            writer.finalize()
+            report.dropped = dict(dropped)
+            report.histogram = [(1 << (b - 1), 1 << b, lengths_seen[b]) for b in sorted(lengths_seen)]
+            write_meta(staging, _meta(source, split, rules, tok, report, masks, prefix))
+        report.seconds = time.perf_counter() - tic
+        report.main_cpu_seconds = time.process_time() - cpu
+    report.startup_seconds = tic - start
     report.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report
-
-
-def _write_chunk(writer: IndexedWriter, result: ChunkResult, masks: bool) -> None:
-    offsets = np.concatenate([[0], np.cumsum(result.lengths)])
-    ids = result.ids.astype(writer.tokens.dtype, copy=False)
-    for k in range(len(result.lengths)):
-        a, b = offsets[k], offsets[k + 1]
-        writer.add(ids[a:b], result.mask[a:b] if masks else None)
-
-
-def _first_mask_bits(result: ChunkResult) -> int:
-    """Mask bits on each sample's first token, which is never a target (nothing precedes it)."""
-    starts = np.concatenate([[0], np.cumsum(result.lengths)[:-1]]).astype(np.int64)
-    return int(result.mask[starts].sum()) if len(starts) else 0
 
 
 def _meta(source: str, split: str, rules: SampleRules, tok, report: PrepareReport, masks: bool, prefix: Path) -> dict:

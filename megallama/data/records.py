@@ -1,7 +1,7 @@
 """One stream of records from whatever holds them: `(where, payload)` pairs, in file order.
 
 - `.jsonl` (and `.json` holding JSON lines): payload is the raw line, parsed later (in the tokenizing workers:
-  the reading process only splits lines); `where` is `FILE:LINE`.
+  the reading process only splits lines, `JsonLines.chunks` hands them out in bulk); `where` is `FILE:LINE`.
 - `.json` holding an array: payload is the record (a dict); `where` is `FILE: record N`.
 - `.parquet`, `.arrow`, a folder of data files, or a Hub dataset id (`owner/name`): rows streamed by HF
   `datasets` (never loaded whole); `where` is `NAME (SPLIT) row N`. A folder written by `save_to_disk` is
@@ -13,9 +13,11 @@ Hub ids follow the model conventions of megallama.hub: the dataset repo is fetch
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,9 @@ HUB_DATA_FILES = ["*.parquet", "*.arrow", "*.jsonl", "*.json", "*.jsonl.gz", "*.
 _TRUE = ("1", "on", "yes", "true")
 
 
-def open_records(source: str | Path, *, split: str = "train") -> Iterator[tuple[str, str | dict]]:
-    """An iterator of (where, payload) over `source`; checks (existence, Hub cache) happen now, not lazily.
+def open_records(source: str | Path, *, split: str = "train") -> Iterable[tuple[str, str | dict]]:
+    """The (where, payload) pairs of `source`, in order (a JsonLines for JSON lines); checks (existence, Hub
+    cache) happen now, not lazily.
 
     Example:
         >>> for where, payload in open_records("train.jsonl"): ...
@@ -64,7 +67,7 @@ def parse_payload(payload: str | dict, where: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- JSON and JSONL
 
 
-def _json_file(path: Path) -> Iterator[tuple[str, str | dict]]:
+def _json_file(path: Path) -> Iterable[tuple[str, str | dict]]:
     try:
         with path.open(encoding="utf-8") as f:
             head = f.read(4096).lstrip()
@@ -75,17 +78,43 @@ def _json_file(path: Path) -> Iterator[tuple[str, str | dict]]:
         from megallama.sft.data import read_records  # a JSON array is one document: read whole, as sft does
 
         return read_records(path)
-    return _json_lines(path)
+    return JsonLines(path)
 
 
-def _json_lines(path: Path) -> Iterator[tuple[str, str]]:
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield f"{path}:{lineno}", line
-    except UnicodeDecodeError as e:
-        raise InputError(f"data file {path} is not UTF-8 text (byte {e.start})") from None
+class JsonLines:
+    """The records of a JSON-lines file: (where, line) pairs when iterated, or `chunks` of raw lines for workers."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for chunk in self.chunks(1024):
+            yield from chunk.records()
+
+    def chunks(self, size: int) -> Iterator[LineChunk]:
+        """Runs of `size` lines, blank ones included (they keep the line numbers right), read but not parsed."""
+        try:
+            with self.path.open(encoding="utf-8") as f:
+                first = 1
+                while lines := list(itertools.islice(f, size)):  # split and decoded in C: the reader stays cheap
+                    yield LineChunk(str(self.path), first, lines)
+                    first += len(lines)
+        except UnicodeDecodeError as e:
+            raise InputError(f"data file {self.path} is not UTF-8 text (byte {e.start})") from None
+
+
+@dataclass
+class LineChunk:
+    """Consecutive lines of a JSON-lines file; `records()` gives the (where, payload) of the non-blank ones."""
+
+    path: str
+    first_line: int  # the line number of lines[0], from 1
+    lines: list[str]
+
+    def records(self) -> Iterator[tuple[str, str]]:
+        for lineno, line in enumerate(self.lines, self.first_line):
+            if line and not line.isspace():  # line.strip() without the copy
+                yield f"{self.path}:{lineno}", line
 
 
 # ---------------------------------------------------------------- HF datasets: Parquet, Arrow, folders, the Hub

@@ -36,6 +36,24 @@ class Tokenizer:
             return self.backend.encode(text)
         return self.backend.encode(text, add_special_tokens=False)
 
+    def encode_batch(self, texts: list[str]) -> list:
+        """encode() of each text, the same ids as int32 arrays, in one call into the tokenizer (no Python call per
+        text: that overhead is a tenth of sentencepiece's time on instruction-length texts)."""
+        import numpy as np
+
+        if not texts:
+            return []
+        if self.kind == "sentencepiece":  # one thread: `data prepare` parallelises with processes
+            try:
+                return self.backend.encode(texts, num_threads=1, return_type="numpy")
+            except TypeError:  # sentencepiece < 0.2.1 has no return_type
+                return [np.asarray(ids, dtype=np.int32) for ids in self.backend.encode(texts, num_threads=1)]
+        if getattr(self.backend, "is_fast", False):  # transformers encodes a single text as a batch of one
+            batch = self.backend(texts, add_special_tokens=False)["input_ids"]
+        else:
+            batch = [self.encode(text) for text in texts]
+        return [np.asarray(ids, dtype=np.int32) for ids in batch]
+
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids))
 
