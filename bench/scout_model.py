@@ -70,16 +70,10 @@ def random_tensor(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 def shard_groups(shapes: dict[str, tuple[int, ...]], max_shard_bytes: int) -> list[list[str]]:
     """Names in order, cut into files of at most `max_shard_bytes` (a larger tensor gets a file of its own)."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = 2 * int(torch.Size(shape).numel())
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    return groups
+    from megallama.formats.hf import group_by_bytes
+
+    return group_by_bytes({name: 2 * int(torch.Size(shape).numel()) for name, shape in shapes.items()},
+                          max_shard_bytes)  # bf16
 
 
 def write_scout_hf(out: Path, config: dict, *, max_shard_bytes: int, seed: int = 0) -> Path:

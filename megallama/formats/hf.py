@@ -351,10 +351,15 @@ def plan_files(spec: ModelSpec, max_shard_bytes: int) -> list[list[str]]:
     """Canonical names grouped into consecutive files of at most `max_shard_bytes` (a bigger tensor goes alone)."""
     itemsize = TORCH_DTYPES[spec.dtype].itemsize
     shapes = expected_shapes(spec)
+    return group_by_bytes({name: itemsize * int(torch.Size(shapes[name]).numel()) for name in canonical_names(spec)},
+                          max_shard_bytes)
+
+
+def group_by_bytes(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Names (in order) cut into consecutive groups of at most `max_shard_bytes` (a bigger one goes alone)."""
     groups: list[list[str]] = [[]]
     size = 0
-    for name in canonical_names(spec):
-        nbytes = itemsize * int(torch.Size(shapes[name]).numel())
+    for name, nbytes in sizes.items():
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
